@@ -1,0 +1,244 @@
+//! The boot tests: which emulator, how many CPUs, which command line, what must come out.
+
+use std::time::Duration;
+
+/// The emulator a case boots in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Emulator {
+    /// QEMU (TCG, or KVM where the host has usable nested VMX).
+    Qemu,
+    /// bochs 2.7 (emulated VMX); always boots the GRUB ISO.
+    Bochs,
+}
+
+/// How the image is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU `-kernel` with the ELF (PVH entry).
+    Direct,
+    /// A GRUB ISO (multiboot2 entry).
+    Iso,
+}
+
+/// The summary's `"outcome"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `"ok"`.
+    Ok,
+    /// `"failed"`.
+    Failed,
+}
+
+impl Outcome {
+    /// The JSON string the kernel prints for this outcome.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The exception a failure case expects in `"failure"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectedFailure {
+    /// Exception vector (6 = #UD, 13 = #GP, 14 = #PF).
+    pub vector: u64,
+    /// CPU index the exception must be reported on.
+    pub cpu: u64,
+}
+
+/// What a case must print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    /// Expected `"outcome"`.
+    pub outcome: Outcome,
+    /// Expected `"boot_protocol"` (`"pvh"` or `"multiboot2"`).
+    pub boot_protocol: &'static str,
+    /// `"cpus_expected"` and `"cpus_online"` must both equal this.
+    pub cpus: u64,
+    /// Every entry of `"timer_ticks"` must be positive (one per CPU).
+    pub timer_ticks: bool,
+    /// `None`: `"failure"` must be `null`. `Some`: an exception report, on the serial console
+    /// (a line starting `EXCEPTION`) and in `"failure"`.
+    pub failure: Option<ExpectedFailure>,
+}
+
+/// One boot test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootCase {
+    /// Unique, stable name (also used for the run directory).
+    pub name: &'static str,
+    /// Emulator to boot in.
+    pub emulator: Emulator,
+    /// How to load the image.
+    pub boot: Boot,
+    /// Number of CPUs the emulated machine has.
+    pub cpus: u32,
+    /// Kernel command line.
+    pub cmdline: &'static str,
+    /// Wall-clock limit for the whole boot.
+    pub timeout: Duration,
+    /// What the run must print.
+    pub expect: Expect,
+}
+
+const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
+const BOCHS_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> BootCase {
+    let boot_protocol = match boot {
+        Boot::Direct => "pvh",
+        Boot::Iso => "multiboot2",
+    };
+    BootCase {
+        name,
+        emulator,
+        boot,
+        cpus,
+        cmdline: "",
+        timeout: timeout_for(emulator),
+        expect: Expect {
+            outcome: Outcome::Ok,
+            boot_protocol,
+            cpus: u64::from(cpus),
+            timer_ticks: true,
+            failure: None,
+        },
+    }
+}
+
+fn faulting(
+    name: &'static str,
+    emulator: Emulator,
+    boot: Boot,
+    cpus: u32,
+    cmdline: &'static str,
+    failure: ExpectedFailure,
+) -> BootCase {
+    let mut case = healthy(name, emulator, boot, cpus);
+    case.cmdline = cmdline;
+    case.expect.outcome = Outcome::Failed;
+    case.expect.timer_ticks = false;
+    case.expect.failure = Some(failure);
+    case
+}
+
+fn timeout_for(emulator: Emulator) -> Duration {
+    match emulator {
+        Emulator::Qemu => QEMU_TIMEOUT,
+        Emulator::Bochs => BOCHS_TIMEOUT,
+    }
+}
+
+/// Every boot test, in the order `xtask test` starts them (slow bochs cases first, so that
+/// two workers finish at about the same time).
+pub fn catalogue() -> Vec<BootCase> {
+    use Boot::{Direct, Iso};
+    use Emulator::{Bochs, Qemu};
+    const UD: ExpectedFailure = ExpectedFailure { vector: 6, cpu: 0 };
+    const PF: ExpectedFailure = ExpectedFailure { vector: 14, cpu: 0 };
+    const GP_ON_1: ExpectedFailure = ExpectedFailure { vector: 13, cpu: 1 };
+    vec![
+        healthy("bochs-iso-4cpu", Bochs, Iso, 4),
+        healthy("bochs-iso-2cpu", Bochs, Iso, 2),
+        healthy("bochs-iso-1cpu", Bochs, Iso, 1),
+        faulting("bochs-iso-2cpu-fault-ud", Bochs, Iso, 2, "fault=ud", UD),
+        healthy("qemu-direct-1cpu", Qemu, Direct, 1),
+        healthy("qemu-direct-2cpu", Qemu, Direct, 2),
+        healthy("qemu-direct-4cpu", Qemu, Direct, 4),
+        healthy("qemu-iso-2cpu", Qemu, Iso, 2),
+        faulting("qemu-direct-fault-ud", Qemu, Direct, 1, "fault=ud", UD),
+        faulting("qemu-direct-fault-pf", Qemu, Direct, 1, "fault=pf", PF),
+        faulting(
+            "qemu-direct-2cpu-fault-gp-on-cpu1",
+            Qemu,
+            Direct,
+            2,
+            "fault=gp@1",
+            GP_ON_1,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique_and_path_safe() {
+        let cases = catalogue();
+        let names: HashSet<_> = cases.iter().map(|c| c.name).collect();
+        assert_eq!(names.len(), cases.len());
+        for name in names {
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn catalogue_covers_what_the_contract_promises() {
+        let cases = catalogue();
+        let healthy = |e, b, n| {
+            cases.iter().any(|c| {
+                c.emulator == e && c.boot == b && c.cpus == n && c.expect.outcome == Outcome::Ok
+            })
+        };
+        for n in [1, 2, 4] {
+            assert!(healthy(Emulator::Qemu, Boot::Direct, n));
+            assert!(healthy(Emulator::Bochs, Boot::Iso, n));
+        }
+        assert!(healthy(Emulator::Qemu, Boot::Iso, 2));
+        let vectors: HashSet<_> = cases
+            .iter()
+            .filter_map(|c| c.expect.failure.map(|f| (c.emulator, f.vector, f.cpu)))
+            .collect();
+        for expected in [
+            (Emulator::Qemu, 6, 0),
+            (Emulator::Qemu, 14, 0),
+            (Emulator::Qemu, 13, 1),
+            (Emulator::Bochs, 6, 0),
+        ] {
+            assert!(vectors.contains(&expected), "{expected:?}");
+        }
+    }
+
+    #[test]
+    fn cases_are_consistent() {
+        for case in catalogue() {
+            if case.emulator == Emulator::Bochs {
+                assert_eq!(
+                    case.boot,
+                    Boot::Iso,
+                    "bochs boots only the ISO: {}",
+                    case.name
+                );
+            }
+            let protocol = if case.boot == Boot::Direct {
+                "pvh"
+            } else {
+                "multiboot2"
+            };
+            assert_eq!(case.expect.boot_protocol, protocol, "{}", case.name);
+            assert_eq!(case.expect.cpus, u64::from(case.cpus));
+            assert_eq!(
+                case.expect.failure.is_some(),
+                case.cmdline.contains("fault=")
+            );
+            assert_eq!(
+                case.expect.failure.is_some(),
+                case.expect.outcome == Outcome::Failed
+            );
+            let limit = if case.emulator == Emulator::Qemu {
+                60
+            } else {
+                180
+            };
+            assert_eq!(case.timeout, Duration::from_secs(limit));
+        }
+    }
+}

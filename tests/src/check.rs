@@ -1,0 +1,364 @@
+//! Judging one boot: the reasons a run does not match its case (none = pass).
+
+use serde_json::Value;
+
+use crate::catalogue::{BootCase, Emulator, Outcome};
+use crate::summary::find_summary;
+
+/// How the emulator process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulatorEnd {
+    /// It exited by itself with this status code (`None`: killed by a signal xtask did not send).
+    Exited(Option<i32>),
+    /// It was still running after the summary line and the grace period; xtask stopped it.
+    KilledAfterSummary,
+    /// The case's timeout fired; xtask stopped it.
+    TimedOut,
+    /// xtask was interrupted (Ctrl-C, SIGTERM) and stopped it.
+    Interrupted,
+}
+
+/// What a boot produced.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    /// The serial console, split into lines (line ends removed).
+    pub lines: &'a [String],
+    /// How the emulator ended.
+    pub end: EmulatorEnd,
+}
+
+/// The exit status the emulator has when the kernel ends a run as the contract says:
+/// QEMU's isa-debug-exit turns the `0x10`/`0x11` written to port `0xf4` into 33/35; bochs
+/// stops at `xchg bx,bx` and its debugger runs `quit`, exit status 0.
+pub fn expected_exit_code(emulator: Emulator, outcome: Outcome) -> i32 {
+    match (emulator, outcome) {
+        (Emulator::Qemu, Outcome::Ok) => 33,
+        (Emulator::Qemu, Outcome::Failed) => 35,
+        (Emulator::Bochs, _) => 0,
+    }
+}
+
+/// Returns every way `observed` differs from what `case` expects; empty means the case passed.
+pub fn check(case: &BootCase, observed: &Observed<'_>) -> Vec<String> {
+    let mut reasons = Vec::new();
+    match observed.end {
+        EmulatorEnd::TimedOut => {
+            reasons.push(format!("timed out after {} s", case.timeout.as_secs()));
+        }
+        EmulatorEnd::Interrupted => reasons.push("interrupted".to_string()),
+        _ => {}
+    }
+    let summary = match find_summary(observed.lines) {
+        Ok(summary) => summary,
+        Err(reason) => {
+            reasons.push(reason);
+            if let EmulatorEnd::Exited(status) = observed.end {
+                reasons.push(format!(
+                    "the emulator exited ({}) without a summary",
+                    status_text(status)
+                ));
+            }
+            return reasons;
+        }
+    };
+    check_summary(case, &summary, &mut reasons);
+    let has_report = observed
+        .lines
+        .iter()
+        .any(|l| l.trim_start().starts_with("EXCEPTION"));
+    if case.expect.failure.is_some() && !has_report {
+        reasons.push("no serial line starts with `EXCEPTION` (the exception report)".into());
+    }
+    let expected = expected_exit_code(case.emulator, case.expect.outcome);
+    match observed.end {
+        EmulatorEnd::Exited(Some(code)) if code == expected => {}
+        EmulatorEnd::Exited(status) => reasons.push(format!(
+            "the emulator exited ({}) after the summary, expected exit status {expected}",
+            status_text(status)
+        )),
+        EmulatorEnd::KilledAfterSummary => reasons.push(
+            "the emulator did not exit by itself after the summary line (the kernel must end \
+             the run: port 0xf4 for QEMU, `xchg bx,bx` for bochs)"
+                .into(),
+        ),
+        EmulatorEnd::TimedOut | EmulatorEnd::Interrupted => {}
+    }
+    reasons
+}
+
+fn status_text(status: Option<i32>) -> String {
+    match status {
+        Some(code) => format!("status {code}"),
+        None => "killed by a signal".to_string(),
+    }
+}
+
+fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
+    let expect = &case.expect;
+    let mut expect_eq = |key: &str, want: Value| {
+        let got = summary.get(key);
+        if got != Some(&want) {
+            reasons.push(format!("summary.{key} is {}, expected {want}", show(got)));
+        }
+    };
+    expect_eq("outcome", expect.outcome.as_str().into());
+    expect_eq("boot_protocol", expect.boot_protocol.into());
+    expect_eq("cpus_expected", expect.cpus.into());
+    expect_eq("cpus_online", expect.cpus.into());
+
+    match summary.get("ran") {
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+        other => reasons.push(format!(
+            "summary.ran is {}, expected an array of strings",
+            show(other)
+        )),
+    }
+
+    match summary.get("timer_ticks") {
+        Some(Value::Array(ticks)) => {
+            if expect.timer_ticks {
+                if ticks.len() as u64 != expect.cpus {
+                    reasons.push(format!(
+                        "summary.timer_ticks has {} entries, expected one per CPU ({})",
+                        ticks.len(),
+                        expect.cpus
+                    ));
+                }
+                for (cpu, t) in ticks.iter().enumerate() {
+                    if t.as_u64().is_none_or(|t| t == 0) {
+                        reasons.push(format!("summary.timer_ticks[{cpu}] is {t}, expected > 0"));
+                    }
+                }
+            }
+        }
+        other => reasons.push(format!(
+            "summary.timer_ticks is {}, expected an array",
+            show(other)
+        )),
+    }
+
+    let failure = summary.get("failure");
+    match (expect.failure, failure) {
+        (None, Some(Value::Null)) => {}
+        (None, other) => reasons.push(format!("summary.failure is {}, expected null", show(other))),
+        (Some(want), Some(got @ Value::Object(_))) => {
+            if got.get("kind") != Some(&Value::from("exception")) {
+                reasons.push(format!(
+                    "summary.failure.kind is {}, expected \"exception\"",
+                    show(got.get("kind"))
+                ));
+            }
+            for (key, value) in [("vector", want.vector), ("cpu", want.cpu)] {
+                if got.get(key).and_then(Value::as_u64) != Some(value) {
+                    reasons.push(format!(
+                        "summary.failure.{key} is {}, expected {value}",
+                        show(got.get(key))
+                    ));
+                }
+            }
+        }
+        (Some(want), other) => reasons.push(format!(
+            "summary.failure is {}, expected an exception object with vector {} on CPU {}",
+            show(other),
+            want.vector,
+            want.cpu
+        )),
+    }
+}
+
+fn show(value: Option<&Value>) -> String {
+    value.map_or_else(|| "missing".to_string(), Value::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::catalogue;
+    use serde_json::json;
+
+    fn case(name: &str) -> BootCase {
+        catalogue().into_iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn ok_summary(protocol: &str, cpus: u64) -> Value {
+        json!({
+            "event": "summary", "outcome": "ok", "boot_protocol": protocol,
+            "cpus_expected": cpus, "cpus_online": cpus, "ran": ["boot", "smp", "timer"],
+            "timer_ticks": vec![5; cpus as usize], "failure": null
+        })
+    }
+
+    fn lines(summary: &Value) -> Vec<String> {
+        vec![
+            "INFO microvisor starting".into(),
+            "INFO all CPUs online".into(),
+            summary.to_string(),
+        ]
+    }
+
+    fn run(case: &BootCase, lines: &[String], end: EmulatorEnd) -> Vec<String> {
+        check(case, &Observed { lines, end })
+    }
+
+    #[test]
+    fn accepts_a_healthy_run() {
+        let c = case("qemu-direct-2cpu");
+        let reasons = run(
+            &c,
+            &lines(&ok_summary("pvh", 2)),
+            EmulatorEnd::Exited(Some(33)),
+        );
+        assert!(reasons.is_empty(), "{reasons:?}");
+        let c = case("bochs-iso-4cpu");
+        let reasons = run(
+            &c,
+            &lines(&ok_summary("multiboot2", 4)),
+            EmulatorEnd::Exited(Some(0)),
+        );
+        assert!(reasons.is_empty(), "{reasons:?}");
+    }
+
+    #[test]
+    fn rejects_wrong_values() {
+        let c = case("qemu-direct-2cpu");
+        let mutations: [(&str, Value, &str); 9] = [
+            ("outcome", json!("failed"), "summary.outcome"),
+            (
+                "boot_protocol",
+                json!("multiboot2"),
+                "summary.boot_protocol",
+            ),
+            ("cpus_online", json!(1), "summary.cpus_online"),
+            ("cpus_expected", json!(4), "summary.cpus_expected"),
+            ("timer_ticks", json!([5, 0]), "timer_ticks[1]"),
+            ("timer_ticks", json!([5]), "1 entries"),
+            ("timer_ticks", json!("many"), "expected an array"),
+            ("ran", json!([1]), "summary.ran"),
+            (
+                "failure",
+                json!({"kind": "panic", "message": "boom"}),
+                "expected null",
+            ),
+        ];
+        for (key, value, needle) in mutations {
+            let mut s = ok_summary("pvh", 2);
+            s[key] = value;
+            let reasons = run(&c, &lines(&s), EmulatorEnd::Exited(Some(33)));
+            assert!(
+                reasons.iter().any(|r| r.contains(needle)),
+                "{key}: {reasons:?}"
+            );
+        }
+        let mut s = ok_summary("pvh", 2);
+        s.as_object_mut().unwrap().remove("cpus_online");
+        let reasons = run(&c, &lines(&s), EmulatorEnd::Exited(Some(33)));
+        assert_eq!(reasons, ["summary.cpus_online is missing, expected 2"]);
+    }
+
+    #[test]
+    fn rejects_missing_summary_and_reports_how_the_run_ended() {
+        let c = case("qemu-direct-1cpu");
+        let serial = vec!["INFO booting".to_string()];
+        let reasons = run(&c, &serial, EmulatorEnd::TimedOut);
+        assert!(reasons[0].contains("timed out after 60 s"), "{reasons:?}");
+        assert!(reasons[1].contains("no summary"), "{reasons:?}");
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(1)));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("exited (status 1) without a summary"))
+        );
+        let reasons = run(&c, &[], EmulatorEnd::Exited(None));
+        assert!(reasons.iter().any(|r| r.contains("killed by a signal")));
+    }
+
+    #[test]
+    fn rejects_a_summary_that_is_not_the_last_line() {
+        let c = case("qemu-direct-1cpu");
+        let mut serial = lines(&ok_summary("pvh", 1));
+        serial.push("WARN late line".into());
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(33)));
+        assert!(
+            reasons.iter().any(|r| r.contains("not the last line")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn checks_how_the_emulator_ended() {
+        let c = case("qemu-direct-1cpu");
+        let serial = lines(&ok_summary("pvh", 1));
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(35)));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("expected exit status 33")),
+            "{reasons:?}"
+        );
+        let reasons = run(&c, &serial, EmulatorEnd::KilledAfterSummary);
+        assert!(
+            reasons.iter().any(|r| r.contains("did not exit by itself")),
+            "{reasons:?}"
+        );
+    }
+
+    fn fault_summary(vector: u64, cpu: u64, cpus: u64) -> Value {
+        let mut s = ok_summary("pvh", cpus);
+        s["outcome"] = json!("failed");
+        s["timer_ticks"] = json!([]);
+        s["failure"] = json!({"kind": "exception", "vector": vector, "name": "#GP", "cpu": cpu,
+                              "rip": "0xffffffff80001234", "error_code": 0});
+        s
+    }
+
+    #[test]
+    fn accepts_the_expected_exception() {
+        let c = case("qemu-direct-2cpu-fault-gp-on-cpu1");
+        let mut serial = vec!["EXCEPTION #GP vector 13 on CPU 1".to_string()];
+        serial.push(fault_summary(13, 1, 2).to_string());
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(35)));
+        assert!(reasons.is_empty(), "{reasons:?}");
+    }
+
+    #[test]
+    fn rejects_the_wrong_exception() {
+        let c = case("qemu-direct-2cpu-fault-gp-on-cpu1");
+        let summary = fault_summary(14, 0, 2).to_string();
+        let serial = vec!["EXCEPTION #PF".to_string(), summary.clone()];
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(35)));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("failure.vector is 14, expected 13"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("failure.cpu is 0, expected 1"))
+        );
+        // No EXCEPTION report on the console.
+        let reasons = run(&c, &[summary], EmulatorEnd::Exited(Some(35)));
+        assert!(
+            reasons.iter().any(|r| r.contains("EXCEPTION")),
+            "{reasons:?}"
+        );
+        // A healthy run is not what a fault case wants.
+        let serial = vec!["EXCEPTION".to_string(), ok_summary("pvh", 2).to_string()];
+        let reasons = run(&c, &serial, EmulatorEnd::Exited(Some(33)));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("summary.outcome is \"ok\""))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("summary.failure is null"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("expected exit status 35"))
+        );
+    }
+}
