@@ -1,0 +1,80 @@
+//! The symbols a freestanding binary must supply itself: `memcpy`, `memmove`, `memset`,
+//! `memcmp`, `bcmp` (the precompiled `core` calls them) and `rust_eh_personality`.
+//!
+//! Copies use `rep movsb`/`rep stosb` in inline assembly so the compiler cannot turn them back
+//! into calls to themselves.
+
+use core::arch::asm;
+
+/// # Safety
+/// `dest` and `src` must be valid for `len` bytes and must not overlap.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, len: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid and disjoint; DF is clear (the
+    // ABI requires it on function entry).
+    unsafe {
+        asm!("rep movsb", inout("rcx") len => _, inout("rdi") dest => _, inout("rsi") src => _,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// `dest` and `src` must be valid for `len` bytes; they may overlap.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, len: usize) -> *mut u8 {
+    if (dest as usize).wrapping_sub(src as usize) >= len {
+        // Forward copy is safe: dest is below src or the ranges do not overlap.
+        // SAFETY: as for `memcpy`, forward order never reads a byte already overwritten.
+        unsafe { memcpy(dest, src, len) };
+    } else {
+        // SAFETY: backward copy (DF set) from the last byte; DF is cleared again afterwards.
+        unsafe {
+            asm!("std", "rep movsb", "cld",
+                 inout("rcx") len => _,
+                 inout("rdi") dest.add(len - 1) => _,
+                 inout("rsi") src.add(len - 1) => _,
+                 options(nostack));
+        }
+    }
+    dest
+}
+
+/// # Safety
+/// `dest` must be valid for `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, len: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid for writes.
+    unsafe {
+        asm!("rep stosb", inout("rcx") len => _, inout("rdi") dest => _, in("al") value as u8,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// `left` and `right` must be valid for `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(left: *const u8, right: *const u8, len: usize) -> i32 {
+    for index in 0..len {
+        // SAFETY: index < len and both ranges are valid for `len` bytes.
+        let (a, b) = unsafe { (*left.add(index), *right.add(index)) };
+        if a != b {
+            return i32::from(a) - i32::from(b);
+        }
+    }
+    0
+}
+
+/// # Safety
+/// As for [`memcmp`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(left: *const u8, right: *const u8, len: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(left, right, len) }
+}
+
+/// Never called: the kernel is built with `panic = "abort"`, but the precompiled `core`
+/// still references the symbol.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,248 @@
+//! The microvisor kernel: boots on one CPU, brings up the core platform on every CPU in the
+//! ACPI MADT, and reports the run as one JSON summary line.
+//!
+//! Bring-up order (each step is a stage in the summary's `ran` list):
+//! boot info copied out → frame allocator → the core's page tables → per-CPU GDT/TSS/IDT →
+//! ACPI MADT → local APIC and its timer → application processors → every CPU ticking.
+//! See `docs/architecture.md` for the whole design and `docs/boot-contract.md` for what the
+//! console output promises to `xtask`.
+#![no_std]
+#![no_main]
+
+mod apic;
+mod boot;
+mod bootinfo;
+mod console;
+mod cpu;
+mod freestanding;
+mod madt;
+mod paging;
+mod run;
+mod smp;
+mod trap;
+
+use core::fmt::Write;
+use core::panic::PanicInfo;
+use microvisor::cmdline::{self, CmdlineError};
+use microvisor::memmap::{self, PhysRange};
+use microvisor::summary::Failure;
+
+use crate::console::Console;
+
+unsafe extern "C" {
+    static __image_phys_start: u8;
+    static __image_phys_end: u8;
+}
+
+/// Entered from the boot stub on the bootstrap processor, in long mode, interrupts off.
+extern "C" fn kmain(info: u64, protocol: u64) -> ! {
+    Console::init();
+    log::info!("microvisor {} starting", env!("CARGO_PKG_VERSION"));
+
+    let boot = match bootinfo::parse(info, protocol) {
+        Ok(boot) => boot,
+        Err(error) => fail(
+            "boot-info",
+            format_args!("cannot use the boot information: {error}"),
+        ),
+    };
+    run::set_protocol(boot.protocol);
+    log::info!(
+        "booted by {} with command line {:?}",
+        boot.protocol,
+        boot.cmdline()
+    );
+    if boot.cmdline_truncated {
+        log::warn!("command line truncated");
+    }
+    let options = cmdline::parse(boot.cmdline(), |error| match error {
+        CmdlineError::UnknownKey(key) => log::warn!("command line: unknown key {key:?} ignored"),
+        CmdlineError::BadValue {
+            key,
+            value,
+            expected,
+        } => {
+            log::warn!("command line: {key}={value:?} ignored, expected {expected}")
+        }
+    });
+    run::stage("boot-info");
+
+    // Physical memory: the usable map minus low memory (real-mode structures, the AP
+    // trampoline), the kernel image and the boot modules.
+    let image = PhysRange {
+        start: &raw const __image_phys_start as u64,
+        end: &raw const __image_phys_end as u64,
+    };
+    let mut reserved = [PhysRange { start: 0, end: 0 }; 18];
+    reserved[0] = PhysRange {
+        start: 0,
+        end: 0x10_0000,
+    };
+    reserved[1] = image;
+    for (slot, module) in reserved[2..].iter_mut().zip(boot.modules()) {
+        *slot = *module;
+    }
+    let mut usable = [PhysRange { start: 0, end: 0 }; bootinfo::MAX_REGIONS * 2];
+    let count = match memmap::usable_ranges(boot.regions(), &reserved, &mut usable) {
+        Ok(count) => count,
+        Err(error) => fail("frame-allocator", format_args!("memory map: {error:?}")),
+    };
+    let usable = &usable[..count];
+    for range in usable {
+        log::info!(
+            "usable RAM {:#012x}..{:#012x} ({} KiB)",
+            range.start,
+            range.end,
+            range.len() / 1024
+        );
+    }
+    let beyond = paging::add_usable_memory(usable);
+    if beyond > 0 {
+        log::warn!(
+            "{} MiB of RAM lie above what the frame allocator covers and stay unused",
+            beyond >> 20
+        );
+    }
+    log::info!("{} KiB free for the core", paging::free_frames() * 4);
+    run::stage("frame-allocator");
+
+    paging::init(usable.last().map_or(0, |range| range.end));
+    run::stage("paging");
+
+    let bsp_apic_id = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .map_or(0, |features| u32::from(features.initial_local_apic_id()));
+    let bsp_index = run::register_cpu(bsp_apic_id);
+    cpu::init_this_cpu(bsp_index, bsp_apic_id);
+    run::mark_online(bsp_index);
+    run::stage("gdt-tss-idt");
+
+    let processors = match madt::processors(boot.acpi) {
+        Ok(processors) => processors,
+        Err(error) => fail(
+            "acpi-madt",
+            format_args!("cannot read the ACPI MADT: {error}"),
+        ),
+    };
+    run::set_cpus_expected(processors.apic_ids().len());
+    log::info!(
+        "MADT lists {} enabled CPUs, APIC IDs {:?}",
+        processors.apic_ids().len(),
+        processors.apic_ids()
+    );
+    if processors.ignored > 0 {
+        log::warn!(
+            "{} CPUs beyond the core's limit of {} stay offline",
+            processors.ignored,
+            cpu::MAX_CPUS
+        );
+    }
+    run::stage("acpi-madt");
+
+    apic::disable_legacy_pic();
+    apic::enable_this_cpu();
+    let calibration = apic::calibrate();
+    if !calibration.pit_answered {
+        log::warn!("the PIT did not answer: timer rates are guesses");
+    }
+    log::info!(
+        "APIC timer {} counts/ms (divide 16), TSC {} kHz, ticking at {} Hz",
+        calibration.apic_per_ms,
+        calibration.tsc_khz,
+        apic::TIMER_HZ
+    );
+    apic::start_periodic_timer();
+    x86_64::instructions::interrupts::enable();
+    run::stage("apic-timer");
+
+    let failed = smp::start_application_processors(processors.apic_ids(), bsp_apic_id);
+    paging::drop_identity_map();
+    if failed > 0 {
+        fail("smp", format_args!("{failed} CPUs did not come online"));
+    }
+    run::stage("smp");
+
+    if !run::wait_ticks_everywhere(3, 2_000_000) {
+        fail(
+            "timer-all-cpus",
+            format_args!("a CPU did not count 3 timer ticks within 2 s"),
+        );
+    }
+    run::stage("timer-all-cpus");
+
+    if let Some(request) = options.fault {
+        run::request_fault(request);
+        // An application processor raises it from its idle loop; wait for the report.
+        apic::delay_us(2_000_000);
+        fail(
+            "fault",
+            format_args!(
+                "the deliberate fault on CPU {} was not reported",
+                request.cpu
+            ),
+        );
+    }
+    run::finish(None)
+}
+
+/// Text of a failure message, formatted into a fixed buffer (cut if too long).
+struct MessageBuffer {
+    bytes: [u8; 256],
+    length: usize,
+}
+
+impl MessageBuffer {
+    const fn new() -> Self {
+        Self {
+            bytes: [0; 256],
+            length: 0,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Cut at a character boundary if the buffer filled mid-character.
+        match core::str::from_utf8(&self.bytes[..self.length]) {
+            Ok(text) => text,
+            Err(error) => core::str::from_utf8(&self.bytes[..error.valid_up_to()]).unwrap_or(""),
+        }
+    }
+}
+
+impl Write for MessageBuffer {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let room = self.bytes.len() - self.length;
+        let take = text.len().min(room);
+        self.bytes[self.length..self.length + take].copy_from_slice(&text.as_bytes()[..take]);
+        self.length += take;
+        Ok(())
+    }
+}
+
+/// Ends the run as failed at `stage`.
+fn fail(stage: &'static str, reason: core::fmt::Arguments<'_>) -> ! {
+    let mut message = MessageBuffer::new();
+    let _ = message.write_fmt(reason);
+    log::error!("{stage}: {}", message.as_str());
+    run::finish(Some(Failure::Check {
+        stage,
+        reason: message.as_str(),
+    }))
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    let mut message = MessageBuffer::new();
+    let _ = write!(message, "{}", info.message());
+    if let Some(location) = info.location() {
+        let _ = write!(message, " at {}:{}", location.file(), location.line());
+    }
+    let cpu = cpu::current_index();
+    {
+        let mut console = Console::lock_for_fatal();
+        let _ = writeln!(console, "PANIC on CPU {cpu}: {}", message.as_str());
+    }
+    run::finish(Some(Failure::Panic {
+        cpu,
+        message: message.as_str(),
+    }))
+}

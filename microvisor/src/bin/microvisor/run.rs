@@ -1,0 +1,207 @@
+//! What the run records and how it ends: CPUs online, timer ticks, completed stages, the
+//! summary line, and the stop sequence for QEMU, bochs and real machines.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use microvisor::cmdline::{DeliberateFault, FaultRequest};
+use microvisor::summary::{Failure, Outcome, Summary};
+use spin::Mutex;
+use x86_64::instructions::port::Port;
+
+use crate::apic;
+use crate::console::Console;
+use crate::cpu::MAX_CPUS;
+
+const MAX_STAGES: usize = 16;
+
+struct Stages {
+    names: [&'static str; MAX_STAGES],
+    count: usize,
+}
+
+static STAGES: Mutex<Stages> = Mutex::new(Stages {
+    names: [""; MAX_STAGES],
+    count: 0,
+});
+static CPUS_REGISTERED: AtomicUsize = AtomicUsize::new(0);
+static CPUS_EXPECTED: AtomicUsize = AtomicUsize::new(0);
+static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static ONLINE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static PROTOCOL: Mutex<&'static str> = Mutex::new("unknown");
+/// CPU index + 1 that must raise the deliberate fault (0: none), and which fault.
+static FAULT_CPU: AtomicUsize = AtomicUsize::new(0);
+static FAULT_KIND: Mutex<Option<DeliberateFault>> = Mutex::new(None);
+
+/// Records that a stage of the boot completed.
+pub fn stage(name: &'static str) {
+    let mut stages = STAGES.lock();
+    if stages.count < MAX_STAGES {
+        let count = stages.count;
+        stages.names[count] = name;
+        stages.count += 1;
+    }
+    drop(stages);
+    log::info!("stage done: {name}");
+}
+
+/// Records the boot protocol's name.
+pub fn set_protocol(name: &'static str) {
+    *PROTOCOL.lock() = name;
+}
+
+/// Records how many CPUs the MADT lists.
+pub fn set_cpus_expected(count: usize) {
+    CPUS_EXPECTED.store(count, Ordering::Relaxed);
+}
+
+/// Gives the CPU with `apic_id` the next CPU index.
+pub fn register_cpu(apic_id: u32) -> usize {
+    let index = CPUS_REGISTERED.fetch_add(1, Ordering::AcqRel);
+    APIC_IDS[index].store(apic_id, Ordering::Relaxed);
+    index
+}
+
+/// Marks CPU `index` online.
+pub fn mark_online(index: usize) {
+    ONLINE[index].store(true, Ordering::Release);
+}
+
+/// Waits up to `micros` for CPU `index` to come online.
+pub fn wait_online(index: usize, micros: u64) -> bool {
+    for _ in 0..micros.div_ceil(100) {
+        if ONLINE[index].load(Ordering::Acquire) {
+            return true;
+        }
+        apic::delay_us(100);
+    }
+    ONLINE[index].load(Ordering::Acquire)
+}
+
+fn cpus_online() -> usize {
+    ONLINE
+        .iter()
+        .filter(|online| online.load(Ordering::Acquire))
+        .count()
+}
+
+/// Counts a timer tick on this CPU (called from the timer interrupt).
+pub fn count_timer_tick() {
+    TICKS[crate::cpu::current_index()].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Waits up to `micros` until every online CPU has counted at least `ticks` timer ticks.
+pub fn wait_ticks_everywhere(ticks: u64, micros: u64) -> bool {
+    let all_ticked = || {
+        (0..MAX_CPUS).all(|cpu| {
+            !ONLINE[cpu].load(Ordering::Acquire) || TICKS[cpu].load(Ordering::Relaxed) >= ticks
+        })
+    };
+    for _ in 0..micros.div_ceil(1000) {
+        if all_ticked() {
+            return true;
+        }
+        apic::delay_us(1000);
+    }
+    all_ticked()
+}
+
+/// Arranges for CPU `request.cpu` to raise the deliberate fault; the bootstrap processor
+/// raises it at once, an application processor from its idle loop.
+pub fn request_fault(request: FaultRequest) {
+    *FAULT_KIND.lock() = Some(request.fault);
+    FAULT_CPU.store(request.cpu + 1, Ordering::Release);
+    if request.cpu == crate::cpu::current_index() {
+        raise(request.fault);
+    }
+}
+
+fn raise(fault: DeliberateFault) {
+    log::info!("raising a deliberate {fault:?} in the core");
+    // SAFETY: deliberately faulting instructions: the trap path reports them and ends the
+    // run; none of them returns.
+    unsafe {
+        match fault {
+            DeliberateFault::InvalidOpcode => core::arch::asm!("ud2", options(nostack)),
+            // Nothing is mapped at 16 TiB in the lower half once the identity map is gone.
+            DeliberateFault::PageFault => {
+                core::arch::asm!("mov rax, [{0}]", in(reg) 0x1000_0000_0000u64, out("rax") _, options(nostack))
+            }
+            // A non-canonical address: #GP, not #PF.
+            DeliberateFault::GeneralProtection => {
+                core::arch::asm!("mov rax, [{0}]", in(reg) 0x8000_0000_0000_0000u64, out("rax") _, options(nostack))
+            }
+        }
+    }
+}
+
+/// The idle loop of CPU `index`: wait for interrupts, raise the deliberate fault if it is
+/// this CPU's to raise.
+pub fn idle(index: usize) -> ! {
+    x86_64::instructions::interrupts::enable();
+    loop {
+        if FAULT_CPU.load(Ordering::Acquire) == index + 1 {
+            if let Some(fault) = *FAULT_KIND.lock() {
+                raise(fault);
+            }
+        }
+        x86_64::instructions::hlt();
+    }
+}
+
+/// Stops this CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+static FINISHING: AtomicBool = AtomicBool::new(false);
+
+/// Prints the summary line and stops the machine: QEMU exits through isa-debug-exit, bochs
+/// stops at the magic breakpoint, a real machine halts.
+pub fn finish(failure: Option<Failure<'_>>) -> ! {
+    x86_64::instructions::interrupts::disable();
+    if FINISHING.swap(true, Ordering::AcqRel) {
+        halt_forever();
+    }
+    apic::halt_other_cpus();
+    let registered = CPUS_REGISTERED.load(Ordering::Acquire).min(MAX_CPUS);
+    let apic_ids: [u32; MAX_CPUS] =
+        core::array::from_fn(|cpu| APIC_IDS[cpu].load(Ordering::Relaxed));
+    let ticks: [u64; MAX_CPUS] = core::array::from_fn(|cpu| TICKS[cpu].load(Ordering::Relaxed));
+    let (stage_names, stage_count) = match STAGES.try_lock() {
+        Some(stages) => (stages.names, stages.count),
+        None => ([""; MAX_STAGES], 0),
+    };
+    let protocol = PROTOCOL.try_lock().map_or("unknown", |name| *name);
+    let summary = Summary {
+        outcome: if failure.is_some() {
+            Outcome::Failed
+        } else {
+            Outcome::Ok
+        },
+        boot_protocol: protocol,
+        cpus_expected: CPUS_EXPECTED.load(Ordering::Relaxed),
+        cpus_online: cpus_online(),
+        apic_ids: &apic_ids[..registered],
+        ran: &stage_names[..stage_count],
+        timer_ticks: &ticks[..registered],
+        tsc_khz: apic::tsc_khz(),
+        free_memory_kib: crate::paging::free_frames() as u64 * 4,
+        tsc: apic::tsc(),
+        failure,
+    };
+    let mut console = Console::lock_for_fatal();
+    let _ = writeln!(console, "{summary}");
+    console.drain();
+    let code: u32 = if failure.is_some() { 0x11 } else { 0x10 };
+    // SAFETY: port 0xf4 is QEMU's isa-debug-exit device when present and unused otherwise;
+    // `xchg bx, bx` is a no-op on hardware and bochs' magic breakpoint.
+    unsafe {
+        Port::<u32>::new(0xf4).write(code);
+        core::arch::asm!("xchg bx, bx", options(nomem, nostack));
+    }
+    halt_forever()
+}

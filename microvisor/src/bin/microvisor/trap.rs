@@ -1,0 +1,206 @@
+//! Interrupt and exception entry: 256 assembly stubs, a common path that saves every
+//! general-purpose register and the FPU/SSE state, and the dispatcher.
+//!
+//! Any exception in the core is fatal: the core is the trusted base, so an exception there
+//! means a bug, and the honest response is a full report and a failed run. The report names
+//! vector, mnemonic, error code, RIP, CPU and every register, then the run summary follows.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
+use microvisor::exception::{self, PageFaultCause};
+use microvisor::summary::Failure;
+use x86_64::registers::control::Cr2;
+
+use crate::console::Console;
+use crate::{apic, run};
+
+/// Vector of the local APIC timer.
+pub const TIMER_VECTOR: u8 = 0x30;
+/// Vector of the IPI that stops a CPU for good (sent when another CPU hit a fatal error).
+pub const HALT_VECTOR: u8 = 0xfe;
+/// Vector the local APIC uses for spurious interrupts.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// Registers saved on entry, in stack order (lowest address first).
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text.trap, "ax"
+    .balign 16
+    .global trap_stubs
+trap_stubs:
+    .set vector, 0
+    .rept 256
+    .balign 16
+    .if (vector == 8) || ((vector >= 10) && (vector <= 14)) || (vector == 17) || (vector == 21) || (vector == 29) || (vector == 30)
+    pushq $vector
+    .else
+    pushq $0
+    pushq $vector
+    .endif
+    jmp trap_common
+    .set vector, vector + 1
+    .endr
+
+trap_common:
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, %rdi
+    /* The IST stack was 16-byte aligned; 22 quadwords later it still is. */
+    subq $512, %rsp
+    fxsave64 (%rsp)
+    cld
+    call {dispatch}
+    fxrstor64 (%rsp)
+    addq $512, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp
+    iretq
+"#,
+    dispatch = sym trap_dispatch,
+    options(att_syntax),
+);
+
+unsafe extern "C" {
+    static trap_stubs: [u8; 256 * 16];
+}
+
+/// Address of the entry stub of `vector`.
+pub fn stub_address(vector: u8) -> u64 {
+    let base = &raw const trap_stubs as u64;
+    base + 16 * u64::from(vector)
+}
+
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    let vector = frame.vector as u8;
+    match vector {
+        0..32 => fatal_exception(frame),
+        TIMER_VECTOR => {
+            run::count_timer_tick();
+            apic::end_of_interrupt();
+        }
+        HALT_VECTOR => run::halt_forever(),
+        SPURIOUS_VECTOR => {}
+        _ => {
+            // Nothing else is routed to the core yet; acknowledge and carry on.
+            apic::end_of_interrupt();
+        }
+    }
+}
+
+static REPORTING: AtomicBool = AtomicBool::new(false);
+
+fn fatal_exception(frame: &TrapFrame) -> ! {
+    // One report per run: a second CPU faulting meanwhile just stops.
+    if REPORTING.swap(true, Ordering::AcqRel) {
+        run::halt_forever();
+    }
+    apic::halt_other_cpus();
+    let cpu = crate::cpu::current_index();
+    let vector = frame.vector as u8;
+    let (mnemonic, description) = exception::name(vector).unwrap_or(("?", "unknown"));
+    let cr2 = (vector == 14).then(Cr2::read_raw);
+    {
+        let mut console = Console::lock_for_fatal();
+        let f = &mut *console;
+        let _ = writeln!(
+            f,
+            "EXCEPTION on CPU {cpu}: vector {vector} ({mnemonic} {description}), error code {:#x}, RIP {:#018x}",
+            frame.error_code, frame.rip
+        );
+        if let Some(address) = cr2 {
+            let cause = PageFaultCause::from_error_code(frame.error_code);
+            let _ = writeln!(f, "  page fault at CR2 {address:#018x}: {cause}");
+        }
+        let _ = writeln!(
+            f,
+            "  CS {:#06x} SS {:#06x} RFLAGS {:#018x} RSP {:#018x}",
+            frame.cs, frame.ss, frame.rflags, frame.rsp
+        );
+        let registers = [
+            ("RAX", frame.rax),
+            ("RBX", frame.rbx),
+            ("RCX", frame.rcx),
+            ("RDX", frame.rdx),
+            ("RSI", frame.rsi),
+            ("RDI", frame.rdi),
+            ("RBP", frame.rbp),
+            ("R8 ", frame.r8),
+            ("R9 ", frame.r9),
+            ("R10", frame.r10),
+            ("R11", frame.r11),
+            ("R12", frame.r12),
+            ("R13", frame.r13),
+            ("R14", frame.r14),
+            ("R15", frame.r15),
+        ];
+        for row in registers.chunks(4) {
+            let _ = f.write_str(" ");
+            for (name, value) in row {
+                let _ = write!(f, " {name} {value:#018x}");
+            }
+            let _ = f.write_str("\n");
+        }
+    }
+    run::finish(Some(Failure::Exception {
+        vector,
+        name: mnemonic,
+        cpu,
+        rip: frame.rip,
+        error_code: frame.error_code,
+        cr2,
+    }))
+}

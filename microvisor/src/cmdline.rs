@@ -1,0 +1,145 @@
+//! The kernel command line: space-separated `key=value` words.
+//!
+//! Unknown keys and malformed values are collected as [`CmdlineError`]s so the kernel can
+//! report each one and go on booting with defaults: a typo must be visible, not fatal.
+
+/// An exception the core raises on purpose, to prove that faults are caught and reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliberateFault {
+    /// `ud`: invalid opcode (`ud2`), vector 6.
+    InvalidOpcode,
+    /// `pf`: read of an unmapped address, vector 14.
+    PageFault,
+    /// `gp`: read of a non-canonical address, vector 13.
+    GeneralProtection,
+}
+
+/// A deliberate fault and the CPU index that raises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRequest {
+    /// Which exception.
+    pub fault: DeliberateFault,
+    /// CPU index (0 = bootstrap processor) that raises it.
+    pub cpu: usize,
+}
+
+/// Options the command line can set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `fault=ud|pf|gp[@CPU]`.
+    pub fault: Option<FaultRequest>,
+}
+
+/// A word of the command line that could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// A key this kernel does not know.
+    UnknownKey(&'a str),
+    /// A known key with a value it cannot take.
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value given.
+        value: &'a str,
+        /// What the key accepts.
+        expected: &'static str,
+    },
+}
+
+/// Parses `line`, calling `on_error` for each word it cannot use.
+pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> Options {
+    let mut options = Options::default();
+    for word in line.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match key {
+            "fault" => match parse_fault(value) {
+                Some(request) => options.fault = Some(request),
+                None => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "ud|pf|gp, optionally @CPU",
+                }),
+            },
+            _ => on_error(CmdlineError::UnknownKey(key)),
+        }
+    }
+    options
+}
+
+fn parse_fault(value: &str) -> Option<FaultRequest> {
+    let (kind, cpu) = match value.split_once('@') {
+        Some((kind, cpu)) => (kind, cpu.parse().ok()?),
+        None => (value, 0),
+    };
+    let fault = match kind {
+        "ud" => DeliberateFault::InvalidOpcode,
+        "pf" => DeliberateFault::PageFault,
+        "gp" => DeliberateFault::GeneralProtection,
+        _ => return None,
+    };
+    Some(FaultRequest { fault, cpu })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    fn parse_collect(line: &str) -> (Options, Vec<CmdlineError<'_>>) {
+        let mut errors = Vec::new();
+        let options = parse(line, |error| errors.push(error));
+        (options, errors)
+    }
+
+    #[test]
+    fn empty_line_gives_defaults() {
+        assert_eq!(parse_collect("  "), (Options::default(), Vec::new()));
+    }
+
+    #[test]
+    fn fault_with_and_without_cpu() {
+        let (options, errors) = parse_collect("fault=gp@3");
+        assert!(errors.is_empty());
+        assert_eq!(
+            options.fault,
+            Some(FaultRequest {
+                fault: DeliberateFault::GeneralProtection,
+                cpu: 3
+            })
+        );
+        let (options, _) = parse_collect("fault=ud");
+        assert_eq!(
+            options.fault,
+            Some(FaultRequest {
+                fault: DeliberateFault::InvalidOpcode,
+                cpu: 0
+            })
+        );
+    }
+
+    #[test]
+    fn bad_words_are_reported_and_skipped() {
+        let (options, errors) = parse_collect("fault=xx quiet fault=pf@ fault=pf");
+        assert_eq!(
+            options.fault,
+            Some(FaultRequest {
+                fault: DeliberateFault::PageFault,
+                cpu: 0
+            })
+        );
+        assert_eq!(errors.len(), 3);
+        assert!(matches!(
+            errors[0],
+            CmdlineError::BadValue {
+                key: "fault",
+                value: "xx",
+                ..
+            }
+        ));
+        assert_eq!(errors[1], CmdlineError::UnknownKey("quiet"));
+        assert!(matches!(
+            errors[2],
+            CmdlineError::BadValue { value: "pf@", .. }
+        ));
+    }
+}

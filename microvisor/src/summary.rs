@@ -1,0 +1,278 @@
+//! The run summary: one JSON object, the last line the core prints on its console.
+//!
+//! xtask and the boot tests decide pass/fail from this line (see `docs/boot-contract.md`), so
+//! its fields are a contract. Written with `core::fmt` into the console: no allocation, no
+//! serializer, and safe to print from an exception handler.
+
+use core::fmt::{self, Display, Formatter, Write};
+
+/// How the run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything that was asked for ran and checked out.
+    Ok,
+    /// Something failed; [`Summary::failure`] says what.
+    Failed,
+}
+
+/// Why a run failed.
+#[derive(Clone, Copy, Debug)]
+pub enum Failure<'a> {
+    /// A CPU exception in the core.
+    Exception {
+        /// Vector number.
+        vector: u8,
+        /// Mnemonic, e.g. `#PF`.
+        name: &'a str,
+        /// CPU index that took it.
+        cpu: usize,
+        /// Faulting instruction pointer.
+        rip: u64,
+        /// Error code pushed by the CPU (0 when the vector has none).
+        error_code: u64,
+        /// CR2 for page faults.
+        cr2: Option<u64>,
+    },
+    /// A Rust panic in the core.
+    Panic {
+        /// CPU index that panicked.
+        cpu: usize,
+        /// The panic message (truncated by the caller if need be).
+        message: &'a str,
+    },
+    /// A stage did not finish in time or did not check out.
+    Check {
+        /// Which stage.
+        stage: &'a str,
+        /// What went wrong.
+        reason: &'a str,
+    },
+}
+
+/// Everything the summary line reports.
+#[derive(Clone, Copy, Debug)]
+pub struct Summary<'a> {
+    /// How the run ended.
+    pub outcome: Outcome,
+    /// `multiboot2` or `pvh`.
+    pub boot_protocol: &'a str,
+    /// CPUs the ACPI MADT lists as enabled.
+    pub cpus_expected: usize,
+    /// CPUs that came up and reported in.
+    pub cpus_online: usize,
+    /// Local APIC ID of each online CPU, by CPU index.
+    pub apic_ids: &'a [u32],
+    /// Stages that ran to completion, in order.
+    pub ran: &'a [&'a str],
+    /// Local APIC timer interrupts counted on each CPU, by CPU index.
+    pub timer_ticks: &'a [u64],
+    /// Measured TSC frequency in kHz (under bochs, instructions per emulated millisecond).
+    pub tsc_khz: u64,
+    /// Free physical memory in KiB after boot.
+    pub free_memory_kib: u64,
+    /// TSC at the time of the summary.
+    pub tsc: u64,
+    /// Why the run failed, if it did.
+    pub failure: Option<Failure<'a>>,
+}
+
+/// A string written as a JSON string literal, escaped.
+struct JsonStr<'a>(&'a str);
+
+impl Display for JsonStr<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        f.write_char('"')
+    }
+}
+
+/// A slice written as a JSON array of its items' `Display` forms.
+struct JsonArray<'a, T>(&'a [T]);
+
+impl<T: Display> Display for JsonArray<'_, T> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        f.write_char('[')?;
+        for (index, item) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_char(',')?;
+            }
+            write!(f, "{item}")?;
+        }
+        f.write_char(']')
+    }
+}
+
+impl Display for Failure<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match *self {
+            Failure::Exception {
+                vector,
+                name,
+                cpu,
+                rip,
+                error_code,
+                cr2,
+            } => {
+                write!(
+                    f,
+                    r#"{{"kind":"exception","vector":{vector},"name":{},"cpu":{cpu},"rip":"{rip:#x}","error_code":{error_code}"#,
+                    JsonStr(name)
+                )?;
+                if let Some(cr2) = cr2 {
+                    write!(f, r#","cr2":"{cr2:#x}""#)?;
+                }
+                f.write_char('}')
+            }
+            Failure::Panic { cpu, message } => {
+                write!(
+                    f,
+                    r#"{{"kind":"panic","cpu":{cpu},"message":{}}}"#,
+                    JsonStr(message)
+                )
+            }
+            Failure::Check { stage, reason } => {
+                write!(
+                    f,
+                    r#"{{"kind":"check","stage":{},"reason":{}}}"#,
+                    JsonStr(stage),
+                    JsonStr(reason)
+                )
+            }
+        }
+    }
+}
+
+impl Display for Summary<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let outcome = match self.outcome {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+        };
+        let ran: &[&str] = self.ran;
+        write!(
+            f,
+            r#"{{"event":"summary","version":1,"outcome":"{outcome}","boot_protocol":{},"cpus_expected":{},"cpus_online":{},"apic_ids":{},"ran":["#,
+            JsonStr(self.boot_protocol),
+            self.cpus_expected,
+            self.cpus_online,
+            JsonArray(self.apic_ids),
+        )?;
+        for (index, stage) in ran.iter().enumerate() {
+            if index > 0 {
+                f.write_char(',')?;
+            }
+            write!(f, "{}", JsonStr(stage))?;
+        }
+        write!(
+            f,
+            r#"],"timer_ticks":{},"tsc_khz":{},"free_memory_kib":{},"tsc":{},"failure":"#,
+            JsonArray(self.timer_ticks),
+            self.tsc_khz,
+            self.free_memory_kib,
+            self.tsc,
+        )?;
+        match &self.failure {
+            Some(failure) => write!(f, "{failure}}}"),
+            None => f.write_str("null}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::string::ToString;
+
+    fn sample(failure: Option<Failure<'static>>) -> Summary<'static> {
+        Summary {
+            outcome: if failure.is_some() {
+                Outcome::Failed
+            } else {
+                Outcome::Ok
+            },
+            boot_protocol: "pvh",
+            cpus_expected: 2,
+            cpus_online: 2,
+            apic_ids: &[0, 1],
+            ran: &["boot", "smp"],
+            timer_ticks: &[5, 7],
+            tsc_khz: 4000,
+            free_memory_kib: 1024,
+            tsc: 99,
+            failure,
+        }
+    }
+
+    #[test]
+    fn ok_summary_is_valid_json_with_the_contract_fields() {
+        let value: Value = serde_json::from_str(&sample(None).to_string()).unwrap();
+        assert_eq!(value["event"], "summary");
+        assert_eq!(value["outcome"], "ok");
+        assert_eq!(value["cpus_online"], 2);
+        assert_eq!(value["apic_ids"], serde_json::json!([0, 1]));
+        assert_eq!(value["ran"], serde_json::json!(["boot", "smp"]));
+        assert_eq!(value["timer_ticks"], serde_json::json!([5, 7]));
+        assert!(value["failure"].is_null());
+    }
+
+    #[test]
+    fn exception_failure_serialises_every_field() {
+        let failure = Failure::Exception {
+            vector: 14,
+            name: "#PF",
+            cpu: 1,
+            rip: 0xffff_ffff_8000_1234,
+            error_code: 2,
+            cr2: Some(0x1000),
+        };
+        let value: Value = serde_json::from_str(&sample(Some(failure)).to_string()).unwrap();
+        assert_eq!(value["outcome"], "failed");
+        let failure = &value["failure"];
+        assert_eq!(failure["kind"], "exception");
+        assert_eq!(failure["vector"], 14);
+        assert_eq!(failure["name"], "#PF");
+        assert_eq!(failure["cpu"], 1);
+        assert_eq!(failure["rip"], "0xffffffff80001234");
+        assert_eq!(failure["cr2"], "0x1000");
+    }
+
+    #[test]
+    fn panic_messages_are_escaped() {
+        let failure = Failure::Panic {
+            cpu: 0,
+            message: "bad \"quote\" \\ and\nnewline\u{1}",
+        };
+        let text = sample(Some(failure)).to_string();
+        assert!(!text.contains('\n'));
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value["failure"]["message"],
+            "bad \"quote\" \\ and\nnewline\u{1}"
+        );
+    }
+
+    #[test]
+    fn empty_lists_are_empty_arrays() {
+        let mut summary = sample(Some(Failure::Check {
+            stage: "smp",
+            reason: "AP 2 did not start",
+        }));
+        summary.ran = &[];
+        summary.timer_ticks = &[];
+        let value: Value = serde_json::from_str(&summary.to_string()).unwrap();
+        assert_eq!(value["ran"], serde_json::json!([]));
+        assert_eq!(value["failure"]["stage"], "smp");
+    }
+}
