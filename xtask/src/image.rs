@@ -1,0 +1,225 @@
+//! Building the kernel image (docs/boot-contract.md) and GRUB ISOs around it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::host::GRUB_I386_PC;
+
+/// Rust flags for the kernel build only (docs/boot-contract.md, "Building the core image").
+pub const KERNEL_RUSTFLAGS: &str = "-C linker=rust-lld -C linker-flavor=ld.lld \
+    -C relocation-model=static -C code-model=kernel -C no-redzone=yes \
+    -C link-arg=--no-pie -C link-arg=-static -C link-arg=-nostdlib \
+    -C link-arg=--build-id=none -C link-arg=-zmax-page-size=0x1000";
+
+/// The kernel's target triple, always given explicitly so RUSTFLAGS skip build scripts.
+pub const KERNEL_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The kernel's own target directory (relative to the workspace root).
+pub const KERNEL_TARGET_DIR: &str = "target/kernel";
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (`$CARGO`), or `cargo` from `PATH`.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// A cargo command for the kernel: `subcommand` (`build` or `clippy`) with the kernel's
+/// package, features, target, target dir and RUSTFLAGS (set for this child only).
+pub fn kernel_cargo(subcommand: &str, release: bool) -> Command {
+    let mut cmd = cargo();
+    cmd.arg(subcommand)
+        .args([
+            "--package",
+            "microvisor",
+            "--bin",
+            "microvisor",
+            "--features",
+            "kernel",
+        ])
+        .args(["--target", KERNEL_TARGET, "--target-dir", KERNEL_TARGET_DIR]);
+    if release {
+        cmd.arg("--release");
+    }
+    // CARGO_ENCODED_RUSTFLAGS would take precedence over RUSTFLAGS.
+    cmd.env("RUSTFLAGS", KERNEL_RUSTFLAGS)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// Path of the ELF that `cargo xtask build` produces.
+pub fn kernel_elf(release: bool) -> PathBuf {
+    let profile = if release { "release" } else { "debug" };
+    workspace_root()
+        .join(KERNEL_TARGET_DIR)
+        .join(KERNEL_TARGET)
+        .join(profile)
+        .join("microvisor")
+}
+
+/// Builds the kernel image; returns the ELF path. With `capture`, cargo's output is kept
+/// and returned in the error; otherwise it goes to our stderr.
+pub fn build_kernel(release: bool, capture: bool) -> Result<PathBuf, String> {
+    let mut cmd = kernel_cargo("build", release);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if capture {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    let output = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !output.status.success() {
+        let mut message = format!("kernel build failed ({})", output.status);
+        if capture {
+            message.push_str(":\n");
+            message.push_str(&String::from_utf8_lossy(&output.stderr));
+        }
+        return Err(message);
+    }
+    let elf = kernel_elf(release);
+    if !elf.is_file() {
+        return Err(format!(
+            "kernel build succeeded but {} does not exist",
+            elf.display()
+        ));
+    }
+    Ok(elf)
+}
+
+/// GRUB modules the ISO needs: loading multiboot2 from an ISO 9660 CD in BIOS mode, and a
+/// serial console.
+const GRUB_MODULES: &str = "multiboot2 normal iso9660 biosdisk serial terminal part_msdos";
+
+/// Rejects command lines GRUB's script parser would mangle; `key=value` words pass.
+pub fn validate_cmdline(cmdline: &str) -> Result<(), String> {
+    let bad: Vec<char> = cmdline
+        .chars()
+        .filter(|c| !(c.is_ascii_alphanumeric() || " =@,._:/+-".contains(*c)))
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "kernel command line {cmdline:?} contains characters not allowed ({}): use \
+             space-separated key=value words of letters, digits and =@,._:/+-",
+            bad.iter().collect::<String>()
+        ))
+    }
+}
+
+/// The `grub.cfg` of the boot ISO.
+pub fn grub_cfg(cmdline: &str) -> String {
+    let entry = format!("multiboot2 /boot/microvisor {cmdline}");
+    format!(
+        "set timeout=0\n\
+         set default=0\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial\n\
+         terminal_output serial\n\
+         menuentry \"microvisor\" {{\n    {}\n    boot\n}}\n",
+        entry.trim_end()
+    )
+}
+
+/// Builds a BIOS GRUB ISO at `iso` that boots `elf` with `cmdline`.
+pub fn build_iso(elf: &Path, cmdline: &str, iso: &Path) -> Result<(), String> {
+    validate_cmdline(cmdline)?;
+    let staging = iso.with_extension("root");
+    let _ = fs::remove_dir_all(&staging);
+    let grub_dir = staging.join("boot/grub");
+    fs::create_dir_all(&grub_dir).map_err(|e| format!("{}: {e}", grub_dir.display()))?;
+    fs::copy(elf, staging.join("boot/microvisor"))
+        .map_err(|e| format!("copying {}: {e}", elf.display()))?;
+    fs::write(grub_dir.join("grub.cfg"), grub_cfg(cmdline)).map_err(|e| e.to_string())?;
+    let output = Command::new("grub-mkrescue")
+        .arg("--output")
+        .arg(iso)
+        .args(["--directory", GRUB_I386_PC])
+        .arg(format!("--install-modules={GRUB_MODULES}"))
+        .args(["--fonts=", "--locales=", "--themes="])
+        .arg(&staging)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run grub-mkrescue: {e}"))?;
+    let _ = fs::remove_dir_all(&staging);
+    if !output.status.success() {
+        return Err(format!(
+            "grub-mkrescue failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_cfg_boots_multiboot2_on_the_serial_console() {
+        let cfg = grub_cfg("fault=gp@1");
+        for line in [
+            "set timeout=0",
+            "set default=0",
+            "serial --unit=0 --speed=115200",
+            "terminal_input serial",
+            "terminal_output serial",
+            "    multiboot2 /boot/microvisor fault=gp@1",
+            "    boot",
+        ] {
+            assert!(
+                cfg.lines().any(|l| l == line),
+                "{line:?} missing from\n{cfg}"
+            );
+        }
+        assert!(grub_cfg("").contains("    multiboot2 /boot/microvisor\n"));
+    }
+
+    #[test]
+    fn cmdline_must_be_plain_words() {
+        assert!(validate_cmdline("").is_ok());
+        assert!(validate_cmdline("fault=gp@1 log=debug").is_ok());
+        for bad in ["a;reboot", "x=$y", "\"q\"", "a\nb", "{x}"] {
+            assert!(validate_cmdline(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kernel_flags_match_the_contract() {
+        let cmd = kernel_cargo("build", true);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "build",
+                "--package",
+                "microvisor",
+                "--bin",
+                "microvisor",
+                "--features",
+                "kernel",
+                "--target",
+                KERNEL_TARGET,
+                "--target-dir",
+                "target/kernel",
+                "--release"
+            ]
+        );
+        let flags: Vec<_> = KERNEL_RUSTFLAGS.split_whitespace().collect();
+        assert_eq!(flags.len(), 20);
+        assert!(flags.windows(2).any(|w| w == ["-C", "code-model=kernel"]));
+        assert!(
+            kernel_elf(false).ends_with("target/kernel/x86_64-unknown-linux-gnu/debug/microvisor")
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! Developer tooling: builds the kernel image and GRUB ISOs, boots them in QEMU or bochs,
+//! and runs every check (`cargo xtask test`).
+#![forbid(unsafe_code)]
+
+mod emulator;
+mod host;
+mod house;
+mod image;
+mod testing;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use emulator::{BootSpec, EmulatorKind, Image};
+use host::{KvmFacts, Tool};
+
+/// Exit status of `run` when the kernel printed no summary (hang, triple fault, emulator or
+/// build error).
+const EXIT_NO_SUMMARY: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Build, boot and test the microvisor.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build the kernel image (docs/boot-contract.md) and print the ELF's path.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the kernel image and a BIOS GRUB ISO (target/iso/) that boots it.
+    Iso {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Kernel command line (space-separated key=value words).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Put this ELF into the ISO instead of building the kernel.
+        #[arg(long, value_name = "ELF")]
+        kernel: Option<PathBuf>,
+    },
+    /// Build and boot headless; stream the serial console; the summary JSON is the last line
+    /// on stdout. Exit 0: outcome ok, 1: outcome failed, 2: no summary.
+    Run(RunArgs),
+    /// Run every check: rustfmt, clippy (host and kernel), house rules, cargo test, boot tests.
+    Test {
+        /// Skip the (slower) bochs boot tests.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Emulator; `auto` takes QEMU with KVM where the host has usable nested VMX, else bochs.
+    #[arg(long, value_enum, default_value_t = EmulatorArg::Auto)]
+    emulator: EmulatorArg,
+    /// Number of CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Build with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// Kernel command line (space-separated key=value words, e.g. `fault=gp@1`).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Stop the emulator after this many seconds without a summary.
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// How QEMU loads the image: `direct` (-kernel, PVH) or `iso` (GRUB, multiboot2). bochs
+    /// always boots the ISO.
+    #[arg(long, value_enum)]
+    boot: Option<BootArg>,
+    /// Boot this ELF instead of building the kernel.
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EmulatorArg {
+    Auto,
+    Qemu,
+    Bochs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BootArg {
+    Direct,
+    Iso,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    emulator::install_interrupt_handler();
+    match cli.command {
+        Command::Build { release } => report(image::build_kernel(release, false)),
+        Command::Iso {
+            release,
+            cmdline,
+            kernel,
+        } => report(iso(release, &cmdline, kernel)),
+        Command::Run(args) => run(&args),
+        Command::Test { quick } => testing::test(quick),
+    }
+}
+
+/// Prints the path on success, the error on failure.
+fn report(result: Result<PathBuf, String>) -> ExitCode {
+    match result {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn iso(release: bool, cmdline: &str, kernel: Option<PathBuf>) -> Result<PathBuf, String> {
+    image::validate_cmdline(cmdline)?;
+    host::ensure_tools(&[Tool::Iso])?;
+    let elf = match kernel {
+        Some(elf) => elf,
+        None => image::build_kernel(release, false)?,
+    };
+    let dir = image::workspace_root().join("target/iso");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let profile = if release { "release" } else { "debug" };
+    let iso = dir.join(format!("microvisor-{profile}.iso"));
+    let start = std::time::Instant::now();
+    image::build_iso(&elf, cmdline, &iso)?;
+    eprintln!(
+        "xtask: ISO built in {:.2} s (kernel command line {cmdline:?})",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(iso)
+}
+
+/// Picks the emulator for `run`, explaining the choice on stderr.
+fn choose_emulator(arg: EmulatorArg) -> EmulatorKind {
+    let (kvm, why) = KvmFacts::probe().usable();
+    match arg {
+        EmulatorArg::Auto if kvm => {
+            eprintln!("xtask: emulator: QEMU with KVM (auto: {why})");
+            EmulatorKind::Qemu { kvm: true }
+        }
+        EmulatorArg::Auto => {
+            eprintln!("xtask: emulator: bochs (auto: no usable KVM with nested VMX: {why})");
+            EmulatorKind::Bochs
+        }
+        EmulatorArg::Qemu if kvm => {
+            eprintln!("xtask: emulator: QEMU with KVM ({why})");
+            EmulatorKind::Qemu { kvm: true }
+        }
+        EmulatorArg::Qemu => {
+            eprintln!(
+                "xtask: emulator: QEMU with TCG, `-cpu max` (no usable KVM: {why}; no VMX in the guest)"
+            );
+            EmulatorKind::Qemu { kvm: false }
+        }
+        EmulatorArg::Bochs => {
+            eprintln!("xtask: emulator: bochs");
+            EmulatorKind::Bochs
+        }
+    }
+}
+
+/// The summary line `run` prints when the kernel printed none.
+fn no_summary_line(reason: &str) -> String {
+    // Written by hand to keep "event" first (serde_json's map sorts keys).
+    format!(
+        r#"{{"event":"summary","outcome":"failed","failure":{{"kind":"no-summary","reason":{}}}}}"#,
+        Value::from(reason)
+    )
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    match run_inner(args) {
+        Ok(code) => code,
+        Err(reason) => {
+            eprintln!("xtask: error: {reason}");
+            println!("{}", no_summary_line(&reason));
+            ExitCode::from(EXIT_NO_SUMMARY)
+        }
+    }
+}
+
+fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
+    image::validate_cmdline(&args.cmdline)?;
+    let kind = choose_emulator(args.emulator);
+    let iso = match (kind, args.boot) {
+        (EmulatorKind::Bochs, Some(BootArg::Direct)) => {
+            return Err(
+                "bochs boots only the GRUB ISO: drop `--boot direct` or use `--emulator qemu`"
+                    .into(),
+            );
+        }
+        (EmulatorKind::Bochs, _) | (_, Some(BootArg::Iso)) => true,
+        (EmulatorKind::Qemu { .. }, _) => false,
+    };
+    let mut tools = Vec::new();
+    if let EmulatorKind::Qemu { .. } = kind {
+        tools.push(Tool::Qemu);
+    } else {
+        tools.push(Tool::Bochs);
+    }
+    if iso {
+        tools.push(Tool::Iso);
+    }
+    host::ensure_tools(&tools)?;
+    let elf = match &args.kernel {
+        Some(elf) => elf.clone(),
+        None => image::build_kernel(args.release, false)?,
+    };
+    emulator::prune_run_dirs(30);
+    let run_dir = emulator::new_run_dir("run")?;
+    let image = if iso {
+        let iso = run_dir.join("microvisor.iso");
+        image::build_iso(&elf, &args.cmdline, &iso)?;
+        Image::Iso(iso)
+    } else {
+        Image::Elf {
+            path: elf.clone(),
+            cmdline: args.cmdline.clone(),
+        }
+    };
+    let spec = BootSpec {
+        kind,
+        image,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    eprintln!(
+        "xtask: booting {} with {} CPU(s), {} boot, command line {:?}, timeout {} s; files in {}",
+        elf.display(),
+        args.cpus,
+        if iso {
+            "GRUB ISO (multiboot2)"
+        } else {
+            "direct (PVH)"
+        },
+        args.cmdline,
+        args.timeout,
+        run_dir.display()
+    );
+    let mut summary_line = None;
+    let result = emulator::boot(&spec, &run_dir, &mut |line, is_summary| {
+        if is_summary {
+            summary_line = Some(line.to_string());
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    })?;
+    let secs = result.elapsed.as_secs_f64();
+    let outcome = result
+        .summary
+        .as_ref()
+        .and_then(|s| s.get("outcome"))
+        .and_then(Value::as_str);
+    let end = match result.end {
+        system_tests::EmulatorEnd::Exited(Some(code)) => {
+            format!("the emulator exited with status {code}")
+        }
+        system_tests::EmulatorEnd::Exited(None) => "the emulator was killed by a signal".into(),
+        system_tests::EmulatorEnd::KilledAfterSummary => {
+            "the emulator did not exit by itself after the summary; stopped it".into()
+        }
+        system_tests::EmulatorEnd::TimedOut => {
+            format!("timeout after {} s; stopped the emulator", args.timeout)
+        }
+        system_tests::EmulatorEnd::Interrupted => "interrupted; stopped the emulator".into(),
+    };
+    eprintln!("xtask: {end} ({secs:.1} s)");
+    match (summary_line, outcome) {
+        (Some(line), Some("ok")) => {
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        (Some(line), _) => {
+            println!("{line}");
+            Ok(ExitCode::FAILURE)
+        }
+        (None, _) => {
+            let reason = match result.end {
+                system_tests::EmulatorEnd::TimedOut => format!("timeout after {} s", args.timeout),
+                system_tests::EmulatorEnd::Interrupted => "interrupted".to_string(),
+                system_tests::EmulatorEnd::Exited(Some(code)) => {
+                    format!("emulator exited with status {code} before a summary")
+                }
+                _ => "emulator ended without a summary".to_string(),
+            };
+            eprintln!(
+                "xtask: no summary line; serial log and emulator output in {}",
+                run_dir.display()
+            );
+            println!("{}", no_summary_line(&reason));
+            Ok(ExitCode::from(EXIT_NO_SUMMARY))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_and_errors() {
+        let cli = Cli::try_parse_from(["xtask", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (args.emulator, args.cpus, args.timeout, args.boot),
+            (EmulatorArg::Auto, 2, 120, None)
+        );
+        assert!(Cli::try_parse_from(["xtask", "run", "--emulator", "vbox"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "run", "--cpus", "0"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "bench"]).is_err());
+    }
+
+    #[test]
+    fn the_fallback_summary_is_one_json_line() {
+        let line = no_summary_line("timeout after \"120\" s");
+        assert!(!line.contains('\n'));
+        let parsed = system_tests::parse_summary_line(&line).unwrap();
+        assert_eq!(parsed["failure"]["kind"], "no-summary");
+        assert_eq!(parsed["outcome"], "failed");
+        assert_eq!(parsed["failure"]["reason"], "timeout after \"120\" s");
+        assert!(line.starts_with(r#"{"event":"summary","outcome":"failed","#));
+    }
+}
