@@ -108,7 +108,7 @@ impl<const WORDS: usize> FrameBitmap<WORDS> {
 
     /// Returns the frame at `address` to the pool.
     pub fn free(&mut self, address: u64) -> Result<(), FrameError> {
-        if address % PAGE_SIZE != 0 {
+        if !address.is_multiple_of(PAGE_SIZE) {
             return Err(FrameError::Unaligned(address));
         }
         if address >= Self::COVERED_BYTES {

@@ -94,22 +94,21 @@ pub fn init_this_cpu(index: usize, apic_id: u32) {
         });
         &mut *percpu_ptr
     };
-    let code = percpu.gdt.append(Descriptor::kernel_code_segment());
-    let data = percpu.gdt.append(Descriptor::kernel_data_segment());
+    // Split the block into its parts; each lives as long as the block, i.e. forever.
+    let PerCpu { tss, gdt, idt, .. } = percpu;
+    let tss: &'static TaskStateSegment = tss;
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
     // User segments in SYSRET order (user data, then user code) for the ring-3 domains.
-    percpu.gdt.append(Descriptor::user_data_segment());
-    percpu.gdt.append(Descriptor::user_code_segment());
-    // SAFETY: the TSS lives in the per-CPU block, which is never freed.
-    let tss_ref: &'static TaskStateSegment = unsafe { &*(&raw const percpu.tss) };
-    let tss_selector = percpu.gdt.append(Descriptor::tss_segment(tss_ref));
+    gdt.append(Descriptor::user_data_segment());
+    gdt.append(Descriptor::user_code_segment());
+    let tss_selector = gdt.append(Descriptor::tss_segment(tss));
     assert_eq!(code, KERNEL_CODE, "GDT layout changed");
-
-    // SAFETY: the per-CPU block is never freed, so the GDT and IDT outlive their use.
-    let percpu: &'static PerCpu = percpu;
-    percpu.gdt.load();
+    let gdt: &'static GlobalDescriptorTable<8> = gdt;
+    gdt.load();
     let idt_pointer = DescriptorTablePointer {
         limit: (size_of::<Idt>() - 1) as u16,
-        base: VirtAddr::from_ptr(&percpu.idt),
+        base: VirtAddr::from_ptr(idt),
     };
     // SAFETY: the selectors index the GDT just loaded; the IDT gates point at the trap stubs
     // with valid IST slots; GS base points at a `PerCpu` that lives forever.
@@ -118,6 +117,6 @@ pub fn init_this_cpu(index: usize, apic_id: u32) {
         SS::set_reg(data);
         load_tss(tss_selector);
         lidt(&idt_pointer);
-        GsBase::write(VirtAddr::from_ptr(percpu));
+        GsBase::write(VirtAddr::from_ptr(percpu_ptr));
     }
 }

@@ -140,10 +140,10 @@ fn raise(fault: DeliberateFault) {
 pub fn idle(index: usize) -> ! {
     x86_64::instructions::interrupts::enable();
     loop {
-        if FAULT_CPU.load(Ordering::Acquire) == index + 1 {
-            if let Some(fault) = *FAULT_KIND.lock() {
-                raise(fault);
-            }
+        if FAULT_CPU.load(Ordering::Acquire) == index + 1
+            && let Some(fault) = *FAULT_KIND.lock()
+        {
+            raise(fault);
         }
         x86_64::instructions::hlt();
     }
