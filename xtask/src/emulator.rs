@@ -188,6 +188,35 @@ pub fn prune_run_dirs(keep: usize) {
     }
 }
 
+/// The last few meaningful lines the emulator itself wrote (bochs.log, the emulator's
+/// stderr), to show next to a failed boot: a triple fault, a bad option, a missing file.
+pub fn diagnostics(run_dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, skip) in [
+        ("bochs.log", &[][..]),
+        // bochs' startup chatter and ALSA's complaints about a missing sound card.
+        (
+            "emulator.stderr",
+            &["ALSA lib", "00000000000i[", "Bochs connected to screen"][..],
+        ),
+    ] {
+        let Ok(text) = fs::read_to_string(run_dir.join(name)) else {
+            continue;
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.is_empty() && !skip.iter().any(|s| l.starts_with(s)))
+            .collect();
+        out.extend(
+            lines[lines.len().saturating_sub(5)..]
+                .iter()
+                .map(|l| format!("{name}: {l}")),
+        );
+    }
+    out
+}
+
 /// Removes terminal escape sequences and control characters (GRUB draws its menu with
 /// VT100 sequences on the serial console; lines end in `\r\n`).
 pub fn clean_line(raw: &[u8]) -> String {

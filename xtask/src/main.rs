@@ -309,6 +309,9 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
                 "xtask: no summary line; serial log and emulator output in {}",
                 run_dir.display()
             );
+            for line in emulator::diagnostics(&run_dir) {
+                eprintln!("xtask:   {line}");
+            }
             println!("{}", no_summary_line(&reason));
             Ok(ExitCode::from(EXIT_NO_SUMMARY))
         }

@@ -190,9 +190,12 @@ fn boot_tests(tally: &mut Tally, quick: bool) {
     } else {
         &[Tool::Qemu, Tool::Iso]
     };
-    let packages_ok = fn_step(tally, "system packages (QEMU, GRUB, bochs)", || {
-        host::ensure_tools(tools)
-    });
+    let packages = if bochs {
+        "system packages (QEMU, GRUB, bochs)"
+    } else {
+        "system packages (QEMU, GRUB)"
+    };
+    let packages_ok = fn_step(tally, packages, || host::ensure_tools(tools));
     let mut elf = None;
     if packages_ok && !interrupted() {
         fn_step(tally, "kernel image (debug)", || {
@@ -295,6 +298,11 @@ fn print_case(case: &BootCase, result: &CaseResult) {
     }
     for line in lines {
         let _ = writeln!(out, "    | {line}");
+    }
+    if let Some(dir) = &result.run_dir {
+        for line in emulator::diagnostics(dir) {
+            let _ = writeln!(out, "    {line}");
+        }
     }
     let _ = out.flush();
 }
