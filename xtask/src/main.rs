@@ -24,7 +24,11 @@ use host::{KvmFacts, Tool};
 const EXIT_NO_SUMMARY: u8 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "Build, boot and test the microvisor.")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, boot and test the microvisor."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -179,6 +183,13 @@ fn choose_emulator(arg: EmulatorArg) -> EmulatorKind {
     }
 }
 
+/// Prints `run`'s last stdout line; a closed stdout (`| head`) is not an error here.
+fn print_last_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// The summary line `run` prints when the kernel printed none.
 fn no_summary_line(reason: &str) -> String {
     // Written by hand to keep "event" first (serde_json's map sorts keys).
@@ -193,7 +204,7 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(code) => code,
         Err(reason) => {
             eprintln!("xtask: error: {reason}");
-            println!("{}", no_summary_line(&reason));
+            print_last_line(&no_summary_line(&reason));
             ExitCode::from(EXIT_NO_SUMMARY)
         }
     }
@@ -289,11 +300,11 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
     eprintln!("xtask: {end} ({secs:.1} s)");
     match (summary_line, outcome) {
         (Some(line), Some("ok")) => {
-            println!("{line}");
+            print_last_line(&line);
             Ok(ExitCode::SUCCESS)
         }
         (Some(line), _) => {
-            println!("{line}");
+            print_last_line(&line);
             Ok(ExitCode::FAILURE)
         }
         (None, _) => {
@@ -312,7 +323,7 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
             for line in emulator::diagnostics(&run_dir) {
                 eprintln!("xtask:   {line}");
             }
-            println!("{}", no_summary_line(&reason));
+            print_last_line(&no_summary_line(&reason));
             Ok(ExitCode::from(EXIT_NO_SUMMARY))
         }
     }
