@@ -283,18 +283,9 @@ fn print_case(case: &BootCase, result: &CaseResult) {
         let _ = writeln!(out, "    - {reason}");
     }
     let lines = &result.lines[result.lines.len().saturating_sub(TAIL_LINES)..];
-    match &result.run_dir {
-        Some(dir) => {
-            let _ = writeln!(
-                out,
-                "    last {} serial lines (files in {}):",
-                lines.len(),
-                dir.display()
-            );
-        }
-        None => {
-            let _ = writeln!(out, "    last {} serial lines:", lines.len());
-        }
+    if let Some(dir) = &result.run_dir {
+        let (n, dir) = (lines.len(), dir.display());
+        let _ = writeln!(out, "    last {n} serial lines (files in {dir}):");
     }
     for line in lines {
         let _ = writeln!(out, "    | {line}");
