@@ -49,6 +49,71 @@ pub enum Failure<'a> {
     },
 }
 
+/// One domain as the summary reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct DomainReport<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its generation (1 at boot, +1 per recovery).
+    pub generation: u32,
+    /// Failures detected in it.
+    pub failures: u32,
+}
+
+/// The most recent failure detected in a domain.
+#[derive(Clone, Copy, Debug)]
+pub struct DetectionReport<'a> {
+    /// The failed domain.
+    pub domain: &'a str,
+    /// CPU index it failed on.
+    pub cpu: usize,
+    /// `exception` or `panic`.
+    pub kind: &'a str,
+    /// Exception vector (exceptions only).
+    pub vector: Option<u8>,
+    /// Instruction pointer at the failure.
+    pub rip: u64,
+    /// Who waited on the failed domain: a domain name or `core`.
+    pub caller: &'a str,
+    /// TSC at detection.
+    pub tsc: u64,
+}
+
+impl Display for DetectionReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"domain":{},"cpu":{},"kind":{},"vector":"#,
+            JsonStr(self.domain),
+            self.cpu,
+            JsonStr(self.kind)
+        )?;
+        match self.vector {
+            Some(vector) => write!(f, "{vector}")?,
+            None => f.write_str("null")?,
+        }
+        write!(
+            f,
+            r#","rip":"{:#x}","caller":{},"tsc":{}}}"#,
+            self.rip,
+            JsonStr(self.caller),
+            self.tsc
+        )
+    }
+}
+
+impl Display for DomainReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"name":{},"generation":{},"failures":{}}}"#,
+            JsonStr(self.name),
+            self.generation,
+            self.failures
+        )
+    }
+}
+
 /// Everything the summary line reports.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary<'a> {
@@ -72,6 +137,10 @@ pub struct Summary<'a> {
     pub free_memory_kib: u64,
     /// TSC at the time of the summary.
     pub tsc: u64,
+    /// The domains loaded.
+    pub domains: &'a [DomainReport<'a>],
+    /// The last failure detected in a domain, if any.
+    pub last_detection: Option<DetectionReport<'a>>,
     /// Why the run failed, if it did.
     pub failure: Option<Failure<'a>>,
 }
@@ -176,12 +245,18 @@ impl Display for Summary<'_> {
         }
         write!(
             f,
-            r#"],"timer_ticks":{},"tsc_khz":{},"free_memory_kib":{},"tsc":{},"failure":"#,
+            r#"],"timer_ticks":{},"tsc_khz":{},"free_memory_kib":{},"tsc":{},"domains":{},"last_detection":"#,
             JsonArray(self.timer_ticks),
             self.tsc_khz,
             self.free_memory_kib,
             self.tsc,
+            JsonArray(self.domains),
         )?;
+        match &self.last_detection {
+            Some(detection) => write!(f, "{detection}")?,
+            None => f.write_str("null")?,
+        }
+        f.write_str(r#","failure":"#)?;
         match &self.failure {
             Some(failure) => write!(f, "{failure}}}"),
             None => f.write_str("null}"),
@@ -211,6 +286,20 @@ mod tests {
             tsc_khz: 4000,
             free_memory_kib: 1024,
             tsc: 99,
+            domains: &[DomainReport {
+                name: "probe",
+                generation: 3,
+                failures: 2,
+            }],
+            last_detection: Some(DetectionReport {
+                domain: "probe",
+                cpu: 0,
+                kind: "exception",
+                vector: Some(14),
+                rip: 0x4029b8,
+                caller: "core",
+                tsc: 5,
+            }),
             failure,
         }
     }
@@ -225,6 +314,11 @@ mod tests {
         assert_eq!(value["ran"], serde_json::json!(["boot", "smp"]));
         assert_eq!(value["timer_ticks"], serde_json::json!([5, 7]));
         assert!(value["failure"].is_null());
+        assert_eq!(value["domains"][0]["name"], "probe");
+        assert_eq!(value["domains"][0]["generation"], 3);
+        assert_eq!(value["last_detection"]["vector"], 14);
+        assert_eq!(value["last_detection"]["caller"], "core");
+        assert_eq!(value["last_detection"]["rip"], "0x4029b8");
     }
 
     #[test]
@@ -271,8 +365,12 @@ mod tests {
         }));
         summary.ran = &[];
         summary.timer_ticks = &[];
+        summary.domains = &[];
+        summary.last_detection = None;
         let value: Value = serde_json::from_str(&summary.to_string()).unwrap();
         assert_eq!(value["ran"], serde_json::json!([]));
         assert_eq!(value["failure"]["stage"], "smp");
+        assert_eq!(value["domains"], serde_json::json!([]));
+        assert!(value["last_detection"].is_null());
     }
 }

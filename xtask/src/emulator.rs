@@ -106,12 +106,18 @@ pub fn qemu_args(kvm: bool, image: &Image, cpus: u32, serial: &Path) -> Vec<Stri
     }
     args.extend(["-smp".into(), cpus.to_string(), "-m".into(), "256M".into()]);
     match image {
-        Image::Elf { path, cmdline } => args.extend([
-            "-kernel".into(),
-            path.display().to_string(),
-            "-append".into(),
-            cmdline.clone(),
-        ]),
+        Image::Elf { path, cmdline } => {
+            args.extend([
+                "-kernel".into(),
+                path.display().to_string(),
+                "-append".into(),
+                cmdline.clone(),
+            ]);
+            let bundle = crate::image::bundle_for(path);
+            if bundle.is_file() {
+                args.extend(["-initrd".into(), bundle.display().to_string()]);
+            }
+        }
         Image::Iso(iso) => args.extend([
             "-cdrom".into(),
             iso.display().to_string(),

@@ -3,8 +3,13 @@
 use serde_json::Value;
 use std::path::PathBuf;
 
-/// The one package allowed `unsafe` (its crate roots are exempt).
-const KERNEL_PACKAGE: &str = "microvisor";
+/// The core family: the only packages allowed `unsafe` (their crate roots are exempt). The
+/// core itself, the runtime its domains link, and the memory functions both need.
+const CORE_FAMILY: &[&str] = &[
+    "microvisor",
+    "microvisor-runtime",
+    "microvisor-freestanding",
+];
 
 /// Target kinds whose `src_path` is a crate root (tests, benches, examples and build
 /// scripts are not checked).
@@ -36,7 +41,7 @@ pub fn crate_roots(metadata: &Value) -> Vec<(String, PathBuf)> {
     let mut roots = Vec::new();
     for package in metadata["packages"].as_array().into_iter().flatten() {
         let name = package["name"].as_str().unwrap_or_default();
-        if name == KERNEL_PACKAGE {
+        if CORE_FAMILY.contains(&name) {
             continue;
         }
         for target in package["targets"].as_array().into_iter().flatten() {

@@ -18,6 +18,30 @@ pub const KERNEL_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The kernel's own target directory (relative to the workspace root).
 pub const KERNEL_TARGET_DIR: &str = "target/kernel";
 
+/// Rust flags for domain images: freestanding, static, linked at the domain image base by the
+/// runtime's linker script (ring 3 keeps the red zone: interrupts switch stacks).
+pub const DOMAIN_RUSTFLAGS: &str = "-C linker=rust-lld -C linker-flavor=ld.lld \
+    -C relocation-model=static -C link-arg=--no-pie -C link-arg=-static \
+    -C link-arg=-nostdlib -C link-arg=--build-id=none -C link-arg=-zmax-page-size=0x1000";
+
+/// The domain images' own target directory (relative to the workspace root).
+pub const DOMAIN_TARGET_DIR: &str = "target/domains";
+
+/// A domain image in the boot bundle: its name in the bundle, and the package whose
+/// `domain` feature builds it (the binary has the package's name).
+pub struct DomainImage {
+    /// Name the core knows it by (`NAME.elf` in the bundle).
+    pub name: &'static str,
+    /// Cargo package (and binary) name.
+    pub package: &'static str,
+}
+
+/// The domains the core loads, in load order.
+pub const DOMAINS: &[DomainImage] = &[DomainImage {
+    name: "probe",
+    package: "probe-domain",
+}];
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,10 +90,13 @@ pub fn kernel_elf(release: bool) -> PathBuf {
         .join("microvisor")
 }
 
-/// Builds the kernel image; returns the ELF path. With `capture`, cargo's output is kept
-/// and returned in the error; otherwise it goes to our stderr.
-pub fn build_kernel(release: bool, capture: bool) -> Result<PathBuf, String> {
-    let mut cmd = kernel_cargo("build", release);
+/// The bundle of domain images that boots with the kernel `elf` (next to it).
+pub fn bundle_for(elf: &Path) -> PathBuf {
+    elf.with_file_name("microvisor-domains.tar")
+}
+
+/// Runs `cmd`, capturing its output into the error when `capture` is set.
+fn run_cargo(mut cmd: Command, what: &str, capture: bool) -> Result<(), String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
@@ -77,14 +104,80 @@ pub fn build_kernel(release: bool, capture: bool) -> Result<PathBuf, String> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     let output = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !output.status.success() {
-        let mut message = format!("kernel build failed ({})", output.status);
-        if capture {
-            message.push_str(":\n");
-            message.push_str(&String::from_utf8_lossy(&output.stderr));
-        }
-        return Err(message);
+    if output.status.success() {
+        return Ok(());
     }
+    let mut message = format!("{what} build failed ({})", output.status);
+    if capture {
+        message.push_str(":\n");
+        message.push_str(&String::from_utf8_lossy(&output.stderr));
+    }
+    Err(message)
+}
+
+/// Builds every domain image and packs them into the bundle for the kernel `elf`: a ustar
+/// archive of `NAME.elf` files, one boot module for GRUB (`module2`) and QEMU (`-initrd`).
+fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let script = root.join("microvisor/runtime/domain.ld");
+    let profile = if release { "release" } else { "debug" };
+    let bundle = bundle_for(elf);
+    if let Some(dir) = bundle.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let file = fs::File::create(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let mut archive = tar::Builder::new(file);
+    for domain in DOMAINS {
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--package",
+            domain.package,
+            "--bin",
+            domain.package,
+            "--features",
+            "domain",
+        ])
+        .args(["--target", KERNEL_TARGET, "--target-dir", DOMAIN_TARGET_DIR]);
+        if release {
+            cmd.arg("--release");
+        }
+        cmd.env(
+            "RUSTFLAGS",
+            format!("{DOMAIN_RUSTFLAGS} -C link-arg=-T{}", script.display()),
+        )
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        run_cargo(cmd, &format!("domain {}", domain.name), capture)?;
+        let image_path = root
+            .join(DOMAIN_TARGET_DIR)
+            .join(KERNEL_TARGET)
+            .join(profile)
+            .join(domain.package);
+        let image = fs::read(&image_path).map_err(|e| format!("{}: {e}", image_path.display()))?;
+        let mut header = tar::Header::new_ustar();
+        header.set_size(image.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive
+            .append_data(
+                &mut header,
+                format!("{}.elf", domain.name),
+                image.as_slice(),
+            )
+            .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    }
+    archive
+        .finish()
+        .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    Ok(bundle)
+}
+
+/// Builds the kernel image and its domain bundle; returns the ELF path (the bundle is at
+/// [`bundle_for`] it). With `capture`, cargo's output is kept and returned in the error;
+/// otherwise it goes to our stderr.
+pub fn build_kernel(release: bool, capture: bool) -> Result<PathBuf, String> {
+    build_domain_bundle(&kernel_elf(release), release, capture)?;
+    run_cargo(kernel_cargo("build", release), "kernel", capture)?;
     let elf = kernel_elf(release);
     if !elf.is_file() {
         return Err(format!(
@@ -116,9 +209,13 @@ pub fn validate_cmdline(cmdline: &str) -> Result<(), String> {
     }
 }
 
-/// The `grub.cfg` of the boot ISO.
-pub fn grub_cfg(cmdline: &str) -> String {
-    let entry = format!("multiboot2 /boot/microvisor {cmdline}");
+/// The `grub.cfg` of the boot ISO; with `bundle`, the domain bundle is loaded as a module.
+pub fn grub_cfg(cmdline: &str, bundle: bool) -> String {
+    let mut entry = format!("multiboot2 /boot/microvisor {cmdline}");
+    entry = entry.trim_end().to_string();
+    if bundle {
+        entry.push_str("\n    module2 /boot/domains.tar domains");
+    }
     format!(
         "set timeout=0\n\
          set default=0\n\
@@ -139,7 +236,14 @@ pub fn build_iso(elf: &Path, cmdline: &str, iso: &Path) -> Result<(), String> {
     fs::create_dir_all(&grub_dir).map_err(|e| format!("{}: {e}", grub_dir.display()))?;
     fs::copy(elf, staging.join("boot/microvisor"))
         .map_err(|e| format!("copying {}: {e}", elf.display()))?;
-    fs::write(grub_dir.join("grub.cfg"), grub_cfg(cmdline)).map_err(|e| e.to_string())?;
+    let bundle = bundle_for(elf);
+    let has_bundle = bundle.is_file();
+    if has_bundle {
+        fs::copy(&bundle, staging.join("boot/domains.tar"))
+            .map_err(|e| format!("copying {}: {e}", bundle.display()))?;
+    }
+    fs::write(grub_dir.join("grub.cfg"), grub_cfg(cmdline, has_bundle))
+        .map_err(|e| e.to_string())?;
     let output = Command::new("grub-mkrescue")
         .arg("--output")
         .arg(iso)
@@ -167,7 +271,7 @@ mod tests {
 
     #[test]
     fn grub_cfg_boots_multiboot2_on_the_serial_console() {
-        let cfg = grub_cfg("fault=gp@1");
+        let cfg = grub_cfg("fault=gp@1", false);
         for line in [
             "set timeout=0",
             "set default=0",
@@ -182,7 +286,8 @@ mod tests {
                 "{line:?} missing from\n{cfg}"
             );
         }
-        assert!(grub_cfg("").contains("    multiboot2 /boot/microvisor\n"));
+        assert!(grub_cfg("", false).contains("    multiboot2 /boot/microvisor\n"));
+        assert!(grub_cfg("", true).contains("    module2 /boot/domains.tar domains\n"));
     }
 
     #[test]

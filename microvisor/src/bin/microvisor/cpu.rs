@@ -74,11 +74,17 @@ pub fn init_this_cpu(index: usize, apic_id: u32) {
             0..32 => 2,
             _ => 1,
         };
+        // Only the system-call gate may be raised from ring 3 with `int`.
+        let dpl = if vector == usize::from(microvisor_abi::SYSCALL_VECTOR) {
+            3
+        } else {
+            0
+        };
         GateDescriptor::interrupt_gate(
             crate::trap::stub_address(vector as u8),
             KERNEL_CODE.0,
             ist,
-            0,
+            dpl,
         )
     }));
 

@@ -14,7 +14,8 @@ mod boot;
 mod bootinfo;
 mod console;
 mod cpu;
-mod freestanding;
+mod domain;
+mod domains;
 mod madt;
 mod paging;
 mod run;
@@ -28,6 +29,8 @@ use microvisor::memmap::{self, PhysRange};
 use microvisor::summary::Failure;
 
 use crate::console::Console;
+// The memory functions `core` needs; linked for their symbols.
+use microvisor_freestanding as _;
 
 unsafe extern "C" {
     static __image_phys_start: u8;
@@ -170,6 +173,8 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
     run::stage("timer-all-cpus");
 
+    domains::bring_up(&boot);
+
     if let Some(request) = options.fault {
         run::request_fault(request);
         // An application processor raises it from its idle loop; wait for the report.
@@ -219,7 +224,7 @@ impl Write for MessageBuffer {
 }
 
 /// Ends the run as failed at `stage`.
-fn fail(stage: &'static str, reason: core::fmt::Arguments<'_>) -> ! {
+pub fn fail(stage: &'static str, reason: core::fmt::Arguments<'_>) -> ! {
     let mut message = MessageBuffer::new();
     let _ = message.write_fmt(reason);
     log::error!("{stage}: {}", message.as_str());
@@ -228,6 +233,11 @@ fn fail(stage: &'static str, reason: core::fmt::Arguments<'_>) -> ! {
         reason: message.as_str(),
     }))
 }
+
+/// Never called: the kernel is built with `panic = "abort"`, but the precompiled `core`
+/// still references the symbol.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {

@@ -62,7 +62,7 @@ pub fn phys_to_virt(phys: u64) -> VirtAddr {
 }
 
 /// The frame source handed to the `x86_64` mapper.
-struct Frames;
+pub struct Frames;
 
 // SAFETY: every frame returned comes from the bitmap, which hands out each frame once.
 unsafe impl FrameAllocator<Size4KiB> for Frames {
@@ -203,6 +203,23 @@ pub fn init(highest_usable: u64) {
         );
     }
     PHYS_BASE.store(PHYS_OFFSET, Ordering::Release);
+}
+
+/// Copies the core's upper-half PML4 entries (direct map, stacks, kernel image) into the
+/// address space `pml4`, without the user bit: a domain's tables map the core, but ring 3
+/// cannot touch it. The core creates every upper-half PML4 entry it will ever use before the
+/// first domain is loaded, so sharing the entries shares all later mappings too.
+pub fn share_kernel_half(pml4: u64) {
+    let _guard = MAPPER_LOCK.lock();
+    let kernel = phys_to_virt(PML4_PHYS.load(Ordering::Acquire)).as_ptr::<PageTable>();
+    let target = phys_to_virt(pml4).as_mut_ptr::<PageTable>();
+    // SAFETY: both are live top-level tables; the target is a fresh domain table nobody else
+    // uses yet; we hold the mapper lock.
+    unsafe {
+        for index in 256..512 {
+            (&mut *target)[index] = (&*kernel)[index].clone();
+        }
+    }
 }
 
 /// Physical address of the core's top-level page table (for APs to load).

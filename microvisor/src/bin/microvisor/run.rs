@@ -4,7 +4,7 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use microvisor::cmdline::{DeliberateFault, FaultRequest};
-use microvisor::summary::{Failure, Outcome, Summary};
+use microvisor::summary::{DomainReport, Failure, Outcome, Summary};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -60,6 +60,11 @@ pub fn register_cpu(apic_id: u32) -> usize {
     let index = CPUS_REGISTERED.fetch_add(1, Ordering::AcqRel);
     APIC_IDS[index].store(apic_id, Ordering::Relaxed);
     index
+}
+
+/// How many CPUs have an index.
+pub fn cpus_registered() -> usize {
+    CPUS_REGISTERED.load(Ordering::Acquire)
 }
 
 /// Marks CPU `index` online.
@@ -176,6 +181,12 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         None => ([""; MAX_STAGES], 0),
     };
     let protocol = PROTOCOL.try_lock().map_or("unknown", |name| *name);
+    let mut domains = [DomainReport {
+        name: "",
+        generation: 0,
+        failures: 0,
+    }; crate::domain::MAX_DOMAINS];
+    let domain_count = crate::domain::reports(&mut domains);
     let summary = Summary {
         outcome: if failure.is_some() {
             Outcome::Failed
@@ -191,6 +202,8 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         tsc_khz: apic::tsc_khz(),
         free_memory_kib: crate::paging::free_frames() as u64 * 4,
         tsc: apic::tsc(),
+        domains: &domains[..domain_count],
+        last_detection: crate::domain::detection_report(),
         failure,
     };
     let mut console = Console::lock_for_fatal();

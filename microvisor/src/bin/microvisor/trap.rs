@@ -21,33 +21,46 @@ pub const HALT_VECTOR: u8 = 0xfe;
 /// Vector the local APIC uses for spurious interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
-/// Registers saved on entry, in stack order (lowest address first).
+/// Registers saved on entry, in stack order (lowest address first). Writing to it changes
+/// what the CPU resumes: that is how the core switches between domain threads.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct TrapFrame {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    rbp: u64,
-    rdi: u64,
-    rsi: u64,
-    rdx: u64,
-    rcx: u64,
-    rbx: u64,
-    rax: u64,
-    vector: u64,
-    error_code: u64,
-    rip: u64,
-    cs: u64,
-    rflags: u64,
-    rsp: u64,
-    ss: u64,
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
 }
+
+impl TrapFrame {
+    /// Whether the interrupted code ran in ring 3 (a domain).
+    pub fn in_user_mode(&self) -> bool {
+        self.cs & 3 == 3
+    }
+}
+
+/// The FPU/SSE state saved on entry (FXSAVE image), restored on exit.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct FxArea(pub [u8; 512]);
 
 core::arch::global_asm!(
     r#"
@@ -69,6 +82,11 @@ trap_stubs:
     .endr
 
 trap_common:
+    /* From ring 3: switch to the core's GS base (the per-CPU block). */
+    testb $3, 24(%rsp)
+    jz 1f
+    swapgs
+1:
     pushq %rax
     pushq %rbx
     pushq %rcx
@@ -88,6 +106,7 @@ trap_common:
     /* The IST stack was 16-byte aligned; 22 quadwords later it still is. */
     subq $512, %rsp
     fxsave64 (%rsp)
+    movq %rsp, %rsi
     cld
     call {dispatch}
     fxrstor64 (%rsp)
@@ -108,6 +127,11 @@ trap_common:
     popq %rbx
     popq %rax
     addq $16, %rsp
+    /* Back to ring 3 (the dispatcher may have switched contexts): the user GS base again. */
+    testb $3, 8(%rsp)
+    jz 2f
+    swapgs
+2:
     iretq
 "#,
     dispatch = sym trap_dispatch,
@@ -124,10 +148,13 @@ pub fn stub_address(vector: u8) -> u64 {
     base + 16 * u64::from(vector)
 }
 
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     let vector = frame.vector as u8;
     match vector {
+        // An exception in a domain is that domain's failure, not the core's.
+        0..32 if frame.in_user_mode() => crate::domain::fault(frame, fx),
         0..32 => fatal_exception(frame),
+        microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
         TIMER_VECTOR => {
             run::count_timer_tick();
             apic::end_of_interrupt();

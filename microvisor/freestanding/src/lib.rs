@@ -1,8 +1,11 @@
-//! The symbols a freestanding binary must supply itself: `memcpy`, `memmove`, `memset`,
-//! `memcmp`, `bcmp` (the precompiled `core` calls them) and `rust_eh_personality`.
+//! The memory functions every freestanding binary of the system must supply itself:
+//! `memcpy`, `memmove`, `memset`, `memcmp` and `bcmp` (the precompiled `core` calls them).
 //!
-//! Copies use `rep movsb`/`rep stosb` in inline assembly so the compiler cannot turn them back
-//! into calls to themselves.
+//! Linked into the core and into every domain image. Copies use `rep movsb`/`rep stosb` in
+//! inline assembly so the compiler cannot turn them back into calls to themselves. Host builds
+//! never link this crate (it is only a dependency of the kernel and of domain binaries), so it
+//! never shadows the C library's functions in host tests.
+#![no_std]
 
 use core::arch::asm;
 
@@ -73,8 +76,3 @@ pub unsafe extern "C" fn bcmp(left: *const u8, right: *const u8, len: usize) -> 
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(left, right, len) }
 }
-
-/// Never called: the kernel is built with `panic = "abort"`, but the precompiled `core`
-/// still references the symbol.
-#[unsafe(no_mangle)]
-pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,129 @@
+//! The system-call ABI between the core and its ring-3 domains: call numbers, status codes
+//! and the fixed layout of every domain's address space.
+//!
+//! A domain enters the core with `int 0x80`: the call number in RAX, arguments in RDI, RSI,
+//! RDX; results come back in RAX (a [`Status`]), RDX and R8. Message payloads never travel
+//! through registers or user pointers: each domain thread owns one message buffer page at a
+//! fixed address ([`message_buffer`]), and the core copies between buffers through its direct
+//! map, so it never dereferences an address a domain chose.
+#![no_std]
+#![forbid(unsafe_code)]
+
+/// Interrupt vector of the system-call gate (DPL 3).
+pub const SYSCALL_VECTOR: u8 = 0x80;
+
+/// System-call numbers (RAX). Never renumber: append only.
+pub mod call {
+    /// Reply to the request being served (RDI = reply length, or [`NO_REPLY`](super::NO_REPLY)
+    /// on a thread's first entry) and wait for the next one. Returns RAX = [`Status::Ok`](super::Status::Ok),
+    /// RDX = request length, R8 = the caller's domain index.
+    pub const REPLY_WAIT: u64 = 0;
+    /// Call domain RDI (index) expecting generation RSI, with RDX request bytes in this
+    /// thread's buffer. Returns RAX = status, RDX = reply length, R8 = the callee's current
+    /// generation.
+    pub const CALL: u64 = 1;
+    /// Write RDI bytes of this thread's buffer to the console, as one line.
+    pub const LOG: u64 = 2;
+    /// Report a panic: RDI bytes of this thread's buffer hold the message. Never returns.
+    pub const PANIC: u64 = 3;
+}
+
+/// `REPLY_WAIT` argument on a thread's first entry: there is nothing to reply to.
+pub const NO_REPLY: u64 = u64::MAX;
+
+/// Result of a system call (RAX). Never renumber: append only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Status {
+    /// Done.
+    Ok = 0,
+    /// The callee restarted since the caller last knew it (the generation moved). Retry an
+    /// idempotent request; surface the rest. R8 holds the new generation.
+    PeerRestarted = 1,
+    /// The callee failed and is not (yet) recovered. Caller's choice: wait, or give up.
+    PeerFailed = 2,
+    /// The manifest does not let the caller call that domain. The caller's fault.
+    NoCapability = 3,
+    /// A length or argument out of range. The caller's fault.
+    BadArgument = 4,
+    /// The callee's thread on this CPU is already inside a call (a cycle). Caller's fault.
+    Busy = 5,
+    /// No such domain, or no such system call. The caller's fault.
+    NoSuchTarget = 6,
+}
+
+impl Status {
+    /// Decodes RAX; unknown values are `None`.
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Ok,
+            1 => Self::PeerRestarted,
+            2 => Self::PeerFailed,
+            3 => Self::NoCapability,
+            4 => Self::BadArgument,
+            5 => Self::Busy,
+            6 => Self::NoSuchTarget,
+            _ => return None,
+        })
+    }
+}
+
+/// Bytes of a message buffer: the largest request or reply.
+pub const MESSAGE_BYTES: usize = 4096;
+
+/// Most CPUs a domain has threads for.
+pub const MAX_DOMAIN_CPUS: usize = 8;
+
+/// Where every domain's image is linked.
+pub const IMAGE_BASE: u64 = 0x0040_0000;
+/// Domain heap.
+pub const HEAP_BASE: u64 = 0x1000_0000;
+/// The state region: kept across a microreset and a microreboot.
+pub const STATE_BASE: u64 = 0x2000_0000;
+/// The lock table: every spin lock of the domain lives here, so recovery can release all.
+pub const LOCK_TABLE_BASE: u64 = 0x2fff_0000;
+/// Spin locks in the lock table (one `u64` word each, one page).
+pub const LOCK_TABLE_WORDS: usize = 512;
+/// First message buffer; thread `cpu` uses [`message_buffer`]`(cpu)`.
+const MESSAGE_BASE: u64 = 0x3000_0000;
+/// First stack; thread `cpu`'s stack ends at [`stack_top`]`(cpu)`.
+const STACKS_BASE: u64 = 0x4000_0000;
+/// Bytes of each thread's stack.
+pub const STACK_BYTES: u64 = 64 * 1024;
+
+/// Address of CPU `cpu`'s thread message buffer.
+pub const fn message_buffer(cpu: usize) -> u64 {
+    MESSAGE_BASE + cpu as u64 * 2 * MESSAGE_BYTES as u64
+}
+
+/// Lowest address of CPU `cpu`'s thread stack (a guard page lies below it).
+pub const fn stack_bottom(cpu: usize) -> u64 {
+    STACKS_BASE + cpu as u64 * (STACK_BYTES + 4096) + 4096
+}
+
+/// Initial stack pointer of CPU `cpu`'s thread.
+pub const fn stack_top(cpu: usize) -> u64 {
+    stack_bottom(cpu) + STACK_BYTES
+}
+
+// The fixed regions must not overlap, and stacks must have guard pages between them: checked
+// when the crate compiles, so a layout change that breaks isolation does not build.
+const _: () = {
+    assert!(IMAGE_BASE < HEAP_BASE && HEAP_BASE < STATE_BASE && STATE_BASE < LOCK_TABLE_BASE);
+    assert!(LOCK_TABLE_BASE + 8 * LOCK_TABLE_WORDS as u64 <= MESSAGE_BASE);
+    assert!(message_buffer(MAX_DOMAIN_CPUS - 1) + MESSAGE_BYTES as u64 <= STACKS_BASE);
+    assert!(stack_bottom(1) - stack_top(0) == 4096);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_rejects_unknown() {
+        for raw in 0..7 {
+            assert_eq!(Status::from_raw(raw).map(|status| status as u64), Some(raw));
+        }
+        assert_eq!(Status::from_raw(7), None);
+    }
+}

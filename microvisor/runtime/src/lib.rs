@@ -1,0 +1,211 @@
+//! The domain runtime: entry point, system-call stubs, message buffers and panic reporting
+//! for the ring-3 service domains.
+//!
+//! A domain binary is one line: `microvisor_runtime::domain_entry!(MyService);` where
+//! `MyService` implements [`Service`]. Its threads (one per CPU) then run
+//! [`run`]: serve the request the core delivered, reply, wait for the next — forever. The
+//! core enters a fresh thread at `_start` with RDI = its CPU, RSI = the length of the request
+//! already in its buffer, RDX = the caller's domain index; re-entering after a microreset is
+//! exactly the same (restart uses the boot path).
+//!
+//! This crate and the core are the only places allowed `unsafe`; the component crates that
+//! use it stay `#![forbid(unsafe_code)]`.
+#![no_std]
+
+use core::arch::asm;
+use core::fmt::{self, Write};
+use microvisor_abi::{self as abi, Status, call};
+
+pub use microvisor_abi::MESSAGE_BYTES;
+// The memory functions `core` needs; linked for their symbols.
+use microvisor_freestanding as _;
+
+/// A request handler: the whole of a service, as the runtime sees it.
+pub trait Service {
+    /// Serves one request from domain `caller`: reads `request`, writes the reply into
+    /// `reply` and returns its length.
+    fn serve(context: &mut Context, caller: u16, request: &[u8], reply: &mut [u8]) -> usize;
+}
+
+/// What a thread knows about itself, and its way to the core.
+pub struct Context {
+    cpu: usize,
+}
+
+/// A failed call to another domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallFailed {
+    /// Why.
+    pub status: Status,
+    /// The callee's generation now (meaningful with `PeerRestarted`).
+    pub generation: u32,
+}
+
+impl Context {
+    /// The CPU this thread serves.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+
+    fn buffer(&mut self) -> &mut [u8; MESSAGE_BYTES] {
+        // SAFETY: the core maps this thread's message buffer at this address in the domain, one
+        // page per CPU, and only this thread (the one serving `cpu`) uses it; `&mut self`
+        // guarantees no other reference from this thread is alive.
+        unsafe { &mut *(abi::message_buffer(self.cpu) as *mut [u8; MESSAGE_BYTES]) }
+    }
+
+    /// Calls domain `target` (expecting `generation`) with `request`; the reply is written to
+    /// `reply`. Returns the reply length.
+    pub fn call(
+        &mut self,
+        target: u16,
+        generation: u32,
+        request: &[u8],
+        reply: &mut [u8],
+    ) -> Result<usize, CallFailed> {
+        let length = request.len().min(MESSAGE_BYTES);
+        self.buffer()[..length].copy_from_slice(&request[..length]);
+        let (status, reply_length, new_generation) = syscall3(
+            call::CALL,
+            u64::from(target),
+            u64::from(generation),
+            length as u64,
+        );
+        let status = Status::from_raw(status).unwrap_or(Status::BadArgument);
+        if status != Status::Ok {
+            return Err(CallFailed {
+                status,
+                generation: new_generation as u32,
+            });
+        }
+        let reply_length = (reply_length as usize).min(MESSAGE_BYTES).min(reply.len());
+        reply[..reply_length].copy_from_slice(&self.buffer()[..reply_length]);
+        Ok(reply_length)
+    }
+
+    /// Writes one line to the console.
+    pub fn log(&mut self, args: fmt::Arguments<'_>) {
+        let mut writer = BufferWriter {
+            buffer: self.buffer(),
+            length: 0,
+        };
+        let _ = writer.write_fmt(args);
+        let length = writer.length;
+        syscall3(call::LOG, length as u64, 0, 0);
+    }
+}
+
+struct BufferWriter<'a> {
+    buffer: &'a mut [u8; MESSAGE_BYTES],
+    length: usize,
+}
+
+impl Write for BufferWriter<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let take = text.len().min(MESSAGE_BYTES - self.length);
+        self.buffer[self.length..self.length + take].copy_from_slice(&text.as_bytes()[..take]);
+        self.length += take;
+        Ok(())
+    }
+}
+
+/// A system call with three arguments; returns RAX, RDX, R8.
+fn syscall3(number: u64, first: u64, second: u64, third: u64) -> (u64, u64, u64) {
+    let (rax, rdx, r8);
+    // SAFETY: `int 0x80` enters the core's system-call gate; the core preserves every register
+    // but RAX, RDX and R8 (declared as outputs) and touches no memory of this domain except the
+    // thread's message buffer, which Rust code only reaches through `Context::buffer`.
+    unsafe {
+        asm!("int 0x80", inout("rax") number => rax, in("rdi") first, in("rsi") second,
+             inout("rdx") third => rdx, out("r8") r8, options(nostack));
+    }
+    (rax, rdx, r8)
+}
+
+/// A thread's life: serve the first request, then reply-and-wait forever.
+pub fn run<S: Service>(cpu: u64, request_length: u64, caller: u64) -> ! {
+    let mut context = Context { cpu: cpu as usize };
+    let mut length = request_length as usize;
+    let mut caller = caller as u16;
+    let mut reply = [0u8; MESSAGE_BYTES];
+    loop {
+        let request_length = length.min(MESSAGE_BYTES);
+        let mut request = [0u8; MESSAGE_BYTES];
+        request[..request_length].copy_from_slice(&context.buffer()[..request_length]);
+        let reply_length = S::serve(&mut context, caller, &request[..request_length], &mut reply)
+            .min(MESSAGE_BYTES);
+        context.buffer()[..reply_length].copy_from_slice(&reply[..reply_length]);
+        let (_, next_length, next_caller) = syscall3(call::REPLY_WAIT, reply_length as u64, 0, 0);
+        length = next_length as usize;
+        caller = next_caller as u16;
+    }
+}
+
+/// Reports a panic to the core, which suspends the domain and starts recovery.
+pub fn report_panic(cpu: u64, info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut context = Context { cpu: cpu as usize };
+    let mut writer = BufferWriter {
+        buffer: context.buffer(),
+        length: 0,
+    };
+    let _ = write!(writer, "{}", info.message());
+    if let Some(location) = info.location() {
+        let _ = write!(writer, " at {}:{}", location.file(), location.line());
+    }
+    let length = writer.length;
+    loop {
+        syscall3(call::PANIC, length as u64, 0, 0);
+    }
+}
+
+/// Which CPU's thread is running: read from the stack pointer, since every thread's stack
+/// lies at a fixed place ([`microvisor_abi::stack_bottom`]).
+pub fn current_cpu() -> u64 {
+    let rsp: u64;
+    // SAFETY: reads RSP; no memory access.
+    unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    (0..abi::MAX_DOMAIN_CPUS as u64)
+        .find(|&cpu| {
+            (abi::stack_bottom(cpu as usize)..=abi::stack_top(cpu as usize)).contains(&rsp)
+        })
+        .unwrap_or(0)
+}
+
+/// Declares a domain binary: its entry point and panic handler, serving with `$service`.
+#[macro_export]
+macro_rules! domain_entry {
+    ($service:ty) => {
+        /// Entry point of every thread of this domain (see `microvisor_runtime`).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn _start(cpu: u64, request_length: u64, caller: u64) -> ! {
+            $crate::run::<$service>(cpu, request_length, caller)
+        }
+
+        #[panic_handler]
+        fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+            $crate::report_panic($crate::current_cpu(), info)
+        }
+
+        /// Never called (`panic = "abort"`), but the precompiled `core` references it.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn rust_eh_personality() {}
+    };
+}
+
+/// Deliberate misbehaviour, for the isolation and fault tests only (the probe domain). Each
+/// of these is a bug the core must catch as the calling domain's fault.
+pub mod probe {
+    /// Writes `value` at `address` in this domain's address space.
+    pub fn write_u64(address: u64, value: u64) {
+        // SAFETY: not sound by design: the probe domain uses it to show that a write outside
+        // the domain's own regions faults in the domain and is recovered, never corrupting
+        // the core or another domain.
+        unsafe { core::ptr::write_volatile(address as *mut u64, value) };
+    }
+
+    /// Jumps to `address` (a fail-stop when it is 0).
+    pub fn jump_to(address: u64) -> ! {
+        // SAFETY: not sound by design, as above: the core must catch the resulting fault.
+        unsafe { core::arch::asm!("jmp {}", in(reg) address, options(noreturn)) }
+    }
+}

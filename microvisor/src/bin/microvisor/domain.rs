@@ -1,0 +1,745 @@
+//! Domains: isolated ring-3 address spaces with one thread per CPU, loaded from ELF images in
+//! the boot bundle, and the synchronous call/reply transport between them.
+//!
+//! ## Threads and calls
+//! A domain has one thread per CPU. A call runs on the calling CPU: the core saves the
+//! caller's registers and FPU state, copies the request from the caller's message buffer into
+//! the callee's (through the direct map: the core never dereferences an address a domain
+//! chose), and resumes the callee's thread for this CPU, all by rewriting the trap frame the
+//! system call came in on. The reply travels back the same way. Each CPU keeps a chain of the
+//! threads currently inside a call, with the core itself at the bottom when it is the caller
+//! (its synthetic clients call in with a ring-0 `int 0x80`).
+//!
+//! ## Faults
+//! An exception in ring 3 is the running domain's failure. The core records a detection
+//! (domain, CPU, kind, RIP, in-flight caller, TSC), abandons the domain's threads, releases
+//! every lock in its lock table, bumps its generation, and answers the abandoned caller with
+//! `PeerRestarted` so the caller's client library can retry an idempotent request. (This is
+//! the microreset mechanism; choosing between microreset and microreboot is the recovery
+//! manager's policy, which arrives with its domain.) The domain's memory, state region
+//! included, is untouched: a microreset keeps state in place.
+
+use core::fmt::Write;
+use elf::ElfBytes;
+use elf::abi::{PF_W, PF_X, PT_LOAD};
+use elf::endian::LittleEndian;
+use microvisor_abi::{self as abi, Status, call};
+use spin::Mutex;
+use x86_64::structures::paging::{
+    Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+use crate::console::Console;
+use crate::trap::{FxArea, TrapFrame};
+use crate::{apic, paging};
+
+/// Most domains.
+pub const MAX_DOMAINS: usize = 8;
+/// Deepest chain of nested calls on one CPU.
+const MAX_CHAIN: usize = 8;
+/// Pages of each domain's state region.
+const STATE_PAGES: u64 = 16;
+/// Kernel-only system call: the core calls a domain (RDI = target, RDX = request length).
+const CORE_CALL: u64 = 0x100;
+/// Selectors of the user segments (GDT slots 3 and 4, RPL 3).
+const USER_DATA: u64 = 0x1b;
+const USER_CODE: u64 = 0x23;
+
+/// A thread's saved registers and FPU state.
+#[derive(Clone, Copy)]
+struct Context {
+    frame: TrapFrame,
+    fx: FxArea,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ThreadState {
+    /// Never ran since the domain was (re)started: enter at the ELF entry point.
+    Fresh,
+    /// Parked in `REPLY_WAIT`.
+    Waiting,
+    /// Serving a request (it is in a CPU's chain).
+    Busy,
+}
+
+#[derive(Clone, Copy)]
+struct Thread {
+    state: ThreadState,
+    context: Context,
+    /// Physical address of this thread's message buffer page.
+    buffer: u64,
+}
+
+/// Why loading a domain failed.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The ELF image does not parse.
+    Elf(elf::ParseError),
+    /// A segment lies outside the image window or overlaps the fixed regions.
+    BadSegment {
+        /// Its virtual address.
+        vaddr: u64,
+        /// Its size in memory.
+        size: u64,
+    },
+    /// The entry point is not inside an executable segment.
+    BadEntry(u64),
+    /// Out of physical memory.
+    OutOfMemory,
+    /// Already [`MAX_DOMAINS`] domains.
+    TooManyDomains,
+}
+
+impl core::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Elf(error) => write!(f, "not a valid ELF image: {error}"),
+            Self::BadSegment { vaddr, size } => {
+                write!(
+                    f,
+                    "segment at {vaddr:#x} ({size:#x} bytes) lies outside the image window"
+                )
+            }
+            Self::BadEntry(entry) => {
+                write!(f, "entry point {entry:#x} is not in an executable segment")
+            }
+            Self::OutOfMemory => f.write_str("out of physical memory"),
+            Self::TooManyDomains => write!(f, "more than {MAX_DOMAINS} domains"),
+        }
+    }
+}
+
+/// One isolated domain.
+pub struct Domain {
+    name: &'static str,
+    generation: u32,
+    pml4: u64,
+    entry: u64,
+    lock_table: u64,
+    /// Bit `i` set: this domain may call domain `i`.
+    may_call: u32,
+    threads: [Thread; abi::MAX_DOMAIN_CPUS],
+    failures: u32,
+}
+
+/// The per-CPU chain of threads inside calls; index 0 is the outermost caller.
+#[derive(Clone, Copy)]
+struct Chain {
+    /// `None` = the core.
+    entries: [Option<u16>; MAX_CHAIN],
+    depth: usize,
+    /// The core's own saved context while it waits for a reply (valid when the chain is
+    /// non-empty and starts with the core).
+    core_context: Option<Context>,
+}
+
+struct System {
+    domains: [Option<Domain>; MAX_DOMAINS],
+    count: usize,
+    chains: [Chain; abi::MAX_DOMAIN_CPUS],
+    core_buffers: [[u8; abi::MESSAGE_BYTES]; abi::MAX_DOMAIN_CPUS],
+}
+
+static SYSTEM: Mutex<System> = Mutex::new(System {
+    domains: [const { None }; MAX_DOMAINS],
+    count: 0,
+    chains: [Chain {
+        entries: [None; MAX_CHAIN],
+        depth: 0,
+        core_context: None,
+    }; abi::MAX_DOMAIN_CPUS],
+    core_buffers: [[0; abi::MESSAGE_BYTES]; abi::MAX_DOMAIN_CPUS],
+});
+
+/// A failure the core detected in a domain.
+#[derive(Clone, Copy, Debug)]
+pub struct Detection {
+    /// Domain index.
+    pub domain: u16,
+    /// CPU index.
+    pub cpu: usize,
+    /// Exception vector, or `None` for a reported panic.
+    pub vector: Option<u8>,
+    /// Where it happened.
+    pub rip: u64,
+    /// Who was waiting on the failed domain (`None` = the core).
+    pub caller: Option<u16>,
+    /// When (TSC).
+    pub tsc: u64,
+}
+
+static LAST_DETECTION: Mutex<Option<Detection>> = Mutex::new(None);
+
+/// The most recent detection, if any.
+pub fn last_detection() -> Option<Detection> {
+    *LAST_DETECTION.lock()
+}
+
+fn mapper_for(pml4: u64) -> OffsetPageTable<'static> {
+    let table = paging::phys_to_virt(pml4).as_mut_ptr::<PageTable>();
+    // SAFETY: `pml4` is a domain's top-level table, owned by SYSTEM; callers hold the SYSTEM
+    // lock, so no two mappers alias it.
+    unsafe { OffsetPageTable::new(&mut *table, VirtAddr::new(paging::PHYS_OFFSET)) }
+}
+
+/// Maps `pages` fresh zeroed frames at `virt` in the address space `pml4`; returns the
+/// physical address of the first (they are contiguous).
+fn map_fresh(pml4: u64, virt: u64, pages: u64, flags: Flags) -> Result<u64, LoadError> {
+    let block = paging::allocate_zeroed(pages).ok_or(LoadError::OutOfMemory)?;
+    let phys = block.as_u64() - paging::PHYS_OFFSET;
+    let mut mapper = mapper_for(pml4);
+    for index in 0..pages {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt + index * 4096));
+        let frame = PhysFrame::containing_address(PhysAddr::new(phys + index * 4096));
+        let parents = Flags::PRESENT | Flags::WRITABLE | Flags::USER_ACCESSIBLE;
+        // SAFETY: the page is in the domain's lower half, mapped once (layout is fixed and
+        // checked); the frame is fresh.
+        unsafe {
+            mapper.map_to_with_table_flags(
+                page,
+                frame,
+                flags | Flags::PRESENT | Flags::USER_ACCESSIBLE,
+                parents,
+                &mut paging::Frames,
+            )
+        }
+        .map_err(|_| LoadError::BadSegment {
+            vaddr: virt,
+            size: pages * 4096,
+        })?
+        .ignore();
+    }
+    Ok(phys)
+}
+
+/// Loads the ELF `image` as domain `name`, with threads for `cpus` CPUs. Returns its index.
+pub fn load(
+    name: &'static str,
+    image: &[u8],
+    cpus: usize,
+    may_call: u32,
+) -> Result<u16, LoadError> {
+    let elf = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(LoadError::Elf)?;
+    let entry = elf.ehdr.e_entry;
+    let mut system = SYSTEM.lock();
+    if system.count >= MAX_DOMAINS {
+        return Err(LoadError::TooManyDomains);
+    }
+    let pml4_virt = paging::allocate_zeroed(1).ok_or(LoadError::OutOfMemory)?;
+    let pml4 = pml4_virt.as_u64() - paging::PHYS_OFFSET;
+    paging::share_kernel_half(pml4);
+
+    let mut entry_ok = false;
+    for segment in elf
+        .segments()
+        .iter()
+        .flat_map(|table| table.iter())
+        .filter(|s| s.p_type == PT_LOAD)
+    {
+        let start = segment.p_vaddr & !0xfff;
+        let end = segment.p_vaddr.saturating_add(segment.p_memsz);
+        let file_end = segment.p_offset.saturating_add(segment.p_filesz);
+        if start < abi::IMAGE_BASE
+            || end > abi::HEAP_BASE
+            || segment.p_filesz > segment.p_memsz
+            || file_end > image.len() as u64
+        {
+            return Err(LoadError::BadSegment {
+                vaddr: segment.p_vaddr,
+                size: segment.p_memsz,
+            });
+        }
+        let mut flags = Flags::empty();
+        if segment.p_flags & PF_W != 0 {
+            flags |= Flags::WRITABLE;
+        }
+        if segment.p_flags & PF_X == 0 {
+            flags |= Flags::NO_EXECUTE;
+        } else if (segment.p_vaddr..end).contains(&entry) {
+            entry_ok = true;
+        }
+        let pages = (end - start).div_ceil(4096);
+        let phys = map_fresh(pml4, start, pages, flags)?;
+        let target = paging::phys_to_virt(phys + (segment.p_vaddr - start)).as_mut_ptr::<u8>();
+        let bytes = &image[segment.p_offset as usize..file_end as usize];
+        // SAFETY: the frames were just allocated for this segment and are `pages` long, which
+        // covers `segment.p_vaddr - start + p_filesz` bytes.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), target, bytes.len()) };
+    }
+    if !entry_ok {
+        return Err(LoadError::BadEntry(entry));
+    }
+
+    let data = Flags::WRITABLE | Flags::NO_EXECUTE;
+    map_fresh(pml4, abi::STATE_BASE, STATE_PAGES, data)?;
+    let lock_table = map_fresh(pml4, abi::LOCK_TABLE_BASE, 1, data)?;
+    let empty = Thread {
+        state: ThreadState::Fresh,
+        context: Context {
+            frame: TrapFrame::default(),
+            fx: initial_fx(),
+        },
+        buffer: 0,
+    };
+    let mut threads = [empty; abi::MAX_DOMAIN_CPUS];
+    for (cpu, thread) in threads
+        .iter_mut()
+        .enumerate()
+        .take(cpus.min(abi::MAX_DOMAIN_CPUS))
+    {
+        thread.buffer = map_fresh(pml4, abi::message_buffer(cpu), 1, data)?;
+        map_fresh(pml4, abi::stack_bottom(cpu), abi::STACK_BYTES / 4096, data)?;
+    }
+    let index = system.count;
+    system.domains[index] = Some(Domain {
+        name,
+        generation: 1,
+        pml4,
+        entry,
+        lock_table,
+        may_call,
+        threads,
+        failures: 0,
+    });
+    system.count += 1;
+    Ok(index as u16)
+}
+
+/// The FXSAVE image of a clean FPU: default control words (FCW 0x37f, MXCSR 0x1f80).
+fn initial_fx() -> FxArea {
+    let mut area = [0u8; 512];
+    area[0..2].copy_from_slice(&0x037f_u16.to_le_bytes());
+    area[24..28].copy_from_slice(&0x1f80_u32.to_le_bytes());
+    FxArea(area)
+}
+
+/// Fills `out` with a report of every domain; returns how many.
+pub fn reports(out: &mut [microvisor::summary::DomainReport<'static>]) -> usize {
+    let Some(system) = SYSTEM.try_lock() else {
+        return 0;
+    };
+    let mut count = 0;
+    for (slot, domain) in out.iter_mut().zip(system.domains.iter().flatten()) {
+        *slot = microvisor::summary::DomainReport {
+            name: domain.name,
+            generation: domain.generation,
+            failures: domain.failures,
+        };
+        count += 1;
+    }
+    count
+}
+
+/// The last detection, as the summary reports it.
+pub fn detection_report() -> Option<microvisor::summary::DetectionReport<'static>> {
+    let detection = LAST_DETECTION.try_lock().and_then(|detection| *detection)?;
+    let system = SYSTEM.try_lock()?;
+    let name_of = |index: u16| {
+        system
+            .domains
+            .get(usize::from(index))
+            .and_then(Option::as_ref)
+            .map_or("?", |domain| domain.name)
+    };
+    Some(microvisor::summary::DetectionReport {
+        domain: name_of(detection.domain),
+        cpu: detection.cpu,
+        kind: if detection.vector.is_some() {
+            "exception"
+        } else {
+            "panic"
+        },
+        vector: detection.vector,
+        rip: detection.rip,
+        caller: detection.caller.map_or("core", name_of),
+        tsc: detection.tsc,
+    })
+}
+
+/// Name and generation of domain `index`.
+pub fn describe(index: u16) -> Option<(&'static str, u32, u32)> {
+    let system = SYSTEM.lock();
+    system
+        .domains
+        .get(usize::from(index))?
+        .as_ref()
+        .map(|domain| (domain.name, domain.generation, domain.failures))
+}
+
+/// Calls domain `target` from the core on this CPU: `request` in, reply into `reply`.
+/// Returns the reply length, or the status the call failed with.
+pub fn core_call(target: u16, request: &[u8], reply: &mut [u8]) -> Result<usize, Status> {
+    let cpu = crate::cpu::current_index();
+    if cpu >= abi::MAX_DOMAIN_CPUS || request.len() > abi::MESSAGE_BYTES {
+        return Err(Status::BadArgument);
+    }
+    SYSTEM.lock().core_buffers[cpu][..request.len()].copy_from_slice(request);
+    let (status, length): (u64, u64);
+    // SAFETY: enters the core's own system-call path, which saves this context and resumes it
+    // (with RAX = status, RDX = reply length) when the callee replies; every other register is
+    // restored as it was.
+    unsafe {
+        core::arch::asm!("int 0x80", inout("rax") CORE_CALL => status, in("rdi") u64::from(target),
+                         inout("rdx") request.len() as u64 => length, out("r8") _);
+    }
+    match Status::from_raw(status) {
+        Some(Status::Ok) => {
+            let length = (length as usize).min(reply.len()).min(abi::MESSAGE_BYTES);
+            reply[..length].copy_from_slice(&SYSTEM.lock().core_buffers[cpu][..length]);
+            Ok(length)
+        }
+        Some(status) => Err(status),
+        None => Err(Status::BadArgument),
+    }
+}
+
+fn copy_buffer(from: u64, to: u64, length: usize) {
+    // SAFETY: both are message-buffer frames owned by domains (or the same one); the direct
+    // map covers them; `length` is at most a page.
+    unsafe {
+        core::ptr::copy(
+            paging::phys_to_virt(from).as_ptr::<u8>(),
+            paging::phys_to_virt(to).as_mut_ptr::<u8>(),
+            length,
+        )
+    };
+}
+
+fn switch_address_space(pml4: u64) {
+    let frame = PhysFrame::containing_address(PhysAddr::new(pml4));
+    // SAFETY: every address space shares the core's upper half, so the code, stack and data
+    // the core is using stay mapped across the switch.
+    unsafe {
+        x86_64::registers::control::Cr3::write(frame, x86_64::registers::control::Cr3Flags::empty())
+    };
+}
+
+impl System {
+    fn domain(&mut self, index: u16) -> Option<&mut Domain> {
+        self.domains.get_mut(usize::from(index))?.as_mut()
+    }
+
+    /// Enters `callee`'s thread on `cpu` with a request of `length` bytes already in its
+    /// buffer, by loading its context into `frame`/`fx`.
+    fn enter(
+        &mut self,
+        cpu: usize,
+        callee: u16,
+        caller: Option<u16>,
+        length: usize,
+        frame: &mut TrapFrame,
+        fx: &mut FxArea,
+    ) {
+        let chain = &mut self.chains[cpu];
+        chain.entries[chain.depth] = Some(callee);
+        chain.depth += 1;
+        let domain = self.domain(callee).expect("callee checked by the caller");
+        let (pml4, entry) = (domain.pml4, domain.entry);
+        let thread = &mut domain.threads[cpu];
+        let caller_index = caller.map_or(0, u64::from);
+        match thread.state {
+            ThreadState::Fresh => {
+                *frame = TrapFrame {
+                    rip: entry,
+                    cs: USER_CODE,
+                    rflags: 0x202,
+                    rsp: abi::stack_top(cpu) - 8,
+                    ss: USER_DATA,
+                    rdi: cpu as u64,
+                    rsi: length as u64,
+                    rdx: caller_index,
+                    ..TrapFrame::default()
+                };
+                *fx = initial_fx();
+            }
+            _ => {
+                *frame = thread.context.frame;
+                *fx = thread.context.fx;
+                frame.rax = Status::Ok as u64;
+                frame.rdx = length as u64;
+                frame.r8 = caller_index;
+            }
+        }
+        thread.state = ThreadState::Busy;
+        switch_address_space(pml4);
+    }
+
+    /// Resumes whoever is now at the top of `cpu`'s chain (after the callee above it left),
+    /// with the given status and reply length.
+    fn resume_caller(
+        &mut self,
+        cpu: usize,
+        status: Status,
+        length: usize,
+        generation: u32,
+        frame: &mut TrapFrame,
+        fx: &mut FxArea,
+    ) {
+        let chain = &mut self.chains[cpu];
+        let caller = if chain.depth == 0 {
+            None
+        } else {
+            chain.entries[chain.depth - 1]
+        };
+        match caller {
+            None => {
+                let context = chain
+                    .core_context
+                    .take()
+                    .expect("the core waits on this CPU");
+                *frame = context.frame;
+                *fx = context.fx;
+                switch_address_space(paging::kernel_cr3());
+            }
+            Some(index) => {
+                let domain = self.domain(index).expect("callers in a chain exist");
+                *frame = domain.threads[cpu].context.frame;
+                *fx = domain.threads[cpu].context.fx;
+                switch_address_space(domain.pml4);
+            }
+        }
+        frame.rax = status as u64;
+        frame.rdx = length as u64;
+        frame.r8 = u64::from(generation);
+    }
+
+    /// The domain running on `cpu`, if a domain (not the core) is at the top of its chain.
+    fn running(&self, cpu: usize) -> Option<u16> {
+        let chain = &self.chains[cpu];
+        if chain.depth == 0 {
+            None
+        } else {
+            chain.entries[chain.depth - 1]
+        }
+    }
+}
+
+/// The system-call gate (`int 0x80`), from a domain or from the core.
+pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
+    let cpu = crate::cpu::current_index();
+    let mut system = SYSTEM.lock();
+    if cpu >= abi::MAX_DOMAIN_CPUS {
+        frame.rax = Status::NoSuchTarget as u64;
+        return;
+    }
+    if !frame.in_user_mode() {
+        // The core calls a domain.
+        if frame.rax != CORE_CALL {
+            frame.rax = Status::NoSuchTarget as u64;
+            return;
+        }
+        let (target, length) = (frame.rdi, frame.rdx as usize);
+        let Some(buffer) = u16::try_from(target)
+            .ok()
+            .and_then(|target| system.domain(target))
+            .map(|domain| domain.threads[cpu].buffer)
+        else {
+            frame.rax = Status::NoSuchTarget as u64;
+            return;
+        };
+        if buffer == 0 || length > abi::MESSAGE_BYTES {
+            frame.rax = Status::BadArgument as u64;
+            return;
+        }
+        if system
+            .domain(target as u16)
+            .is_some_and(|domain| domain.threads[cpu].state == ThreadState::Busy)
+        {
+            frame.rax = Status::Busy as u64;
+            return;
+        }
+        let core_buffer = &system.core_buffers[cpu][..length];
+        let target_buffer = paging::phys_to_virt(buffer).as_mut_ptr::<u8>();
+        // SAFETY: the callee's buffer frame is a page the core allocated; length <= a page.
+        unsafe { core::ptr::copy_nonoverlapping(core_buffer.as_ptr(), target_buffer, length) };
+        system.chains[cpu].core_context = Some(Context {
+            frame: *frame,
+            fx: *fx,
+        });
+        system.enter(cpu, target as u16, None, length, frame, fx);
+        return;
+    }
+
+    let Some(current) = system.running(cpu) else {
+        frame.rax = Status::NoSuchTarget as u64;
+        return;
+    };
+    match frame.rax {
+        call::REPLY_WAIT => {
+            let length = frame.rdi;
+            let domain = system.domain(current).expect("running domain exists");
+            let generation = domain.generation;
+            let thread = &mut domain.threads[cpu];
+            thread.context = Context {
+                frame: *frame,
+                fx: *fx,
+            };
+            thread.state = ThreadState::Waiting;
+            let reply_buffer = thread.buffer;
+            let chain = &mut system.chains[cpu];
+            chain.depth -= 1;
+            let length = if length == abi::NO_REPLY {
+                0
+            } else {
+                (length as usize).min(abi::MESSAGE_BYTES)
+            };
+            match system.running(cpu) {
+                Some(caller) => {
+                    let caller_buffer =
+                        system.domain(caller).expect("caller exists").threads[cpu].buffer;
+                    copy_buffer(reply_buffer, caller_buffer, length);
+                }
+                None => {
+                    let target = &mut system.core_buffers[cpu][..length];
+                    // SAFETY: the reply buffer is the callee thread's page; length <= a page.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(
+                            paging::phys_to_virt(reply_buffer).as_ptr::<u8>(),
+                            target.as_mut_ptr(),
+                            length,
+                        )
+                    };
+                }
+            }
+            system.resume_caller(cpu, Status::Ok, length, generation, frame, fx);
+        }
+        call::CALL => {
+            let (target, expected_generation, length) = (frame.rdi, frame.rsi, frame.rdx as usize);
+            let caller = system.domain(current).expect("running domain exists");
+            let may_call = caller.may_call;
+            let caller_buffer = caller.threads[cpu].buffer;
+            let status = match u16::try_from(target)
+                .ok()
+                .filter(|&t| usize::from(t) < MAX_DOMAINS)
+            {
+                None => Some(Status::NoSuchTarget),
+                Some(t) if may_call & (1 << t) == 0 => Some(Status::NoCapability),
+                Some(_) if length > abi::MESSAGE_BYTES => Some(Status::BadArgument),
+                Some(t) => match system.domain(t) {
+                    None => Some(Status::NoSuchTarget),
+                    Some(callee) if u64::from(callee.generation) != expected_generation => {
+                        frame.r8 = u64::from(callee.generation);
+                        Some(Status::PeerRestarted)
+                    }
+                    Some(callee) if callee.threads[cpu].state == ThreadState::Busy => {
+                        Some(Status::Busy)
+                    }
+                    Some(_) => None,
+                },
+            };
+            if let Some(status) = status {
+                frame.rax = status as u64;
+                return;
+            }
+            let target = target as u16;
+            let caller = system.domain(current).expect("running domain exists");
+            caller.threads[cpu].context = Context {
+                frame: *frame,
+                fx: *fx,
+            };
+            let callee_buffer = system.domain(target).expect("checked").threads[cpu].buffer;
+            copy_buffer(caller_buffer, callee_buffer, length);
+            system.enter(cpu, target, Some(current), length, frame, fx);
+        }
+        call::LOG => {
+            let length = (frame.rdi as usize).min(abi::MESSAGE_BYTES);
+            let domain = system.domain(current).expect("running domain exists");
+            let (name, buffer) = (domain.name, domain.threads[cpu].buffer);
+            // SAFETY: the thread's buffer page, read-only here; length <= a page.
+            let bytes = unsafe {
+                core::slice::from_raw_parts(paging::phys_to_virt(buffer).as_ptr::<u8>(), length)
+            };
+            let text = core::str::from_utf8(bytes).unwrap_or("<not UTF-8>");
+            let _ = writeln!(Console::lock(), "[cpu{cpu} {name}] {text}");
+            frame.rax = Status::Ok as u64;
+        }
+        call::PANIC => {
+            let length = (frame.rdi as usize).min(abi::MESSAGE_BYTES);
+            let domain = system.domain(current).expect("running domain exists");
+            let (name, buffer) = (domain.name, domain.threads[cpu].buffer);
+            // SAFETY: as for LOG.
+            let bytes = unsafe {
+                core::slice::from_raw_parts(paging::phys_to_virt(buffer).as_ptr::<u8>(), length)
+            };
+            let text = core::str::from_utf8(bytes).unwrap_or("<not UTF-8>");
+            let _ = writeln!(
+                Console::lock(),
+                "DOMAIN PANIC in {name} on CPU {cpu}: {text}"
+            );
+            recover(&mut system, cpu, current, None, frame, fx);
+        }
+        _ => frame.rax = Status::NoSuchTarget as u64,
+    }
+}
+
+/// An exception in ring 3: the running domain failed.
+pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
+    let cpu = crate::cpu::current_index();
+    let mut system = SYSTEM.lock();
+    let vector = frame.vector as u8;
+    let Some(current) = system.running(cpu) else {
+        drop(system);
+        // Ring 3 with no domain running: the core lost track of its own state.
+        panic!(
+            "exception {vector} in ring 3 at {:#x} with no domain running on CPU {cpu}",
+            frame.rip
+        );
+    };
+    let name = system.domain(current).map_or("?", |domain| domain.name);
+    let (mnemonic, _) = microvisor::exception::name(vector).unwrap_or(("?", "?"));
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    let _ = writeln!(
+        Console::lock(),
+        "DOMAIN FAULT in {name} on CPU {cpu}: vector {vector} ({mnemonic}), error code {:#x}, RIP {:#x}, CR2 {cr2:#x}",
+        frame.error_code,
+        frame.rip
+    );
+    recover(&mut system, cpu, current, Some(vector), frame, fx);
+}
+
+/// Microreset of `failed`: record the detection, abandon its threads on every CPU, release
+/// its locks, bump its generation, and answer the abandoned caller with `PeerRestarted`.
+fn recover(
+    system: &mut System,
+    cpu: usize,
+    failed: u16,
+    vector: Option<u8>,
+    frame: &mut TrapFrame,
+    fx: &mut FxArea,
+) {
+    let detected = apic::tsc();
+    system.chains[cpu].depth -= 1;
+    let caller = system.running(cpu);
+    *LAST_DETECTION.lock() = Some(Detection {
+        domain: failed,
+        cpu,
+        vector,
+        rip: frame.rip,
+        caller,
+        tsc: detected,
+    });
+    let domain = system.domain(failed).expect("failed domain exists");
+    for thread in &mut domain.threads {
+        thread.state = ThreadState::Fresh;
+    }
+    // SAFETY: the lock table page belongs to the failed domain, whose threads were just
+    // discarded: no lock holder survives, so releasing every lock is what recovery needs.
+    unsafe {
+        core::ptr::write_bytes(
+            paging::phys_to_virt(domain.lock_table).as_mut_ptr::<u8>(),
+            0,
+            4096,
+        )
+    };
+    domain.generation += 1;
+    domain.failures += 1;
+    let generation = domain.generation;
+    let name = domain.name;
+    let done = apic::tsc();
+    log::warn!(
+        "microreset of {name}: generation now {generation}, {} TSC ticks from detection to resume",
+        done - detected
+    );
+    system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
+}

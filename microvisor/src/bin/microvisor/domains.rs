@@ -1,0 +1,140 @@
+//! Loading the domains from the boot bundle and checking, on every boot, that they are
+//! isolated: each misbehaviour of the probe domain must be caught as the probe's own fault,
+//! recovered, and leave the probe serving again.
+
+use microvisor_abi::Status;
+use tar_no_std::TarArchiveRef;
+
+use crate::bootinfo::BootInfo;
+use crate::{domain, paging, run};
+
+/// Domain names the core knows (the manifest's, for now a fixed list).
+const KNOWN: &[&str] = &["probe"];
+
+/// Probe requests that must each fault inside the probe (see `tests/probe-domain`).
+const MISBEHAVIOURS: &[(u8, &str)] = &[
+    (1, "write into the core's image"),
+    (2, "write through the core's direct map"),
+    (3, "write into its own code"),
+    (4, "fail-stop (jump to 0)"),
+    (5, "panic"),
+];
+
+/// Loads every domain in the bundle and runs the isolation checks; ends the run on failure.
+pub fn bring_up(boot: &BootInfo) {
+    let Some(module) = boot.modules().first() else {
+        log::warn!("no domain bundle among the boot modules: running without domains");
+        return;
+    };
+    let virt = paging::phys_to_virt(module.start).as_ptr::<u8>();
+    // SAFETY: the module's range was reserved from the frame allocator at boot and is covered
+    // by the direct map; nothing writes to it.
+    let bytes = unsafe { core::slice::from_raw_parts(virt, module.len() as usize) };
+    let archive = match TarArchiveRef::new(bytes) {
+        Ok(archive) => archive,
+        Err(error) => crate::fail(
+            "domains",
+            format_args!("the domain bundle is not a tar archive: {error:?}"),
+        ),
+    };
+    let cpus = run::cpus_registered();
+    let mut probe = None;
+    for entry in archive.entries() {
+        let filename = entry.filename();
+        let Ok(file) = filename.as_str() else {
+            crate::fail(
+                "domains",
+                format_args!("a bundle entry has a non-UTF-8 name"),
+            );
+        };
+        let Some(name) = file
+            .strip_suffix(".elf")
+            .and_then(|stem| KNOWN.iter().find(|known| **known == stem))
+        else {
+            crate::fail(
+                "domains",
+                format_args!("unknown domain image {file:?} in the bundle"),
+            );
+        };
+        match domain::load(name, entry.data(), cpus, 0) {
+            Ok(index) => {
+                log::info!(
+                    "domain {name} loaded as index {index} ({} bytes of ELF)",
+                    entry.data().len()
+                );
+                if *name == "probe" {
+                    probe = Some(index);
+                }
+            }
+            Err(error) => crate::fail("domains", format_args!("loading domain {name}: {error}")),
+        }
+    }
+    let Some(probe) = probe else {
+        crate::fail("domains", format_args!("the bundle holds no probe domain"));
+    };
+    run::stage("domains");
+    check_probe(probe);
+    run::stage("domain-isolation");
+}
+
+fn echo(probe: u16, tag: u8) -> Result<(), Status> {
+    let request = [0, tag, 0x5a, 0xa5];
+    let mut reply = [0u8; 8];
+    let length = domain::core_call(probe, &request, &mut reply)?;
+    if reply[..length] == request {
+        Ok(())
+    } else {
+        crate::fail(
+            "domain-isolation",
+            format_args!("probe echoed {:?} for {request:?}", &reply[..length]),
+        )
+    }
+}
+
+fn check_probe(probe: u16) {
+    if let Err(status) = echo(probe, 1) {
+        crate::fail(
+            "domain-isolation",
+            format_args!("first call to the probe failed: {status:?}"),
+        );
+    }
+    let mut reply = [0u8; 8];
+    if domain::core_call(probe, &[7], &mut reply).is_err() {
+        crate::fail("domain-isolation", format_args!("the probe could not log"));
+    }
+    // A call the manifest does not allow is refused by the core, and the probe survives.
+    match domain::core_call(probe, &[6, 0], &mut reply) {
+        Ok(1) if reply[0] == Status::NoCapability as u8 => {}
+        other => crate::fail(
+            "domain-isolation",
+            format_args!("a call without capability gave {other:?} / {:?}", reply[0]),
+        ),
+    }
+    for (round, &(request, what)) in MISBEHAVIOURS.iter().enumerate() {
+        let before = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
+        match domain::core_call(probe, &[request], &mut reply) {
+            Err(Status::PeerRestarted) => {}
+            other => crate::fail(
+                "domain-isolation",
+                format_args!("probe told to {what}: expected PeerRestarted, got {other:?}"),
+            ),
+        }
+        let detection = domain::last_detection();
+        let after = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
+        if after != before + 1 || detection.is_none_or(|d| d.domain != probe) {
+            crate::fail(
+                "domain-isolation",
+                format_args!(
+                    "probe told to {what}: no detection or generation {before} -> {after}"
+                ),
+            );
+        }
+        if let Err(status) = echo(probe, round as u8 + 2) {
+            crate::fail(
+                "domain-isolation",
+                format_args!("probe not serving after {what}: {status:?}"),
+            );
+        }
+        log::info!("probe told to {what}: caught, microreset, serving again (generation {after})");
+    }
+}
