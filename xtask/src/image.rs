@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use crate::host::GRUB_I386_PC;
 
 /// Rust flags for the kernel build only (docs/boot-contract.md, "Building the core image").
-pub const KERNEL_RUSTFLAGS: &str = "-C linker=rust-lld -C linker-flavor=ld.lld \
+pub const KERNEL_RUSTFLAGS: &str = "-C panic=abort -C linker=rust-lld -C linker-flavor=ld.lld \
     -C relocation-model=static -C code-model=kernel -C no-redzone=yes \
     -C link-arg=--no-pie -C link-arg=-static -C link-arg=-nostdlib \
     -C link-arg=--build-id=none -C link-arg=-zmax-page-size=0x1000";
@@ -20,7 +20,7 @@ pub const KERNEL_TARGET_DIR: &str = "target/kernel";
 
 /// Rust flags for domain images: freestanding, static, linked at the domain image base by the
 /// runtime's linker script (ring 3 keeps the red zone: interrupts switch stacks).
-pub const DOMAIN_RUSTFLAGS: &str = "-C linker=rust-lld -C linker-flavor=ld.lld \
+pub const DOMAIN_RUSTFLAGS: &str = "-C panic=abort -C linker=rust-lld -C linker-flavor=ld.lld \
     -C relocation-model=static -C link-arg=--no-pie -C link-arg=-static \
     -C link-arg=-nostdlib -C link-arg=--build-id=none -C link-arg=-zmax-page-size=0x1000";
 
@@ -321,7 +321,8 @@ mod tests {
             ]
         );
         let flags: Vec<_> = KERNEL_RUSTFLAGS.split_whitespace().collect();
-        assert_eq!(flags.len(), 20);
+        assert_eq!(flags.len(), 22);
+        assert!(flags.windows(2).any(|w| w == ["-C", "panic=abort"]));
         assert!(flags.windows(2).any(|w| w == ["-C", "code-model=kernel"]));
         assert!(
             kernel_elf(false).ends_with("target/kernel/x86_64-unknown-linux-gnu/debug/microvisor")
