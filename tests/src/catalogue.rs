@@ -62,7 +62,31 @@ pub struct Expect {
     /// `None`: `"failure"` must be `null`. `Some`: an exception report, on the serial console
     /// (a line starting `EXCEPTION`) and in `"failure"`.
     pub failure: Option<ExpectedFailure>,
+    /// Stages that must appear in `"ran"`.
+    pub stages: &'static [&'static str],
+    /// `Some(n)`: `"domains"` lists the probe domain with `n` failures, each recovered (its
+    /// generation is `n + 1`).
+    pub probe_failures: Option<u64>,
 }
+
+/// Every stage a healthy boot runs, in order.
+pub const ALL_STAGES: &[&str] = &[
+    "boot-info",
+    "frame-allocator",
+    "paging",
+    "gdt-tss-idt",
+    "acpi-madt",
+    "apic-timer",
+    "smp",
+    "timer-all-cpus",
+    "domains",
+    "domain-isolation",
+    "domain-calls-every-cpu",
+];
+
+/// Misbehaviours the probe domain is told to commit on every boot (see the core's
+/// `domains.rs`): each must be caught and recovered.
+pub const PROBE_MISBEHAVIOURS: u64 = 5;
 
 /// One boot test.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +128,8 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             cpus: u64::from(cpus),
             timer_ticks: true,
             failure: None,
+            stages: ALL_STAGES,
+            probe_failures: Some(PROBE_MISBEHAVIOURS),
         },
     }
 }
@@ -121,6 +147,8 @@ fn faulting(
     case.expect.outcome = Outcome::Failed;
     case.expect.timer_ticks = false;
     case.expect.failure = Some(failure);
+    case.expect.stages = &[];
+    case.expect.probe_failures = None;
     case
 }
 

@@ -107,11 +107,33 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
     expect_eq("cpus_online", expect.cpus.into());
 
     match summary.get("ran") {
-        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            for stage in expect.stages {
+                if !items.iter().any(|item| item == stage) {
+                    reasons.push(format!("summary.ran lacks stage {stage:?}"));
+                }
+            }
+        }
         other => reasons.push(format!(
             "summary.ran is {}, expected an array of strings",
             show(other)
         )),
+    }
+
+    if let Some(failures) = expect.probe_failures {
+        let probe = summary
+            .get("domains")
+            .and_then(Value::as_array)
+            .and_then(|domains| domains.iter().find(|domain| domain["name"] == "probe"));
+        match probe {
+            Some(probe) if probe["failures"] == failures && probe["generation"] == failures + 1 => {
+            }
+            Some(probe) => reasons.push(format!(
+                "summary.domains has probe {probe}, expected {failures} failures and generation {}",
+                failures + 1
+            )),
+            None => reasons.push("summary.domains has no probe domain".to_string()),
+        }
     }
 
     match summary.get("timer_ticks") {
@@ -183,8 +205,9 @@ mod tests {
     fn ok_summary(protocol: &str, cpus: u64) -> Value {
         json!({
             "event": "summary", "outcome": "ok", "boot_protocol": protocol,
-            "cpus_expected": cpus, "cpus_online": cpus, "ran": ["boot", "smp", "timer"],
-            "timer_ticks": vec![5; cpus as usize], "failure": null
+            "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES,
+            "timer_ticks": vec![5; cpus as usize], "failure": null,
+            "domains": [{"name": "probe", "generation": 6, "failures": 5}]
         })
     }
 
@@ -360,5 +383,37 @@ mod tests {
                 .iter()
                 .any(|r| r.contains("expected exit status 35"))
         );
+    }
+
+    #[test]
+    fn a_missing_stage_is_named() {
+        let case = case("qemu-direct-2cpu");
+        let mut summary = ok_summary("pvh", 2);
+        summary["ran"] = json!(["boot-info", "smp"]);
+        let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(33)));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("lacks stage \"domain-isolation\"")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn an_unrecovered_probe_fails_the_case() {
+        let case = case("qemu-direct-2cpu");
+        for probe in [
+            json!([]),
+            json!([{"name": "probe", "generation": 5, "failures": 5}]),
+            json!([{"name": "probe", "generation": 4, "failures": 3}]),
+        ] {
+            let mut summary = ok_summary("pvh", 2);
+            summary["domains"] = probe.clone();
+            let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(33)));
+            assert!(
+                reasons.iter().any(|r| r.contains("probe")),
+                "{probe}: {reasons:?}"
+            );
+        }
     }
 }

@@ -75,6 +75,15 @@ pub fn bring_up(boot: &BootInfo) {
     run::stage("domains");
     check_probe(probe);
     run::stage("domain-isolation");
+    // The calling CPU runs the callee: every CPU enters its own thread of the probe.
+    let missing = run::call_from_every_ap(probe, 2_000_000);
+    if missing > 0 {
+        crate::fail(
+            "domain-calls-every-cpu",
+            format_args!("{missing} CPUs could not call the probe on their own thread"),
+        );
+    }
+    run::stage("domain-calls-every-cpu");
 }
 
 fn echo(probe: u16, tag: u8) -> Result<(), Status> {

@@ -140,11 +140,47 @@ fn raise(fault: DeliberateFault) {
     }
 }
 
+/// Work the bootstrap processor hands to the application processors: call a domain from
+/// each CPU (index + 1 of the domain; 0 = none).
+static CALL_FROM_EVERY_CPU: AtomicUsize = AtomicUsize::new(0);
+/// Bit `i` set: CPU `i` completed the call (and the reply checked out).
+static CALLED: AtomicU64 = AtomicU64::new(0);
+
+/// Has every application processor call domain `target` once with `request` (an echo), on
+/// its own CPU; waits up to `micros`. Returns the CPUs that did not complete.
+pub fn call_from_every_ap(target: u16, micros: u64) -> usize {
+    CALLED.store(0, Ordering::Release);
+    CALL_FROM_EVERY_CPU.store(usize::from(target) + 1, Ordering::Release);
+    let registered = cpus_registered().min(64);
+    let expected: u64 = (1..registered).fold(0, |mask, cpu| mask | (1 << cpu));
+    for _ in 0..micros.div_ceil(100) {
+        if CALLED.load(Ordering::Acquire) == expected {
+            break;
+        }
+        apic::delay_us(100);
+    }
+    CALL_FROM_EVERY_CPU.store(0, Ordering::Release);
+    (expected & !CALLED.load(Ordering::Acquire)).count_ones() as usize
+}
+
 /// The idle loop of CPU `index`: wait for interrupts, raise the deliberate fault if it is
-/// this CPU's to raise.
+/// this CPU's to raise, and do the calls the bootstrap processor asks for.
 pub fn idle(index: usize) -> ! {
     x86_64::instructions::interrupts::enable();
     loop {
+        let target = CALL_FROM_EVERY_CPU.load(Ordering::Acquire);
+        if target != 0 && index < 64 && CALLED.load(Ordering::Acquire) & (1 << index) == 0 {
+            let request = [0, index as u8, 0xc0, 0xde];
+            let mut reply = [0u8; 4];
+            let echoed = crate::domain::core_call((target - 1) as u16, &request, &mut reply)
+                == Ok(4)
+                && reply == request;
+            if echoed {
+                CALLED.fetch_or(1 << index, Ordering::AcqRel);
+            } else {
+                log::error!("call to domain {} from CPU {index} failed", target - 1);
+            }
+        }
         if FAULT_CPU.load(Ordering::Acquire) == index + 1
             && let Some(fault) = *FAULT_KIND.lock()
         {
