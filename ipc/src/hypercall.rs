@@ -1,0 +1,394 @@
+//! The hypercall interface: a guest's VMCALL, forwarded by the core to the hypercall domain,
+//! and multicall batches.
+//!
+//! The guest ABI (number in RAX, arguments in RDI, RSI, RDX, R10, R8, R9, result in RAX) is
+//! the core's to document as a register table; this module fixes the numbers and what each
+//! one does with its arguments. Arguments a call does not use must be 0 (they are reserved
+//! for extensions), else the call fails with `InvalidArgument`. Guests are malicious: every
+//! argument is checked before any service is asked anything.
+
+use heapless::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::call::{Idempotence, Operation};
+
+/// Does nothing; answers 0. For measuring the hypercall path. Idempotent.
+pub const NULL: u64 = 0;
+/// The calling vCPU gives up its CPU (scheduler `Yield`); answers `Blocked` so the core asks
+/// the scheduler what runs next. The caller must be the CPU's current vCPU. Non-idempotent.
+pub const YIELD: u64 = 1;
+/// Arms a one-shot timer on the calling CPU: arg0 = deadline (TSC), arg1 = cookie (< 2^32)
+/// delivered as the timer notification. Answers the timer id. Non-idempotent.
+pub const TIMER_ONESHOT: u64 = 2;
+/// Gives the calling VM one more frame of RAM. Answers the frame number. Non-idempotent.
+pub const MEMORY_POPULATE: u64 = 3;
+/// Returns one of the calling VM's unshared frames: arg0 = frame. Answers 0.
+/// Non-idempotent.
+pub const MEMORY_RELEASE: u64 = 4;
+/// Shares one of the calling VM's frames with another VM: arg0 = frame, arg1 = peer VM.
+/// Answers 0. Non-idempotent.
+pub const GRANT: u64 = 5;
+/// Reads a frame's entry: arg0 = frame. Answers bits 0..16 owner (0xffff when free),
+/// 16..32 reference count, 32..40 kind (`memory::FrameKind` byte), bit 40 validated.
+/// Idempotent.
+pub const QUERY_FRAME: u64 = 6;
+/// A batch of up to [`MULTICALL_MAX`] of the calls above, with a per-entry status. The core
+/// reads the batch from guest memory and forwards it as [`Request::Multicall`]; a
+/// [`Request::Hypercall`] with this number is refused (`BadNumber`). Entries may not be
+/// multicalls. Non-idempotent, but a retried batch skips the entries already completed.
+pub const MULTICALL: u64 = 7;
+
+/// The most entries one multicall batch carries.
+pub const MULTICALL_MAX: usize = 8;
+
+/// One call of a multicall batch: a hypercall number and its two arguments (every call above
+/// takes at most two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulticallEntry {
+    /// The hypercall number (one of the constants above, not [`MULTICALL`]).
+    pub number: u16,
+    /// arg0 and arg1.
+    pub args: [u64; 2],
+}
+
+/// How one entry of a batch ended.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryOutcome {
+    /// The call completed with this value.
+    Complete(i64),
+    /// The call was refused with this error (nothing changed for it).
+    Error(HypercallError),
+}
+
+/// Hypercall requests.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// One hypercall, as the guest issued it. Idempotence depends on `number` (see the
+    /// constants).
+    Hypercall {
+        /// The physical CPU the vCPU exited on.
+        cpu: u8,
+        /// The calling VM.
+        vm: u16,
+        /// The calling vCPU inside the VM.
+        vcpu: u16,
+        /// RAX.
+        number: u64,
+        /// RDI, RSI, RDX, R10, R8, R9.
+        args: [u64; 6],
+    },
+    /// A multicall batch. Non-idempotent, but retry-safe: the dispatcher keeps a per-entry
+    /// completion log keyed by (vm, vcpu, batch), so a retry skips finished entries.
+    Multicall {
+        /// The physical CPU the vCPU exited on.
+        cpu: u8,
+        /// The calling VM.
+        vm: u16,
+        /// The calling vCPU inside the VM.
+        vcpu: u16,
+        /// Names the batch: the same value when the same batch is retried, another one for
+        /// the vCPU's next batch.
+        batch: u32,
+        /// The calls, run in order.
+        entries: Vec<MulticallEntry, MULTICALL_MAX>,
+    },
+}
+
+/// Hypercall replies.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done: RAX = `value`, the guest's RIP advances past VMCALL.
+    Complete {
+        /// The result.
+        value: i64,
+    },
+    /// Refused: RAX = the error's code, RIP advances; nothing changed.
+    Error(HypercallError),
+    /// Done (RAX = 0, RIP advances), and the calling vCPU no longer runs: the core asks the
+    /// scheduler for the next vCPU before entering a guest on this CPU.
+    Blocked,
+    /// A service failed (it is being recovered) before the call completed: RIP does *not*
+    /// advance, so the guest re-issues the same hypercall after recovery; partial progress
+    /// of a multicall is in the dispatcher's completion log.
+    Incomplete,
+    /// A multicall batch finished: one outcome per entry, in order. RAX = 0, RIP advances.
+    Multicall(Vec<EntryOutcome, MULTICALL_MAX>),
+}
+
+/// Why a hypercall was refused; seen by the guest as a negative code in RAX.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HypercallError {
+    /// No such hypercall (guest's fault).
+    BadNumber,
+    /// The calling VM / vCPU / CPU is out of range, or not the vCPU running on that CPU
+    /// (the core's or the guest's fault).
+    BadVcpu,
+    /// An argument is out of range, or an unused argument is not 0 (guest's fault).
+    InvalidArgument,
+    /// No frame, timer slot or share slot left (nobody's fault; retryable later).
+    NoResources,
+    /// The frame belongs to another VM, or a VM tried to share with itself (guest's fault).
+    PermissionDenied,
+    /// The frame is still shared and cannot be released (guest's fault).
+    InUse,
+    /// The frame is free or the timer does not exist (guest's fault).
+    NotFound,
+    /// A multicall entry that is itself a multicall (guest's fault).
+    NestedMulticall,
+    /// Too many multicall batches in flight on other vCPUs (nobody's fault; retryable).
+    Busy,
+    /// A service answered something unexpected or refused for an internal reason (a bug in
+    /// a domain, not the guest's fault).
+    Internal,
+}
+
+impl HypercallError {
+    /// Every error, in code order.
+    pub const ALL: [HypercallError; 10] = [
+        HypercallError::BadNumber,
+        HypercallError::BadVcpu,
+        HypercallError::InvalidArgument,
+        HypercallError::NoResources,
+        HypercallError::PermissionDenied,
+        HypercallError::InUse,
+        HypercallError::NotFound,
+        HypercallError::NestedMulticall,
+        HypercallError::Busy,
+        HypercallError::Internal,
+    ];
+
+    /// The guest-visible RAX value: `-(declaration index + 1)`.
+    pub const fn guest_code(self) -> i64 {
+        -(self as i64) - 1
+    }
+
+    /// The error for a guest-visible code, if it is one.
+    pub fn from_guest_code(code: i64) -> Option<HypercallError> {
+        let index = code.checked_neg()?.checked_sub(1)?;
+        HypercallError::ALL
+            .get(usize::try_from(index).ok()?)
+            .copied()
+    }
+}
+
+impl Request {
+    /// Whether this request may be repeated after the hypercall domain restarted.
+    pub const fn idempotence(&self) -> Idempotence {
+        match self {
+            Request::Hypercall { number, .. } => match *number {
+                NULL | QUERY_FRAME => Idempotence::Idempotent,
+                _ => Idempotence::NonIdempotent,
+            },
+            Request::Multicall { .. } => Idempotence::NonIdempotent,
+        }
+    }
+
+    /// The operation tag (declaration index).
+    pub const fn tag(&self) -> u16 {
+        match self {
+            Request::Hypercall { .. } => 0,
+            Request::Multicall { .. } => 1,
+        }
+    }
+}
+
+impl Operation for Request {
+    type Reply = Reply;
+    const OPERATION_COUNT: u16 = 2;
+
+    fn tag(&self) -> u16 {
+        Request::tag(self)
+    }
+
+    fn idempotence(&self) -> Idempotence {
+        Request::idempotence(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    fn entries(list: &[MulticallEntry]) -> Vec<MulticallEntry, MULTICALL_MAX> {
+        Vec::from_slice(list).unwrap()
+    }
+
+    const GRANT_ENTRY: MulticallEntry = MulticallEntry {
+        number: GRANT as u16,
+        args: [0x40, 2],
+    };
+
+    fn samples() -> [Request; 3] {
+        [
+            Request::Hypercall {
+                cpu: 1,
+                vm: 2,
+                vcpu: 0,
+                number: TIMER_ONESHOT,
+                args: [5000, 9, 0, 0, 0, 0],
+            },
+            Request::Hypercall {
+                cpu: 0,
+                vm: 1,
+                vcpu: 1,
+                number: NULL,
+                args: [0; 6],
+            },
+            Request::Multicall {
+                cpu: 0,
+                vm: 1,
+                vcpu: 0,
+                batch: 77,
+                entries: entries(&[GRANT_ENTRY, GRANT_ENTRY]),
+            },
+        ]
+    }
+
+    #[test]
+    fn golden_requests() {
+        assert_golden_request(
+            &Request::Hypercall {
+                cpu: 1,
+                vm: 2,
+                vcpu: 0,
+                number: TIMER_ONESHOT,
+                args: [5000, 9, 0, 0, 0, 0],
+            },
+            &[0, 1, 2, 0, 2, 136, 39, 9, 0, 0, 0, 0],
+        );
+        assert_golden_request(
+            &Request::Hypercall {
+                cpu: 0,
+                vm: 1,
+                vcpu: 1,
+                number: NULL,
+                args: [0; 6],
+            },
+            &[0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        );
+        assert_golden_request(
+            &Request::Multicall {
+                cpu: 0,
+                vm: 1,
+                vcpu: 0,
+                batch: 77,
+                entries: entries(&[
+                    GRANT_ENTRY,
+                    MulticallEntry {
+                        number: NULL as u16,
+                        args: [0, 0],
+                    },
+                ]),
+            },
+            &[1, 0, 1, 0, 77, 2, 5, 64, 2, 0, 0, 0],
+        );
+    }
+
+    #[test]
+    fn golden_replies() {
+        assert_golden(&Reply::Complete { value: 5 }, &[0, 10]);
+        assert_golden(&Reply::Complete { value: -1 }, &[0, 1]);
+        assert_golden(&Reply::Error(HypercallError::InvalidArgument), &[1, 2]);
+        assert_golden(&Reply::Blocked, &[2]);
+        assert_golden(&Reply::Incomplete, &[3]);
+        assert_golden(
+            &Reply::Multicall(
+                Vec::from_slice(&[
+                    EntryOutcome::Complete(0),
+                    EntryOutcome::Error(HypercallError::NotFound),
+                ])
+                .unwrap(),
+            ),
+            &[4, 2, 0, 0, 1, 6],
+        );
+    }
+
+    #[test]
+    fn numbers_are_pinned() {
+        assert_eq!(
+            [
+                NULL,
+                YIELD,
+                TIMER_ONESHOT,
+                MEMORY_POPULATE,
+                MEMORY_RELEASE,
+                GRANT,
+                QUERY_FRAME,
+                MULTICALL
+            ],
+            [0, 1, 2, 3, 4, 5, 6, 7]
+        );
+    }
+
+    #[test]
+    fn guest_codes_round_trip() {
+        for error in HypercallError::ALL {
+            assert!(error.guest_code() < 0);
+            assert_eq!(
+                HypercallError::from_guest_code(error.guest_code()),
+                Some(error)
+            );
+        }
+        assert_eq!(HypercallError::BadNumber.guest_code(), -1);
+        assert_eq!(HypercallError::from_guest_code(0), None);
+        assert_eq!(HypercallError::from_guest_code(-11), None);
+        assert_eq!(HypercallError::from_guest_code(i64::MIN), None);
+        assert_eq!(HypercallError::from_guest_code(5), None);
+    }
+
+    #[test]
+    fn tags_and_idempotence() {
+        let [oneshot, null, multicall] = samples();
+        assert_eq!((oneshot.tag(), multicall.tag()), (0, 1));
+        assert_eq!(Request::OPERATION_COUNT, 2);
+        assert_eq!(oneshot.idempotence(), Idempotence::NonIdempotent);
+        assert_eq!(null.idempotence(), Idempotence::Idempotent);
+        assert_eq!(multicall.idempotence(), Idempotence::NonIdempotent);
+    }
+
+    #[test]
+    fn largest_messages_fit() {
+        let entry = MulticallEntry {
+            number: u16::MAX,
+            args: [u64::MAX; 2],
+        };
+        assert_fits(&Request::Hypercall {
+            cpu: u8::MAX,
+            vm: u16::MAX,
+            vcpu: u16::MAX,
+            number: u64::MAX,
+            args: [u64::MAX; 6],
+        });
+        assert_fits(&Request::Multicall {
+            cpu: u8::MAX,
+            vm: u16::MAX,
+            vcpu: u16::MAX,
+            batch: u32::MAX,
+            entries: entries(&[entry; MULTICALL_MAX]),
+        });
+        assert_fits(&Reply::Multicall(
+            Vec::from_slice(&[EntryOutcome::Complete(i64::MIN); MULTICALL_MAX]).unwrap(),
+        ));
+    }
+
+    #[test]
+    fn damaged_requests_are_rejected() {
+        for request in samples() {
+            assert_rejects_damage(&request);
+        }
+    }
+
+    #[test]
+    fn fuzz() {
+        fuzz_decode(0x4c7a_11ed, &samples());
+    }
+}

@@ -1,0 +1,16 @@
+//! System-wide bounds every domain agrees on. They size the fixed arrays in the components'
+//! state regions and the range checks of the hypercall dispatcher; changing one changes the
+//! layout of preserved state, so a microreboot onto an image built with other limits must
+//! rebuild state instead of reintegrating it.
+
+/// Physical CPUs the system serves (per-CPU runqueues, timer heaps, service threads).
+pub const MAX_CPUS: usize = 8;
+
+/// vCPU records the scheduler holds, over all VMs.
+pub const MAX_VCPUS: usize = 32;
+
+/// VMs, which are also the owners the memory domain accounts frames to (`0..MAX_VMS`).
+pub const MAX_VMS: u16 = 64;
+
+/// vCPUs one VM may have (`vcpu` numbers `0..MAX_VCPUS_PER_VM`).
+pub const MAX_VCPUS_PER_VM: u16 = 8;

@@ -1,0 +1,352 @@
+//! The memory interface: the frame table over the pool of physical frames the memory domain
+//! manages (owner, kind, reference count, validated bit), and sharing between VMs.
+//!
+//! Owners are VM numbers `0..limits::MAX_VMS`. A frame's reference count is 1 for its owner
+//! plus 1 per VM it is shared with; only the owner frees it, and only once it is no longer
+//! shared.
+
+use serde::{Deserialize, Serialize};
+
+use crate::call::{Idempotence, Operation};
+
+/// A physical frame number (physical address >> 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FrameNumber(pub u32);
+
+/// What a frame is used as.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FrameKind {
+    /// In the free pool: no owner, reference count 0, not validated.
+    Free,
+    /// Owned guest RAM, not shared (reference count 1).
+    Ram,
+    /// Owned guest RAM shared with at least one other VM (reference count > 1).
+    Shared,
+}
+
+impl FrameKind {
+    /// The kind stored in a raw state byte, if the byte is valid.
+    pub const fn from_u8(value: u8) -> Option<FrameKind> {
+        match value {
+            0 => Some(FrameKind::Free),
+            1 => Some(FrameKind::Ram),
+            2 => Some(FrameKind::Shared),
+            _ => None,
+        }
+    }
+
+    /// The byte a state region stores for this kind.
+    pub const fn to_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Everything the frame table knows about one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameInfo {
+    /// The owning VM; `None` for a free frame.
+    pub owner: Option<u16>,
+    /// What the frame is used as.
+    pub kind: FrameKind,
+    /// 1 for the owner plus 1 per VM the frame is shared with; 0 when free.
+    pub refcount: u16,
+    /// Whether the frame has been validated (scrubbed and checked) so the core may map it.
+    pub validated: bool,
+}
+
+/// Pool-wide counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// Frames in the pool.
+    pub total: u32,
+    /// Frames free.
+    pub free: u32,
+    /// Frames shared with at least one VM besides their owner.
+    pub shared: u32,
+}
+
+/// Memory requests.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Takes a free frame for `owner`. Answer: `Allocated`. Non-idempotent: a repeat takes a
+    /// second frame.
+    Allocate {
+        /// The VM that will own the frame.
+        owner: u16,
+    },
+    /// Returns `owner`'s unshared frame to the pool. Answer: `Done`. Non-idempotent: a repeat
+    /// answers `FrameFree` (or frees someone's new frame of the same number).
+    Free {
+        /// The frame.
+        frame: FrameNumber,
+        /// Its owner (checked).
+        owner: u16,
+    },
+    /// Shares `owner`'s frame with VM `with` (reference count + 1). Answer: `Done`.
+    /// Non-idempotent: it changes a reference count (a repeat answers `AlreadyShared`).
+    Share {
+        /// The frame.
+        frame: FrameNumber,
+        /// Its owner (checked).
+        owner: u16,
+        /// The VM that gains access.
+        with: u16,
+    },
+    /// Ends the sharing of `frame` with VM `from` (reference count - 1). Answer: `Done`.
+    /// Non-idempotent: it changes a reference count (a repeat answers `NotShared`).
+    Unshare {
+        /// The frame.
+        frame: FrameNumber,
+        /// The VM that loses access.
+        from: u16,
+    },
+    /// Reads a frame's entry. Answer: `Frame`. Idempotent.
+    Query {
+        /// The frame.
+        frame: FrameNumber,
+    },
+    /// Marks an owned frame validated (the core maps only validated frames into EPT).
+    /// Answer: `Done`. Idempotent.
+    Validate {
+        /// The frame.
+        frame: FrameNumber,
+    },
+    /// Pool-wide counts. Answer: `Stats`. Idempotent.
+    Stats,
+}
+
+/// Memory replies.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The request took effect.
+    Done,
+    /// The frame now owned by the requester.
+    Allocated(FrameNumber),
+    /// A frame's entry.
+    Frame(FrameInfo),
+    /// Pool-wide counts.
+    Stats(MemoryStats),
+    /// The request was refused; nothing changed.
+    Error(Error),
+}
+
+/// Why the memory domain refused a request. All but `OutOfFrames`, `ShareTableFull` and
+/// `Inconsistent` are the caller's fault and not retryable as is.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Error {
+    /// The frame number is outside the pool.
+    BadFrame,
+    /// The owner (or `with`/`from`) is not a VM number below `limits::MAX_VMS`.
+    BadOwner,
+    /// The frame is free.
+    FrameFree,
+    /// The frame belongs to another VM.
+    NotOwner,
+    /// `Free` of a frame still shared with other VMs (reference count > 1).
+    StillShared,
+    /// `Unshare` of a frame not shared with that VM.
+    NotShared,
+    /// `Share` with a VM the frame is already shared with.
+    AlreadyShared,
+    /// `Share` of a frame with its own owner.
+    SelfShare,
+    /// The pool is exhausted (nobody's fault; retryable after frees).
+    OutOfFrames,
+    /// The share table is full (nobody's fault; retryable after unshares).
+    ShareTableFull,
+    /// The frame table is inconsistent (the callee's fault: recovery should validate and
+    /// repair it). Retryable after repair.
+    Inconsistent,
+}
+
+impl Request {
+    /// Whether this request may be repeated after the memory domain restarted.
+    pub const fn idempotence(&self) -> Idempotence {
+        match self {
+            Request::Query { .. } | Request::Validate { .. } | Request::Stats => {
+                Idempotence::Idempotent
+            }
+            Request::Allocate { .. }
+            | Request::Free { .. }
+            | Request::Share { .. }
+            | Request::Unshare { .. } => Idempotence::NonIdempotent,
+        }
+    }
+
+    /// The operation tag (declaration index).
+    pub const fn tag(&self) -> u16 {
+        match self {
+            Request::Allocate { .. } => 0,
+            Request::Free { .. } => 1,
+            Request::Share { .. } => 2,
+            Request::Unshare { .. } => 3,
+            Request::Query { .. } => 4,
+            Request::Validate { .. } => 5,
+            Request::Stats => 6,
+        }
+    }
+}
+
+impl Operation for Request {
+    type Reply = Reply;
+    const OPERATION_COUNT: u16 = 7;
+
+    fn tag(&self) -> u16 {
+        Request::tag(self)
+    }
+
+    fn idempotence(&self) -> Idempotence {
+        Request::idempotence(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    const F: FrameNumber = FrameNumber(0x1234);
+
+    fn samples() -> [Request; 7] {
+        [
+            Request::Allocate { owner: 2 },
+            Request::Free { frame: F, owner: 2 },
+            Request::Share {
+                frame: F,
+                owner: 2,
+                with: 3,
+            },
+            Request::Unshare { frame: F, from: 3 },
+            Request::Query { frame: F },
+            Request::Validate { frame: F },
+            Request::Stats,
+        ]
+    }
+
+    #[test]
+    fn golden_requests() {
+        assert_golden_request(&Request::Allocate { owner: 2 }, &[0, 2]);
+        assert_golden_request(&Request::Free { frame: F, owner: 2 }, &[1, 180, 36, 2]);
+        assert_golden_request(
+            &Request::Share {
+                frame: F,
+                owner: 2,
+                with: 3,
+            },
+            &[2, 180, 36, 2, 3],
+        );
+        assert_golden_request(&Request::Unshare { frame: F, from: 3 }, &[3, 180, 36, 3]);
+        assert_golden_request(
+            &Request::Query {
+                frame: FrameNumber(7),
+            },
+            &[4, 7],
+        );
+        assert_golden_request(
+            &Request::Validate {
+                frame: FrameNumber(u32::MAX),
+            },
+            &[5, 255, 255, 255, 255, 15],
+        );
+        assert_golden_request(&Request::Stats, &[6]);
+    }
+
+    #[test]
+    fn golden_replies() {
+        assert_golden(&Reply::Done, &[0]);
+        assert_golden(&Reply::Allocated(FrameNumber(0x100)), &[1, 128, 2]);
+        assert_golden(
+            &Reply::Frame(FrameInfo {
+                owner: Some(2),
+                kind: FrameKind::Shared,
+                refcount: 3,
+                validated: true,
+            }),
+            &[2, 1, 2, 2, 3, 1],
+        );
+        assert_golden(
+            &Reply::Frame(FrameInfo {
+                owner: None,
+                kind: FrameKind::Free,
+                refcount: 0,
+                validated: false,
+            }),
+            &[2, 0, 0, 0, 0],
+        );
+        assert_golden(
+            &Reply::Stats(MemoryStats {
+                total: 1024,
+                free: 1000,
+                shared: 4,
+            }),
+            &[3, 128, 8, 232, 7, 4],
+        );
+        assert_golden(&Reply::Error(Error::StillShared), &[4, 4]);
+        assert_golden(&Reply::Error(Error::Inconsistent), &[4, 10]);
+    }
+
+    #[test]
+    fn tags_and_idempotence() {
+        for (index, request) in samples().iter().enumerate() {
+            assert_eq!(usize::from(request.tag()), index);
+        }
+        assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
+        let idempotent = [false, false, false, false, true, true, true];
+        for (request, expected) in samples().iter().zip(idempotent) {
+            assert_eq!(
+                request.idempotence() == Idempotence::Idempotent,
+                expected,
+                "{request:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kind_bytes_round_trip() {
+        for kind in [FrameKind::Free, FrameKind::Ram, FrameKind::Shared] {
+            assert_eq!(FrameKind::from_u8(kind.to_u8()), Some(kind));
+        }
+        assert_eq!(FrameKind::from_u8(3), None);
+    }
+
+    #[test]
+    fn largest_messages_fit() {
+        let frame = FrameNumber(u32::MAX);
+        assert_fits(&Request::Share {
+            frame,
+            owner: u16::MAX,
+            with: u16::MAX,
+        });
+        assert_fits(&Reply::Frame(FrameInfo {
+            owner: Some(u16::MAX),
+            kind: FrameKind::Shared,
+            refcount: u16::MAX,
+            validated: true,
+        }));
+        assert_fits(&Reply::Stats(MemoryStats {
+            total: u32::MAX,
+            free: u32::MAX,
+            shared: u32::MAX,
+        }));
+    }
+
+    #[test]
+    fn damaged_requests_are_rejected() {
+        for request in samples() {
+            assert_rejects_damage(&request);
+        }
+    }
+
+    #[test]
+    fn fuzz() {
+        fuzz_decode(0x3e30_5eed, &samples());
+    }
+}

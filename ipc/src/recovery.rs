@@ -1,0 +1,272 @@
+//! The recovery interface, core <-> recovery manager: the core reports detections and the
+//! recovery manager answers with an order the core executes.
+//!
+//! The recovery manager holds policy only (escalation from microreset to microreboot to
+//! giving up, rate limits); the core holds mechanism (suspend, discard threads, unlock the
+//! lock table, reload the image, bump the generation, resume).
+
+use serde::{Deserialize, Serialize};
+
+use crate::call::{Idempotence, Operation};
+use crate::domain::DomainId;
+
+/// What the core saw fail.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// A CPU exception raised in the domain (page fault, #GP, #UD, ...).
+    Exception {
+        /// The exception vector (Intel SDM Vol. 3A, 6.3.1).
+        vector: u8,
+    },
+    /// The domain reported a Rust panic or a failed assertion.
+    Panic,
+    /// The domain did not answer within its deadline, or its CPU stopped taking ticks.
+    Hang,
+    /// The domain's reply did not decode.
+    MalformedReply,
+}
+
+/// The request a failed domain was serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// Who called.
+    pub caller: DomainId,
+    /// The operation tag of the request (`Operation::tag`).
+    pub operation: u16,
+}
+
+/// One detection, as recorded by the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detection {
+    /// The failed domain, in the generation that failed.
+    pub domain: DomainId,
+    /// The CPU the failure was seen on.
+    pub cpu: u8,
+    /// What failed.
+    pub kind: FailureKind,
+    /// The domain's RIP at the failure.
+    pub rip: u64,
+    /// The TSC at detection.
+    pub tsc: u64,
+    /// The request it was serving, if any.
+    pub in_flight: Option<InFlight>,
+}
+
+/// What the core is to do with a failed domain.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecoveryOrder {
+    /// Keep state in place: discard threads, release locks, run the domain's repair, retry or
+    /// fail the abandoned requests.
+    Microreset,
+    /// As microreset, but code and initial data come back from the pristine image and state is
+    /// reintegrated from the state region after validation.
+    Microreboot,
+    /// Give up on the domain: its callers get `PeerFailed`.
+    Fail,
+}
+
+/// Requests from the core to the recovery manager.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A domain failed and is suspended. Answer: `Order`. Non-idempotent: each report counts
+    /// toward escalation.
+    DomainFailed(Detection),
+    /// The core finished executing an order for `domain` (now in its new generation).
+    /// Answer: `Acknowledged`. Idempotent: the manager records the latest completion.
+    Recovered {
+        /// The recovered domain's new identity.
+        domain: DomainId,
+        /// The order executed.
+        order: RecoveryOrder,
+        /// Total TSC from detection to resume.
+        tsc_total: u64,
+    },
+}
+
+/// Replies of the recovery manager.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Execute this order on the failed domain.
+    Order(RecoveryOrder),
+    /// Noted.
+    Acknowledged,
+    /// The request was refused.
+    Error(Error),
+}
+
+/// Why the recovery manager refused a request (the core's fault; not retryable as is).
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Error {
+    /// The domain index is not in the manifest, or is the core or the manager itself.
+    UnknownDomain,
+    /// `Recovered` for a domain no order was given for.
+    NotRecovering,
+}
+
+impl Request {
+    /// Whether this request may be repeated after the recovery manager restarted.
+    pub const fn idempotence(&self) -> Idempotence {
+        match self {
+            Request::DomainFailed(_) => Idempotence::NonIdempotent,
+            Request::Recovered { .. } => Idempotence::Idempotent,
+        }
+    }
+
+    /// The operation tag (declaration index).
+    pub const fn tag(&self) -> u16 {
+        match self {
+            Request::DomainFailed(_) => 0,
+            Request::Recovered { .. } => 1,
+        }
+    }
+}
+
+impl Operation for Request {
+    type Reply = Reply;
+    const OPERATION_COUNT: u16 = 2;
+
+    fn tag(&self) -> u16 {
+        Request::tag(self)
+    }
+
+    fn idempotence(&self) -> Idempotence {
+        Request::idempotence(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DomainIndex;
+    use crate::test_support::*;
+
+    const MEMORY: DomainId = DomainId::new(DomainIndex::Memory, 1);
+    const HYPERCALL: DomainId = DomainId::new(DomainIndex::Hypercall, 0);
+
+    fn detection() -> Detection {
+        Detection {
+            domain: MEMORY,
+            cpu: 1,
+            kind: FailureKind::Exception { vector: 14 },
+            rip: 0x40_1000,
+            tsc: 123_456,
+            in_flight: Some(InFlight {
+                caller: HYPERCALL,
+                operation: 0,
+            }),
+        }
+    }
+
+    fn samples() -> [Request; 2] {
+        [
+            Request::DomainFailed(detection()),
+            Request::Recovered {
+                domain: MEMORY.next_generation(),
+                order: RecoveryOrder::Microreboot,
+                tsc_total: 9000,
+            },
+        ]
+    }
+
+    #[test]
+    fn golden_requests() {
+        assert_golden_request(
+            &Request::DomainFailed(detection()),
+            &[0, 3, 1, 1, 0, 14, 128, 160, 128, 2, 192, 196, 7, 1, 5, 0, 0],
+        );
+        assert_golden_request(
+            &Request::DomainFailed(Detection {
+                domain: DomainId::new(DomainIndex::Timer, 0),
+                cpu: 0,
+                kind: FailureKind::Hang,
+                rip: 0,
+                tsc: 1,
+                in_flight: None,
+            }),
+            &[0, 4, 0, 0, 2, 0, 1, 0],
+        );
+        assert_golden_request(
+            &Request::DomainFailed(Detection {
+                kind: FailureKind::Panic,
+                in_flight: None,
+                ..detection()
+            }),
+            &[0, 3, 1, 1, 1, 128, 160, 128, 2, 192, 196, 7, 0],
+        );
+        assert_golden_request(
+            &Request::DomainFailed(Detection {
+                kind: FailureKind::MalformedReply,
+                in_flight: None,
+                ..detection()
+            }),
+            &[0, 3, 1, 1, 3, 128, 160, 128, 2, 192, 196, 7, 0],
+        );
+        assert_golden_request(
+            &Request::Recovered {
+                domain: MEMORY.next_generation(),
+                order: RecoveryOrder::Microreboot,
+                tsc_total: 9000,
+            },
+            &[1, 3, 2, 1, 168, 70],
+        );
+    }
+
+    #[test]
+    fn golden_replies() {
+        assert_golden(&Reply::Order(RecoveryOrder::Microreset), &[0, 0]);
+        assert_golden(&Reply::Order(RecoveryOrder::Microreboot), &[0, 1]);
+        assert_golden(&Reply::Order(RecoveryOrder::Fail), &[0, 2]);
+        assert_golden(&Reply::Acknowledged, &[1]);
+        assert_golden(&Reply::Error(Error::NotRecovering), &[2, 1]);
+    }
+
+    #[test]
+    fn tags_and_idempotence() {
+        let [failed, recovered] = samples();
+        assert_eq!((failed.tag(), recovered.tag()), (0, 1));
+        assert_eq!(Request::OPERATION_COUNT, 2);
+        assert_eq!(failed.idempotence(), Idempotence::NonIdempotent);
+        assert_eq!(recovered.idempotence(), Idempotence::Idempotent);
+    }
+
+    #[test]
+    fn largest_messages_fit() {
+        let big = DomainId {
+            index: u16::MAX,
+            generation: u32::MAX,
+        };
+        assert_fits(&Request::DomainFailed(Detection {
+            domain: big,
+            cpu: u8::MAX,
+            kind: FailureKind::Exception { vector: u8::MAX },
+            rip: u64::MAX,
+            tsc: u64::MAX,
+            in_flight: Some(InFlight {
+                caller: big,
+                operation: u16::MAX,
+            }),
+        }));
+    }
+
+    #[test]
+    fn damaged_requests_are_rejected() {
+        for request in samples() {
+            assert_rejects_damage(&request);
+        }
+    }
+
+    #[test]
+    fn fuzz() {
+        fuzz_decode(0x2ec0_7e21, &samples());
+    }
+}
