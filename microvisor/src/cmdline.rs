@@ -23,11 +23,20 @@ pub struct FaultRequest {
     pub cpu: usize,
 }
 
+/// A benchmark the core runs after bring-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Benchmark {
+    /// `ipc`: round trips of a small message from the core to a domain and back.
+    Ipc,
+}
+
 /// Options the command line can set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// `fault=ud|pf|gp[@CPU]`.
     pub fault: Option<FaultRequest>,
+    /// `bench=ipc`.
+    pub bench: Option<Benchmark>,
 }
 
 /// A word of the command line that could not be used.
@@ -58,6 +67,14 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     key,
                     value,
                     expected: "ud|pf|gp, optionally @CPU",
+                }),
+            },
+            "bench" => match value {
+                "ipc" => options.bench = Some(Benchmark::Ipc),
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "ipc",
                 }),
             },
             _ => on_error(CmdlineError::UnknownKey(key)),
@@ -115,6 +132,18 @@ mod tests {
                 cpu: 0
             })
         );
+    }
+
+    #[test]
+    fn bench_takes_only_known_names() {
+        let (options, errors) = parse_collect("bench=ipc");
+        assert_eq!((options.bench, errors.len()), (Some(Benchmark::Ipc), 0));
+        let (options, errors) = parse_collect("bench=disk");
+        assert_eq!(options.bench, None);
+        assert!(matches!(
+            errors[0],
+            CmdlineError::BadValue { key: "bench", .. }
+        ));
     }
 
     #[test]

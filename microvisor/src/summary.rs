@@ -114,6 +114,53 @@ impl Display for DomainReport<'_> {
     }
 }
 
+/// A benchmark's result: TSC ticks per operation (instructions under bochs).
+#[derive(Clone, Copy, Debug)]
+pub struct BenchReport<'a> {
+    /// What was measured.
+    pub name: &'a str,
+    /// Operations timed.
+    pub samples: usize,
+    /// Fastest.
+    pub min: u64,
+    /// Median.
+    pub median: u64,
+    /// 90th percentile.
+    pub p90: u64,
+}
+
+impl Display for BenchReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"name":{},"unit":"tsc","samples":{},"min":{},"median":{},"p90":{}}}"#,
+            JsonStr(self.name),
+            self.samples,
+            self.min,
+            self.median,
+            self.p90
+        )
+    }
+}
+
+impl<'a> BenchReport<'a> {
+    /// Summarises `samples` (sorted in place). `None` if there are none.
+    pub fn from_samples(name: &'a str, samples: &mut [u64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |fraction: usize| samples[(samples.len() - 1) * fraction / 100];
+        Some(Self {
+            name,
+            samples: samples.len(),
+            min: samples[0],
+            median: at(50),
+            p90: at(90),
+        })
+    }
+}
+
 /// Everything the summary line reports.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary<'a> {
@@ -141,6 +188,8 @@ pub struct Summary<'a> {
     pub domains: &'a [DomainReport<'a>],
     /// The last failure detected in a domain, if any.
     pub last_detection: Option<DetectionReport<'a>>,
+    /// The benchmark asked for on the command line, if any.
+    pub bench: Option<BenchReport<'a>>,
     /// Why the run failed, if it did.
     pub failure: Option<Failure<'a>>,
 }
@@ -256,6 +305,11 @@ impl Display for Summary<'_> {
             Some(detection) => write!(f, "{detection}")?,
             None => f.write_str("null")?,
         }
+        f.write_str(r#","bench":"#)?;
+        match &self.bench {
+            Some(bench) => write!(f, "{bench}")?,
+            None => f.write_str("null")?,
+        }
         f.write_str(r#","failure":"#)?;
         match &self.failure {
             Some(failure) => write!(f, "{failure}}}"),
@@ -300,6 +354,7 @@ mod tests {
                 caller: "core",
                 tsc: 5,
             }),
+            bench: None,
             failure,
         }
     }
@@ -340,6 +395,25 @@ mod tests {
         assert_eq!(failure["cpu"], 1);
         assert_eq!(failure["rip"], "0xffffffff80001234");
         assert_eq!(failure["cr2"], "0x1000");
+    }
+
+    #[test]
+    fn bench_statistics_and_json() {
+        let mut samples = [90, 10, 50, 30, 70, 20, 40, 60, 80, 100, 55];
+        let bench = BenchReport::from_samples("ipc", &mut samples).unwrap();
+        assert_eq!(
+            (bench.min, bench.median, bench.p90, bench.samples),
+            (10, 55, 90, 11)
+        );
+        assert!(BenchReport::from_samples("ipc", &mut []).is_none());
+        let mut summary = sample(None);
+        summary.bench = Some(bench);
+        let value: Value = serde_json::from_str(&summary.to_string()).unwrap();
+        assert_eq!(value["bench"]["median"], 55);
+        assert_eq!(value["bench"]["unit"], "tsc");
+        assert!(
+            serde_json::from_str::<Value>(&sample(None).to_string()).unwrap()["bench"].is_null()
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and runs every check (`cargo xtask test`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod emulator;
 mod host;
 mod house;
@@ -57,6 +58,9 @@ enum Command {
     /// Build and boot headless; stream the serial console; the summary JSON is the last line
     /// on stdout. Exit 0: outcome ok, 1: outcome failed, 2: no summary.
     Run(RunArgs),
+    /// Boot the release image with the benchmarks and print what the core measured
+    /// (instruction counts under bochs; real time under QEMU/KVM where the host has VMX).
+    Bench,
     /// Run every check: rustfmt, clippy (host and kernel), house rules, cargo test, boot tests.
     Test {
         /// Skip the (slower) bochs boot tests.
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
             kernel,
         } => report(iso(release, &cmdline, kernel)),
         Command::Run(args) => run(&args),
+        Command::Bench => bench::bench(),
         Command::Test { quick } => testing::test(quick),
     }
 }

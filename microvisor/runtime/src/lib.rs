@@ -127,10 +127,11 @@ pub fn run<S: Service>(cpu: u64, request_length: u64, caller: u64) -> ! {
     let mut context = Context { cpu: cpu as usize };
     let mut length = request_length as usize;
     let mut caller = caller as u16;
+    // Allocated (and zeroed) once per thread, not per request: only the bytes in use move.
+    let mut request = [0u8; MESSAGE_BYTES];
     let mut reply = [0u8; MESSAGE_BYTES];
     loop {
         let request_length = length.min(MESSAGE_BYTES);
-        let mut request = [0u8; MESSAGE_BYTES];
         request[..request_length].copy_from_slice(&context.buffer()[..request_length]);
         let reply_length = S::serve(&mut context, caller, &request[..request_length], &mut reply)
             .min(MESSAGE_BYTES);

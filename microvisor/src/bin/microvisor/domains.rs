@@ -2,6 +2,8 @@
 //! isolated: each misbehaviour of the probe domain must be caught as the probe's own fault,
 //! recovered, and leave the probe serving again.
 
+use microvisor::cmdline::Benchmark;
+use microvisor::summary::BenchReport;
 use microvisor_abi::Status;
 use tar_no_std::TarArchiveRef;
 
@@ -20,8 +22,12 @@ const MISBEHAVIOURS: &[(u8, &str)] = &[
     (5, "panic"),
 ];
 
+/// Round trips timed by `bench=ipc`.
+const BENCH_SAMPLES: usize = 1000;
+
 /// Loads every domain in the bundle and runs the isolation checks; ends the run on failure.
-pub fn bring_up(boot: &BootInfo) {
+/// With `bench`, then times IPC round trips.
+pub fn bring_up(boot: &BootInfo, bench: Option<Benchmark>) {
     let Some(module) = boot.modules().first() else {
         log::warn!("no domain bundle among the boot modules: running without domains");
         return;
@@ -84,6 +90,10 @@ pub fn bring_up(boot: &BootInfo) {
         );
     }
     run::stage("domain-calls-every-cpu");
+    if bench == Some(Benchmark::Ipc) {
+        bench_ipc(probe);
+        run::stage("bench-ipc");
+    }
 }
 
 fn echo(probe: u16, tag: u8) -> Result<(), Status> {
@@ -145,5 +155,37 @@ fn check_probe(probe: u16) {
             );
         }
         log::info!("probe told to {what}: caught, microreset, serving again (generation {after})");
+    }
+}
+
+/// Times `BENCH_SAMPLES` round trips of a 4-byte echo from the core to the probe and back
+/// (system call in, switch to the probe's thread, its `REPLY_WAIT`, switch back), after a few
+/// untimed warm-up calls. Under bochs the TSC counts instructions.
+fn bench_ipc(probe: u16) {
+    let request = [0, 1, 2, 3];
+    let mut reply = [0u8; 4];
+    let mut samples = [0u64; BENCH_SAMPLES];
+    for _ in 0..16 {
+        let _ = domain::core_call(probe, &request, &mut reply);
+    }
+    for sample in &mut samples {
+        let start = crate::apic::tsc();
+        let result = domain::core_call(probe, &request, &mut reply);
+        *sample = crate::apic::tsc() - start;
+        if result != Ok(4) {
+            crate::fail(
+                "bench-ipc",
+                format_args!("an IPC round trip failed: {result:?}"),
+            );
+        }
+    }
+    if let Some(report) = BenchReport::from_samples("ipc-call-reply-core-to-domain", &mut samples) {
+        log::info!(
+            "IPC call+reply, core -> probe -> core, 4 bytes: median {} TSC (min {}, p90 {}) over {BENCH_SAMPLES}",
+            report.median,
+            report.min,
+            report.p90
+        );
+        run::record_bench(report);
     }
 }

@@ -4,7 +4,7 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use microvisor::cmdline::{DeliberateFault, FaultRequest};
-use microvisor::summary::{DomainReport, Failure, Outcome, Summary};
+use microvisor::summary::{BenchReport, DomainReport, Failure, Outcome, Summary};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -199,6 +199,12 @@ pub fn halt_forever() -> ! {
 }
 
 static FINISHING: AtomicBool = AtomicBool::new(false);
+static BENCH: Mutex<Option<BenchReport<'static>>> = Mutex::new(None);
+
+/// Records a benchmark result for the summary.
+pub fn record_bench(report: BenchReport<'static>) {
+    *BENCH.lock() = Some(report);
+}
 
 /// Prints the summary line and stops the machine: QEMU exits through isa-debug-exit, bochs
 /// stops at the magic breakpoint, a real machine halts.
@@ -240,6 +246,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         tsc: apic::tsc(),
         domains: &domains[..domain_count],
         last_detection: crate::domain::detection_report(),
+        bench: BENCH.try_lock().and_then(|bench| *bench),
         failure,
     };
     let mut console = Console::lock_for_fatal();

@@ -1,0 +1,98 @@
+//! `cargo xtask bench`: boots the release image with a benchmark on its command line and
+//! reports what the core measured.
+//!
+//! Under bochs the TSC counts executed instructions, so the figures are deterministic
+//! instruction counts, independent of how loaded the host is. Real-time figures come only
+//! from QEMU/KVM on hardware with VMX, which this command adds where the host has it.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::emulator::{self, BootSpec, EmulatorKind, Image};
+use crate::host::{self, KvmFacts, Tool};
+use crate::image;
+
+const BENCH_CMDLINE: &str = "bench=ipc";
+
+/// Runs the benchmarks; exit 0 when every run reported its figures.
+pub fn bench() -> ExitCode {
+    match bench_inner() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("xtask: bench failed: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_inner() -> Result<(), String> {
+    host::ensure_tools(&[Tool::Bochs, Tool::Iso])?;
+    let elf = image::build_kernel(true, false)?;
+    let bochs = boot_bench(&elf, EmulatorKind::Bochs)?;
+    println!("IPC call+reply, core -> domain -> core, 4-byte message, release build, 1 CPU:");
+    println!(
+        "  bochs 2.7 (TSC = instructions): median {} instructions (min {}, p90 {}) over {} round trips",
+        bochs["median"], bochs["min"], bochs["p90"], bochs["samples"]
+    );
+    let (kvm, why) = KvmFacts::probe().usable();
+    if kvm {
+        let (report, tsc_khz) = boot_bench_with_rate(&elf, EmulatorKind::Qemu { kvm: true })?;
+        let nanoseconds = |ticks: &Value| ticks.as_f64().unwrap_or(0.0) * 1e6 / tsc_khz;
+        println!(
+            "  QEMU/KVM (real time, TSC {:.0} MHz): median {:.0} ns (min {:.0}, p90 {:.0})",
+            tsc_khz / 1000.0,
+            nanoseconds(&report["median"]),
+            nanoseconds(&report["min"]),
+            nanoseconds(&report["p90"])
+        );
+    } else {
+        println!("  QEMU/KVM: not measured ({why}); real-time figures need hardware VMX");
+    }
+    Ok(())
+}
+
+fn boot_bench(elf: &Path, kind: EmulatorKind) -> Result<Value, String> {
+    boot_bench_with_rate(elf, kind).map(|(report, _)| report)
+}
+
+/// Boots with the benchmark; returns the summary's `bench` object and the TSC rate in kHz.
+fn boot_bench_with_rate(elf: &Path, kind: EmulatorKind) -> Result<(Value, f64), String> {
+    host::ensure_tools(&[match kind {
+        EmulatorKind::Bochs => Tool::Bochs,
+        EmulatorKind::Qemu { .. } => Tool::Qemu,
+    }])?;
+    let run_dir = emulator::new_run_dir("bench")?;
+    let image = match kind {
+        EmulatorKind::Bochs => {
+            let iso = run_dir.join("microvisor.iso");
+            image::build_iso(elf, BENCH_CMDLINE, &iso)?;
+            Image::Iso(iso)
+        }
+        EmulatorKind::Qemu { .. } => Image::Elf {
+            path: elf.to_path_buf(),
+            cmdline: BENCH_CMDLINE.to_string(),
+        },
+    };
+    let spec = BootSpec {
+        kind,
+        image,
+        cpus: 1,
+        timeout: Duration::from_secs(300),
+    };
+    let result = emulator::boot(&spec, &run_dir, &mut |_, _| {})?;
+    let summary = result
+        .summary
+        .ok_or_else(|| format!("no summary line (run files in {})", run_dir.display()))?;
+    if summary["outcome"] != "ok" {
+        return Err(format!("the benchmark boot failed: {}", summary["failure"]));
+    }
+    let report = summary["bench"].clone();
+    if !report.is_object() {
+        return Err("the summary has no bench result".to_string());
+    }
+    let tsc_khz = summary["tsc_khz"].as_f64().unwrap_or(0.0);
+    Ok((report, tsc_khz))
+}
