@@ -30,6 +30,26 @@ pub enum Benchmark {
     Ipc,
 }
 
+/// How the core recovers a failed domain (until the recovery manager domain decides).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// `microreset`: abandon the domain's threads, release its locks, keep its memory.
+    #[default]
+    Microreset,
+    /// `microreboot`: as a microreset, and reload code and data from the pristine image.
+    Microreboot,
+}
+
+impl RecoveryMode {
+    /// The name used on the command line and in the summary.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Microreset => "microreset",
+            Self::Microreboot => "microreboot",
+        }
+    }
+}
+
 /// Options the command line can set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
@@ -37,6 +57,8 @@ pub struct Options {
     pub fault: Option<FaultRequest>,
     /// `bench=ipc`.
     pub bench: Option<Benchmark>,
+    /// `recovery=microreset|microreboot`.
+    pub recovery: RecoveryMode,
 }
 
 /// A word of the command line that could not be used.
@@ -67,6 +89,15 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     key,
                     value,
                     expected: "ud|pf|gp, optionally @CPU",
+                }),
+            },
+            "recovery" => match value {
+                "microreset" => options.recovery = RecoveryMode::Microreset,
+                "microreboot" => options.recovery = RecoveryMode::Microreboot,
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "microreset|microreboot",
                 }),
             },
             "bench" => match value {
@@ -131,6 +162,20 @@ mod tests {
                 fault: DeliberateFault::InvalidOpcode,
                 cpu: 0
             })
+        );
+    }
+
+    #[test]
+    fn recovery_mode_defaults_to_microreset() {
+        assert_eq!(parse_collect("").0.recovery, RecoveryMode::Microreset);
+        assert_eq!(
+            parse_collect("recovery=microreboot").0.recovery,
+            RecoveryMode::Microreboot
+        );
+        let (options, errors) = parse_collect("recovery=reboot");
+        assert_eq!(
+            (options.recovery, errors.len()),
+            (RecoveryMode::Microreset, 1)
         );
     }
 

@@ -114,6 +114,39 @@ impl Display for DomainReport<'_> {
     }
 }
 
+/// The most recent recovery of a domain, with its per-step cost (TSC ticks; instructions
+/// under bochs), like the breakdowns in the ReHype and NiLiHype papers.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryReport<'a> {
+    /// The recovered domain.
+    pub domain: &'a str,
+    /// `microreset` or `microreboot`.
+    pub mode: &'a str,
+    /// Abandoning the domain's threads on every CPU.
+    pub discard_threads: u64,
+    /// Releasing every lock in its lock table.
+    pub release_locks: u64,
+    /// Verifying the pristine image and reloading code and data (microreboot only, else 0).
+    pub reload_image: u64,
+    /// From detection until the abandoned caller resumes.
+    pub total: u64,
+}
+
+impl Display for RecoveryReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"domain":{},"mode":{},"tsc":{{"discard_threads":{},"release_locks":{},"reload_image":{},"total":{}}}}}"#,
+            JsonStr(self.domain),
+            JsonStr(self.mode),
+            self.discard_threads,
+            self.release_locks,
+            self.reload_image,
+            self.total
+        )
+    }
+}
+
 /// A benchmark's result: TSC ticks per operation (instructions under bochs).
 #[derive(Clone, Copy, Debug)]
 pub struct BenchReport<'a> {
@@ -188,6 +221,8 @@ pub struct Summary<'a> {
     pub domains: &'a [DomainReport<'a>],
     /// The last failure detected in a domain, if any.
     pub last_detection: Option<DetectionReport<'a>>,
+    /// The most recent recovery, if any.
+    pub last_recovery: Option<RecoveryReport<'a>>,
     /// The benchmark asked for on the command line, if any.
     pub bench: Option<BenchReport<'a>>,
     /// Why the run failed, if it did.
@@ -305,6 +340,11 @@ impl Display for Summary<'_> {
             Some(detection) => write!(f, "{detection}")?,
             None => f.write_str("null")?,
         }
+        f.write_str(r#","last_recovery":"#)?;
+        match &self.last_recovery {
+            Some(recovery) => write!(f, "{recovery}")?,
+            None => f.write_str("null")?,
+        }
         f.write_str(r#","bench":"#)?;
         match &self.bench {
             Some(bench) => write!(f, "{bench}")?,
@@ -354,6 +394,14 @@ mod tests {
                 caller: "core",
                 tsc: 5,
             }),
+            last_recovery: Some(RecoveryReport {
+                domain: "probe",
+                mode: "microreboot",
+                discard_threads: 10,
+                release_locks: 20,
+                reload_image: 300,
+                total: 400,
+            }),
             bench: None,
             failure,
         }
@@ -374,6 +422,8 @@ mod tests {
         assert_eq!(value["last_detection"]["vector"], 14);
         assert_eq!(value["last_detection"]["caller"], "core");
         assert_eq!(value["last_detection"]["rip"], "0x4029b8");
+        assert_eq!(value["last_recovery"]["mode"], "microreboot");
+        assert_eq!(value["last_recovery"]["tsc"]["reload_image"], 300);
     }
 
     #[test]
@@ -441,6 +491,7 @@ mod tests {
         summary.timer_ticks = &[];
         summary.domains = &[];
         summary.last_detection = None;
+        summary.last_recovery = None;
         let value: Value = serde_json::from_str(&summary.to_string()).unwrap();
         assert_eq!(value["ran"], serde_json::json!([]));
         assert_eq!(value["failure"]["stage"], "smp");

@@ -67,6 +67,8 @@ pub struct Expect {
     /// `Some(n)`: `"domains"` lists the probe domain with `n` failures, each recovered (its
     /// generation is `n + 1`).
     pub probe_failures: Option<u64>,
+    /// `Some(mode)`: `"last_recovery.mode"` must be this (`microreset` or `microreboot`).
+    pub recovery_mode: Option<&'static str>,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -130,8 +132,24 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             failure: None,
             stages: ALL_STAGES,
             probe_failures: Some(PROBE_MISBEHAVIOURS),
+            recovery_mode: Some("microreset"),
         },
     }
+}
+
+/// A healthy boot whose domain recoveries use `mode` (`recovery=MODE` on the command line).
+fn recovering(
+    name: &'static str,
+    emulator: Emulator,
+    boot: Boot,
+    cpus: u32,
+    mode: &'static str,
+    cmdline: &'static str,
+) -> BootCase {
+    let mut case = healthy(name, emulator, boot, cpus);
+    case.cmdline = cmdline;
+    case.expect.recovery_mode = Some(mode);
+    case
 }
 
 fn faulting(
@@ -149,6 +167,7 @@ fn faulting(
     case.expect.failure = Some(failure);
     case.expect.stages = &[];
     case.expect.probe_failures = None;
+    case.expect.recovery_mode = None;
     case
 }
 
@@ -172,10 +191,26 @@ pub fn catalogue() -> Vec<BootCase> {
         healthy("bochs-iso-2cpu", Bochs, Iso, 2),
         healthy("bochs-iso-1cpu", Bochs, Iso, 1),
         faulting("bochs-iso-2cpu-fault-ud", Bochs, Iso, 2, "fault=ud", UD),
+        recovering(
+            "bochs-iso-2cpu-microreboot",
+            Bochs,
+            Iso,
+            2,
+            "microreboot",
+            "recovery=microreboot",
+        ),
         healthy("qemu-direct-1cpu", Qemu, Direct, 1),
         healthy("qemu-direct-2cpu", Qemu, Direct, 2),
         healthy("qemu-direct-4cpu", Qemu, Direct, 4),
         healthy("qemu-iso-2cpu", Qemu, Iso, 2),
+        recovering(
+            "qemu-direct-2cpu-microreboot",
+            Qemu,
+            Direct,
+            2,
+            "microreboot",
+            "recovery=microreboot",
+        ),
         faulting("qemu-direct-fault-ud", Qemu, Direct, 1, "fault=ud", UD),
         faulting("qemu-direct-fault-pf", Qemu, Direct, 1, "fault=pf", PF),
         faulting(

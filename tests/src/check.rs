@@ -120,6 +120,18 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         )),
     }
 
+    if let Some(mode) = expect.recovery_mode {
+        let got = summary
+            .get("last_recovery")
+            .and_then(|recovery| recovery.get("mode"));
+        if got.and_then(Value::as_str) != Some(mode) {
+            reasons.push(format!(
+                "summary.last_recovery.mode is {}, expected {mode:?}",
+                show(got)
+            ));
+        }
+    }
+
     if let Some(failures) = expect.probe_failures {
         let probe = summary
             .get("domains")
@@ -207,7 +219,8 @@ mod tests {
             "event": "summary", "outcome": "ok", "boot_protocol": protocol,
             "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES,
             "timer_ticks": vec![5; cpus as usize], "failure": null,
-            "domains": [{"name": "probe", "generation": 6, "failures": 5}]
+            "domains": [{"name": "probe", "generation": 6, "failures": 5}],
+            "last_recovery": {"domain": "probe", "mode": "microreset", "tsc": {"total": 9}}
         })
     }
 
@@ -415,5 +428,25 @@ mod tests {
                 "{probe}: {reasons:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_recovery_mode_must_match() {
+        let case = case("qemu-direct-2cpu-microreboot");
+        let reasons = run(
+            &case,
+            &lines(&ok_summary("pvh", 2)),
+            EmulatorEnd::Exited(Some(33)),
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("last_recovery.mode")),
+            "{reasons:?}"
+        );
+        let mut summary = ok_summary("pvh", 2);
+        summary["last_recovery"]["mode"] = json!("microreboot");
+        assert_eq!(
+            run(&case, &lines(&summary), EmulatorEnd::Exited(Some(33))),
+            Vec::<String>::new()
+        );
     }
 }

@@ -9,7 +9,11 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
+use core::sync::atomic::{AtomicU32, Ordering};
 use microvisor_runtime::{Context, Service, probe};
+
+/// Requests of kind 8 served since the domain's data was last loaded.
+static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 struct Probe;
 
@@ -29,6 +33,11 @@ impl Service for Probe {
                 };
                 reply[0] = status;
                 return 1;
+            }
+            8 => {
+                let count = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+                reply[..4].copy_from_slice(&count.to_le_bytes());
+                return 4;
             }
             7 => context.log(format_args!(
                 "probe on CPU {} says hello to domain {caller}",

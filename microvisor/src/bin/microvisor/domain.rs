@@ -23,6 +23,8 @@ use core::fmt::Write;
 use elf::ElfBytes;
 use elf::abi::{PF_W, PF_X, PT_LOAD};
 use elf::endian::LittleEndian;
+use microvisor::cmdline::RecoveryMode;
+use microvisor::summary::RecoveryReport;
 use microvisor_abi::{self as abi, Status, call};
 use spin::Mutex;
 use x86_64::structures::paging::{
@@ -89,6 +91,10 @@ pub enum LoadError {
     OutOfMemory,
     /// Already [`MAX_DOMAINS`] domains.
     TooManyDomains,
+    /// More than [`MAX_SEGMENTS`] loadable segments.
+    TooManySegments,
+    /// A page is claimed twice (two segments share it, or a segment overlaps a fixed region).
+    PageTaken(u64),
 }
 
 impl core::fmt::Display for LoadError {
@@ -106,13 +112,42 @@ impl core::fmt::Display for LoadError {
             }
             Self::OutOfMemory => f.write_str("out of physical memory"),
             Self::TooManyDomains => write!(f, "more than {MAX_DOMAINS} domains"),
+            Self::TooManySegments => write!(f, "more than {MAX_SEGMENTS} loadable segments"),
+            Self::PageTaken(page) => write!(
+                f,
+                "page {page:#x} is claimed twice (segments must not share pages)"
+            ),
         }
     }
 }
 
+/// A loaded segment, remembered so a microreboot can rewrite it from the pristine image.
+#[derive(Clone, Copy, Default)]
+struct Segment {
+    /// Physical address of the segment's first page (its frames are contiguous).
+    phys: u64,
+    /// Pages mapped.
+    pages: u64,
+    /// Offset of the segment's first byte in its first page.
+    offset_in_page: u64,
+    /// Where its bytes start in the image.
+    file_offset: u64,
+    /// Bytes that come from the image (the rest of the pages is zero).
+    file_size: u64,
+}
+
+/// Most loadable segments per image.
+const MAX_SEGMENTS: usize = 8;
+
 /// One isolated domain.
 pub struct Domain {
     name: &'static str,
+    /// The pristine ELF image, as it came in the boot bundle (never written).
+    image: &'static [u8],
+    /// CRC-32 of `image` taken at boot, checked before every reuse.
+    checksum: u32,
+    segments: [Segment; MAX_SEGMENTS],
+    segment_count: usize,
     generation: u32,
     pml4: u64,
     entry: u64,
@@ -170,6 +205,18 @@ pub struct Detection {
 }
 
 static LAST_DETECTION: Mutex<Option<Detection>> = Mutex::new(None);
+static MODE: Mutex<RecoveryMode> = Mutex::new(RecoveryMode::Microreset);
+static LAST_RECOVERY: Mutex<Option<RecoveryReport<'static>>> = Mutex::new(None);
+
+/// Sets how failed domains are recovered.
+pub fn set_recovery_mode(mode: RecoveryMode) {
+    *MODE.lock() = mode;
+}
+
+/// The most recent recovery, as the summary reports it.
+pub fn recovery_report() -> Option<RecoveryReport<'static>> {
+    LAST_RECOVERY.try_lock().and_then(|report| *report)
+}
 
 /// The most recent detection, if any.
 pub fn last_detection() -> Option<Detection> {
@@ -204,10 +251,7 @@ fn map_fresh(pml4: u64, virt: u64, pages: u64, flags: Flags) -> Result<u64, Load
                 &mut paging::Frames,
             )
         }
-        .map_err(|_| LoadError::BadSegment {
-            vaddr: virt,
-            size: pages * 4096,
-        })?
+        .map_err(|_| LoadError::PageTaken(page.start_address().as_u64()))?
         .ignore();
     }
     Ok(phys)
@@ -216,7 +260,7 @@ fn map_fresh(pml4: u64, virt: u64, pages: u64, flags: Flags) -> Result<u64, Load
 /// Loads the ELF `image` as domain `name`, with threads for `cpus` CPUs. Returns its index.
 pub fn load(
     name: &'static str,
-    image: &[u8],
+    image: &'static [u8],
     cpus: usize,
     may_call: u32,
 ) -> Result<u16, LoadError> {
@@ -231,6 +275,8 @@ pub fn load(
     paging::share_kernel_half(pml4);
 
     let mut entry_ok = false;
+    let mut segments = [Segment::default(); MAX_SEGMENTS];
+    let mut segment_count = 0;
     for segment in elf
         .segments()
         .iter()
@@ -261,11 +307,18 @@ pub fn load(
         }
         let pages = (end - start).div_ceil(4096);
         let phys = map_fresh(pml4, start, pages, flags)?;
-        let target = paging::phys_to_virt(phys + (segment.p_vaddr - start)).as_mut_ptr::<u8>();
-        let bytes = &image[segment.p_offset as usize..file_end as usize];
-        // SAFETY: the frames were just allocated for this segment and are `pages` long, which
-        // covers `segment.p_vaddr - start + p_filesz` bytes.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), target, bytes.len()) };
+        let loaded = Segment {
+            phys,
+            pages,
+            offset_in_page: segment.p_vaddr - start,
+            file_offset: segment.p_offset,
+            file_size: segment.p_filesz,
+        };
+        *segments
+            .get_mut(segment_count)
+            .ok_or(LoadError::TooManySegments)? = loaded;
+        segment_count += 1;
+        write_segment(image, &loaded);
     }
     if !entry_ok {
         return Err(LoadError::BadEntry(entry));
@@ -292,8 +345,13 @@ pub fn load(
         map_fresh(pml4, abi::stack_bottom(cpu), abi::STACK_BYTES / 4096, data)?;
     }
     let index = system.count;
+    let checksum = crc32fast::hash(image);
     system.domains[index] = Some(Domain {
         name,
+        image,
+        checksum,
+        segments,
+        segment_count,
         generation: 1,
         pml4,
         entry,
@@ -304,6 +362,23 @@ pub fn load(
     });
     system.count += 1;
     Ok(index as u16)
+}
+
+/// (Re)writes a segment's frames from the image: zero the pages, copy the file bytes.
+fn write_segment(image: &[u8], segment: &Segment) {
+    let base = paging::phys_to_virt(segment.phys).as_mut_ptr::<u8>();
+    let bytes =
+        &image[segment.file_offset as usize..(segment.file_offset + segment.file_size) as usize];
+    // SAFETY: the segment's frames were allocated for it at load, `pages` long, and cover
+    // `offset_in_page + file_size` bytes (checked at load); the domain is not running.
+    unsafe {
+        core::ptr::write_bytes(base, 0, (segment.pages * 4096) as usize);
+        core::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            base.add(segment.offset_in_page as usize),
+            bytes.len(),
+        );
+    }
 }
 
 /// The FXSAVE image of a clean FPU: default control words (FCW 0x37f, MXCSR 0x1f80).
@@ -698,8 +773,10 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
     recover(&mut system, cpu, current, Some(vector), frame, fx);
 }
 
-/// Microreset of `failed`: record the detection, abandon its threads on every CPU, release
-/// its locks, bump its generation, and answer the abandoned caller with `PeerRestarted`.
+/// Recovers `failed` by the configured mode: record the detection, abandon its threads on
+/// every CPU, release its locks, (microreboot) reload code and data from the verified
+/// pristine image, bump its generation, and answer the abandoned caller with
+/// `PeerRestarted`. The state region is kept in both modes.
 fn recover(
     system: &mut System,
     cpu: usize,
@@ -719,10 +796,12 @@ fn recover(
         caller,
         tsc: detected,
     });
+    let mode = *MODE.lock();
     let domain = system.domain(failed).expect("failed domain exists");
     for thread in &mut domain.threads {
         thread.state = ThreadState::Fresh;
     }
+    let discarded = apic::tsc();
     // SAFETY: the lock table page belongs to the failed domain, whose threads were just
     // discarded: no lock holder survives, so releasing every lock is what recovery needs.
     unsafe {
@@ -732,14 +811,33 @@ fn recover(
             4096,
         )
     };
+    let unlocked = apic::tsc();
+    if mode == RecoveryMode::Microreboot {
+        if crc32fast::hash(domain.image) != domain.checksum {
+            let name = domain.name;
+            panic!("the pristine image of domain {name} no longer matches its boot checksum");
+        }
+        for segment in &domain.segments[..domain.segment_count] {
+            write_segment(domain.image, segment);
+        }
+    }
+    let reloaded = apic::tsc();
     domain.generation += 1;
     domain.failures += 1;
-    let generation = domain.generation;
-    let name = domain.name;
+    let (name, generation) = (domain.name, domain.generation);
+    system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
     let done = apic::tsc();
+    *LAST_RECOVERY.lock() = Some(RecoveryReport {
+        domain: name,
+        mode: mode.name(),
+        discard_threads: discarded - detected,
+        release_locks: unlocked - discarded,
+        reload_image: reloaded - unlocked,
+        total: done - detected,
+    });
     log::warn!(
-        "microreset of {name}: generation now {generation}, {} TSC ticks from detection to resume",
+        "{} of {name}: generation now {generation}, {} TSC ticks from detection to resume",
+        mode.name(),
         done - detected
     );
-    system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
 }

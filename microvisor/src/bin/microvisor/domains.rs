@@ -2,7 +2,7 @@
 //! isolated: each misbehaviour of the probe domain must be caught as the probe's own fault,
 //! recovered, and leave the probe serving again.
 
-use microvisor::cmdline::Benchmark;
+use microvisor::cmdline::{Benchmark, RecoveryMode};
 use microvisor::summary::BenchReport;
 use microvisor_abi::Status;
 use tar_no_std::TarArchiveRef;
@@ -25,9 +25,11 @@ const MISBEHAVIOURS: &[(u8, &str)] = &[
 /// Round trips timed by `bench=ipc`.
 const BENCH_SAMPLES: usize = 1000;
 
-/// Loads every domain in the bundle and runs the isolation checks; ends the run on failure.
-/// With `bench`, then times IPC round trips.
-pub fn bring_up(boot: &BootInfo, bench: Option<Benchmark>) {
+/// Loads every domain in the bundle and runs the isolation checks, recovering the probe by
+/// `mode` after each misbehaviour; ends the run on failure. With `bench`, then times IPC
+/// round trips.
+pub fn bring_up(boot: &BootInfo, mode: RecoveryMode, bench: Option<Benchmark>) {
+    domain::set_recovery_mode(mode);
     let Some(module) = boot.modules().first() else {
         log::warn!("no domain bundle among the boot modules: running without domains");
         return;
@@ -35,7 +37,7 @@ pub fn bring_up(boot: &BootInfo, bench: Option<Benchmark>) {
     let virt = paging::phys_to_virt(module.start).as_ptr::<u8>();
     // SAFETY: the module's range was reserved from the frame allocator at boot and is covered
     // by the direct map; nothing writes to it.
-    let bytes = unsafe { core::slice::from_raw_parts(virt, module.len() as usize) };
+    let bytes: &'static [u8] = unsafe { core::slice::from_raw_parts(virt, module.len() as usize) };
     let archive = match TarArchiveRef::new(bytes) {
         Ok(archive) => archive,
         Err(error) => crate::fail(
@@ -79,7 +81,7 @@ pub fn bring_up(boot: &BootInfo, bench: Option<Benchmark>) {
         crate::fail("domains", format_args!("the bundle holds no probe domain"));
     };
     run::stage("domains");
-    check_probe(probe);
+    check_probe(probe, mode);
     run::stage("domain-isolation");
     // The calling CPU runs the callee: every CPU enters its own thread of the probe.
     let missing = run::call_from_every_ap(probe, 2_000_000);
@@ -110,7 +112,19 @@ fn echo(probe: u16, tag: u8) -> Result<(), Status> {
     }
 }
 
-fn check_probe(probe: u16) {
+/// Asks the probe for its request counter (a static in its data segment).
+fn probe_counter(probe: u16) -> u32 {
+    let mut reply = [0u8; 4];
+    match domain::core_call(probe, &[8], &mut reply) {
+        Ok(4) => u32::from_le_bytes(reply),
+        other => crate::fail(
+            "domain-isolation",
+            format_args!("the probe's counter did not answer: {other:?}"),
+        ),
+    }
+}
+
+fn check_probe(probe: u16, mode: RecoveryMode) {
     if let Err(status) = echo(probe, 1) {
         crate::fail(
             "domain-isolation",
@@ -129,6 +143,7 @@ fn check_probe(probe: u16) {
             format_args!("a call without capability gave {other:?} / {:?}", reply[0]),
         ),
     }
+    let mut counter = probe_counter(probe);
     for (round, &(request, what)) in MISBEHAVIOURS.iter().enumerate() {
         let before = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
         match domain::core_call(probe, &[request], &mut reply) {
@@ -154,7 +169,27 @@ fn check_probe(probe: u16) {
                 format_args!("probe not serving after {what}: {status:?}"),
             );
         }
-        log::info!("probe told to {what}: caught, microreset, serving again (generation {after})");
+        // A microreset keeps the domain's memory (the counter goes on); a microreboot reloads
+        // its data from the pristine image (the counter starts again).
+        let counter_before = counter;
+        counter = probe_counter(probe);
+        let expected = match mode {
+            RecoveryMode::Microreset => counter_before + 1,
+            RecoveryMode::Microreboot => 1,
+        };
+        if counter != expected {
+            crate::fail(
+                "domain-isolation",
+                format_args!(
+                    "after a {} the probe's counter is {counter}, expected {expected}",
+                    mode.name()
+                ),
+            );
+        }
+        log::info!(
+            "probe told to {what}: caught, {}, serving again (generation {after}, counter {counter})",
+            mode.name()
+        );
     }
 }
 

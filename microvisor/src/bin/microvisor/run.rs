@@ -246,6 +246,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         tsc: apic::tsc(),
         domains: &domains[..domain_count],
         last_detection: crate::domain::detection_report(),
+        last_recovery: crate::domain::recovery_report(),
         bench: BENCH.try_lock().and_then(|bench| *bench),
         failure,
     };
