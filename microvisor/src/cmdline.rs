@@ -50,15 +50,27 @@ impl RecoveryMode {
     }
 }
 
+/// A fault the core injects into a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault<'a> {
+    /// `failstop:DOMAIN`: RIP := 0 in DOMAIN while it serves a request.
+    Failstop {
+        /// Domain name.
+        domain: &'a str,
+    },
+}
+
 /// Options the command line can set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Options {
+pub struct Options<'a> {
     /// `fault=ud|pf|gp[@CPU]`.
     pub fault: Option<FaultRequest>,
     /// `bench=ipc`.
     pub bench: Option<Benchmark>,
     /// `recovery=microreset|microreboot`.
     pub recovery: RecoveryMode,
+    /// `inject=failstop:DOMAIN`.
+    pub inject: Option<InjectedFault<'a>>,
 }
 
 /// A word of the command line that could not be used.
@@ -78,7 +90,7 @@ pub enum CmdlineError<'a> {
 }
 
 /// Parses `line`, calling `on_error` for each word it cannot use.
-pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> Options {
+pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> Options<'a> {
     let mut options = Options::default();
     for word in line.split_ascii_whitespace() {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -98,6 +110,16 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     key,
                     value,
                     expected: "microreset|microreboot",
+                }),
+            },
+            "inject" => match value.split_once(':') {
+                Some(("failstop", domain)) if !domain.is_empty() => {
+                    options.inject = Some(InjectedFault::Failstop { domain })
+                }
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "failstop:DOMAIN",
                 }),
             },
             "bench" => match value {
@@ -133,7 +155,7 @@ mod tests {
     use super::*;
     use std::vec::Vec;
 
-    fn parse_collect(line: &str) -> (Options, Vec<CmdlineError<'_>>) {
+    fn parse_collect(line: &str) -> (Options<'_>, Vec<CmdlineError<'_>>) {
         let mut errors = Vec::new();
         let options = parse(line, |error| errors.push(error));
         (options, errors)
@@ -177,6 +199,20 @@ mod tests {
             (options.recovery, errors.len()),
             (RecoveryMode::Microreset, 1)
         );
+    }
+
+    #[test]
+    fn inject_names_a_fault_and_a_domain() {
+        let (options, errors) = parse_collect("inject=failstop:memory");
+        assert!(errors.is_empty());
+        assert_eq!(
+            options.inject,
+            Some(InjectedFault::Failstop { domain: "memory" })
+        );
+        for bad in ["inject=failstop:", "inject=flip:memory", "inject=memory"] {
+            let (options, errors) = parse_collect(bad);
+            assert_eq!((options.inject, errors.len()), (None, 1), "{bad}");
+        }
     }
 
     #[test]

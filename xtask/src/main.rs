@@ -94,6 +94,58 @@ struct RunArgs {
     /// Boot this ELF instead of building the kernel.
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
+    /// Inject a fault into a domain: `failstop:DOMAIN` sets RIP to 0 inside DOMAIN while it
+    /// serves a request (adds `inject=...` to the kernel command line).
+    #[arg(long, value_name = "failstop:DOMAIN", value_parser = parse_inject)]
+    inject: Option<String>,
+    /// How the core recovers a failed domain (adds `recovery=...` to the command line).
+    #[arg(long, value_enum)]
+    recovery: Option<RecoveryArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RecoveryArg {
+    /// Abandon the domain's threads, release its locks, keep its memory.
+    Microreset,
+    /// As microreset, and reload its code and data from the pristine image.
+    Microreboot,
+}
+
+/// Accepts `failstop:DOMAIN` with a plain domain name.
+fn parse_inject(value: &str) -> Result<String, String> {
+    match value.split_once(':') {
+        Some(("failstop", domain))
+            if !domain.is_empty()
+                && domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+        {
+            Ok(value.to_string())
+        }
+        _ => Err(format!(
+            "{value:?} is not a fault to inject: use failstop:DOMAIN, e.g. failstop:probe"
+        )),
+    }
+}
+
+impl RunArgs {
+    /// The kernel command line: `--cmdline` plus what `--inject` and `--recovery` add.
+    fn kernel_cmdline(&self) -> String {
+        let mut words: Vec<String> = self
+            .cmdline
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if let Some(inject) = &self.inject {
+            words.push(format!("inject={inject}"));
+        }
+        match self.recovery {
+            Some(RecoveryArg::Microreset) => words.push("recovery=microreset".to_string()),
+            Some(RecoveryArg::Microreboot) => words.push("recovery=microreboot".to_string()),
+            None => {}
+        }
+        words.join(" ")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -216,7 +268,8 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
-    image::validate_cmdline(&args.cmdline)?;
+    let cmdline = args.kernel_cmdline();
+    image::validate_cmdline(&cmdline)?;
     let kind = choose_emulator(args.emulator);
     let iso = match (kind, args.boot) {
         (EmulatorKind::Bochs, Some(BootArg::Direct)) => {
@@ -246,12 +299,12 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
     let run_dir = emulator::new_run_dir("run")?;
     let image = if iso {
         let iso = run_dir.join("microvisor.iso");
-        image::build_iso(&elf, &args.cmdline, &iso)?;
+        image::build_iso(&elf, &cmdline, &iso)?;
         Image::Iso(iso)
     } else {
         Image::Elf {
             path: elf.clone(),
-            cmdline: args.cmdline.clone(),
+            cmdline: cmdline.clone(),
         }
     };
     let spec = BootSpec {
@@ -269,7 +322,7 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
         } else {
             "direct (PVH)"
         },
-        args.cmdline,
+        cmdline,
         args.timeout,
         run_dir.display()
     );
@@ -356,7 +409,8 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["xtask", "run", "--emulator", "vbox"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "run", "--cpus", "0"]).is_err());
-        assert!(Cli::try_parse_from(["xtask", "bench"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "bench"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "bench", "--frobnicate"]).is_err());
     }
 
     #[test]
@@ -368,5 +422,34 @@ mod tests {
         assert_eq!(parsed["outcome"], "failed");
         assert_eq!(parsed["failure"]["reason"], "timeout after \"120\" s");
         assert!(line.starts_with(r#"{"event":"summary","outcome":"failed","#));
+    }
+
+    #[test]
+    fn inject_and_recovery_flags_join_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "run",
+            "--cmdline",
+            "fault=ud",
+            "--inject",
+            "failstop:memory",
+            "--recovery",
+            "microreboot",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            args.kernel_cmdline(),
+            "fault=ud inject=failstop:memory recovery=microreboot"
+        );
+        for bad in ["failstop:", "flip:memory", "failstop:a b", "memory"] {
+            assert!(
+                Cli::try_parse_from(["xtask", "run", "--inject", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(Cli::try_parse_from(["xtask", "run", "--recovery", "reboot"]).is_err());
     }
 }

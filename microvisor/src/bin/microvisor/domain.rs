@@ -206,6 +206,26 @@ pub struct Detection {
 
 static LAST_DETECTION: Mutex<Option<Detection>> = Mutex::new(None);
 static MODE: Mutex<RecoveryMode> = Mutex::new(RecoveryMode::Microreset);
+/// Domain index + 1 armed for a fail-stop at its next request (0: none).
+static FAILSTOP_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Arms a fail-stop: the next request domain `index` starts serving begins at RIP 0.
+pub fn arm_failstop(index: u16) {
+    FAILSTOP_ARMED.store(
+        usize::from(index) + 1,
+        core::sync::atomic::Ordering::Release,
+    );
+}
+
+/// Index of the domain called `name`.
+pub fn find(name: &str) -> Option<u16> {
+    let system = SYSTEM.lock();
+    system
+        .domains
+        .iter()
+        .position(|domain| domain.as_ref().is_some_and(|domain| domain.name == name))
+        .map(|index| index as u16)
+}
 static LAST_RECOVERY: Mutex<Option<RecoveryReport<'static>>> = Mutex::new(None);
 
 /// Sets how failed domains are recovered.
@@ -537,6 +557,23 @@ impl System {
             }
         }
         thread.state = ThreadState::Busy;
+        // Fault injection: a fail-stop while serving this request.
+        if FAILSTOP_ARMED
+            .compare_exchange(
+                usize::from(callee) + 1,
+                0,
+                core::sync::atomic::Ordering::AcqRel,
+                core::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            let _ = writeln!(
+                Console::lock(),
+                "INJECT failstop into domain {callee} on CPU {cpu}: RIP {:#x} := 0",
+                frame.rip
+            );
+            frame.rip = 0;
+        }
         switch_address_space(pml4);
     }
 

@@ -2,7 +2,7 @@
 //! isolated: each misbehaviour of the probe domain must be caught as the probe's own fault,
 //! recovered, and leave the probe serving again.
 
-use microvisor::cmdline::{Benchmark, RecoveryMode};
+use microvisor::cmdline::{Benchmark, InjectedFault, RecoveryMode};
 use microvisor::summary::BenchReport;
 use microvisor_abi::Status;
 use tar_no_std::TarArchiveRef;
@@ -28,7 +28,12 @@ const BENCH_SAMPLES: usize = 1000;
 /// Loads every domain in the bundle and runs the isolation checks, recovering the probe by
 /// `mode` after each misbehaviour; ends the run on failure. With `bench`, then times IPC
 /// round trips.
-pub fn bring_up(boot: &BootInfo, mode: RecoveryMode, bench: Option<Benchmark>) {
+pub fn bring_up(
+    boot: &BootInfo,
+    mode: RecoveryMode,
+    inject: Option<InjectedFault<'_>>,
+    bench: Option<Benchmark>,
+) {
     domain::set_recovery_mode(mode);
     let Some(module) = boot.modules().first() else {
         log::warn!("no domain bundle among the boot modules: running without domains");
@@ -92,6 +97,10 @@ pub fn bring_up(boot: &BootInfo, mode: RecoveryMode, bench: Option<Benchmark>) {
         );
     }
     run::stage("domain-calls-every-cpu");
+    if let Some(InjectedFault::Failstop { domain: target }) = inject {
+        inject_failstop(target);
+        run::stage("inject-failstop");
+    }
     if bench == Some(Benchmark::Ipc) {
         bench_ipc(probe);
         run::stage("bench-ipc");
@@ -223,4 +232,45 @@ fn bench_ipc(probe: u16) {
         );
         run::record_bench(report);
     }
+}
+
+/// `inject=failstop:DOMAIN`: arms a fail-stop for DOMAIN's next request, sends it one, and
+/// checks the fault was detected, the domain recovered and serving again.
+fn inject_failstop(target: &str) {
+    let Some(index) = domain::find(target) else {
+        crate::fail(
+            "inject-failstop",
+            format_args!("no domain called {target:?} to inject into"),
+        );
+    };
+    let before = domain::describe(index).map_or(0, |(_, generation, _)| generation);
+    domain::arm_failstop(index);
+    // The probe answers an echo; other domains get a request of their own interface once they
+    // exist. A fail-stop strikes before the request is read, whatever it is.
+    let mut reply = [0u8; 8];
+    match domain::core_call(index, &[0, 0x42], &mut reply) {
+        Err(Status::PeerRestarted) => {}
+        other => crate::fail(
+            "inject-failstop",
+            format_args!("the injected call to {target} gave {other:?}, expected PeerRestarted"),
+        ),
+    }
+    let after = domain::describe(index).map_or(0, |(_, generation, _)| generation);
+    if after != before + 1 {
+        crate::fail(
+            "inject-failstop",
+            format_args!("{target}'s generation went {before} -> {after}"),
+        );
+    }
+    if target == "probe" {
+        if let Err(status) = echo(index, 0x43) {
+            crate::fail(
+                "inject-failstop",
+                format_args!("the probe does not serve after recovery: {status:?}"),
+            );
+        }
+    }
+    log::info!(
+        "fail-stop injected into {target}: detected, recovered (generation {after}), serving again"
+    );
 }

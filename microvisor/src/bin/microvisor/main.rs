@@ -173,7 +173,7 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
     run::stage("timer-all-cpus");
 
-    domains::bring_up(&boot, options.recovery, options.bench);
+    domains::bring_up(&boot, options.recovery, options.inject, options.bench);
 
     if let Some(request) = options.fault {
         run::request_fault(request);
