@@ -137,6 +137,30 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
     }
 }
 
+/// Stages a boot with `inject=failstop:probe` must run, beyond bring-up.
+pub const INJECT_STAGES: &[&str] = &[
+    "domains",
+    "domain-isolation",
+    "domain-calls-every-cpu",
+    "inject-failstop",
+];
+
+/// A boot that injects a fail-stop into the probe (`inject=failstop:probe`) on top of its
+/// misbehaviours, and recovers by `mode`.
+fn injecting(
+    name: &'static str,
+    emulator: Emulator,
+    boot: Boot,
+    cpus: u32,
+    mode: &'static str,
+    cmdline: &'static str,
+) -> BootCase {
+    let mut case = recovering(name, emulator, boot, cpus, mode, cmdline);
+    case.expect.stages = INJECT_STAGES;
+    case.expect.probe_failures = Some(PROBE_MISBEHAVIOURS + 1);
+    case
+}
+
 /// A healthy boot whose domain recoveries use `mode` (`recovery=MODE` on the command line).
 fn recovering(
     name: &'static str,
@@ -199,6 +223,14 @@ pub fn catalogue() -> Vec<BootCase> {
             "microreboot",
             "recovery=microreboot",
         ),
+        injecting(
+            "bochs-iso-2cpu-inject-failstop-microreset",
+            Bochs,
+            Iso,
+            2,
+            "microreset",
+            "inject=failstop:probe recovery=microreset",
+        ),
         healthy("qemu-direct-1cpu", Qemu, Direct, 1),
         healthy("qemu-direct-2cpu", Qemu, Direct, 2),
         healthy("qemu-direct-4cpu", Qemu, Direct, 4),
@@ -210,6 +242,14 @@ pub fn catalogue() -> Vec<BootCase> {
             2,
             "microreboot",
             "recovery=microreboot",
+        ),
+        injecting(
+            "qemu-direct-2cpu-inject-failstop-microreboot",
+            Qemu,
+            Direct,
+            2,
+            "microreboot",
+            "inject=failstop:probe recovery=microreboot",
         ),
         faulting("qemu-direct-fault-ud", Qemu, Direct, 1, "fault=ud", UD),
         faulting("qemu-direct-fault-pf", Qemu, Direct, 1, "fault=pf", PF),
