@@ -147,6 +147,35 @@ impl Display for RecoveryReport<'_> {
     }
 }
 
+/// How the synthetic workload ended.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkloadReport<'a> {
+    /// Which workload.
+    pub name: &'a str,
+    /// Every result matched its expected value.
+    pub passed: bool,
+    /// Requests completed (hypercalls and scheduler calls).
+    pub requests: u32,
+    /// Requests that had to be retried (a service restarted under them).
+    pub retries: u32,
+    /// Checks made on the results.
+    pub checks: u32,
+}
+
+impl Display for WorkloadReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"name":{},"verdict":"{}","requests":{},"retries":{},"checks":{}}}"#,
+            JsonStr(self.name),
+            if self.passed { "ok" } else { "failed" },
+            self.requests,
+            self.retries,
+            self.checks
+        )
+    }
+}
+
 /// A benchmark's result: TSC ticks per operation (instructions under bochs).
 #[derive(Clone, Copy, Debug)]
 pub struct BenchReport<'a> {
@@ -223,6 +252,8 @@ pub struct Summary<'a> {
     pub last_detection: Option<DetectionReport<'a>>,
     /// The most recent recovery, if any.
     pub last_recovery: Option<RecoveryReport<'a>>,
+    /// The synthetic workload, if it ran.
+    pub workload: Option<WorkloadReport<'a>>,
     /// The benchmark asked for on the command line, if any.
     pub bench: Option<BenchReport<'a>>,
     /// Why the run failed, if it did.
@@ -345,6 +376,11 @@ impl Display for Summary<'_> {
             Some(recovery) => write!(f, "{recovery}")?,
             None => f.write_str("null")?,
         }
+        f.write_str(r#","workload":"#)?;
+        match &self.workload {
+            Some(workload) => write!(f, "{workload}")?,
+            None => f.write_str("null")?,
+        }
         f.write_str(r#","bench":"#)?;
         match &self.bench {
             Some(bench) => write!(f, "{bench}")?,
@@ -402,6 +438,13 @@ mod tests {
                 reload_image: 300,
                 total: 400,
             }),
+            workload: Some(WorkloadReport {
+                name: "synthetic",
+                passed: true,
+                requests: 30,
+                retries: 1,
+                checks: 40,
+            }),
             bench: None,
             failure,
         }
@@ -423,6 +466,8 @@ mod tests {
         assert_eq!(value["last_detection"]["caller"], "core");
         assert_eq!(value["last_detection"]["rip"], "0x4029b8");
         assert_eq!(value["last_recovery"]["mode"], "microreboot");
+        assert_eq!(value["workload"]["verdict"], "ok");
+        assert_eq!(value["workload"]["retries"], 1);
         assert_eq!(value["last_recovery"]["tsc"]["reload_image"], 300);
     }
 

@@ -20,7 +20,7 @@ pub const KERNEL_TARGET_DIR: &str = "target/kernel";
 
 /// Rust flags for domain images: freestanding, static, linked at the domain image base by the
 /// runtime's linker script (ring 3 keeps the red zone: interrupts switch stacks).
-pub const DOMAIN_RUSTFLAGS: &str = "-C panic=abort -C linker=rust-lld -C linker-flavor=ld.lld \
+pub const DOMAIN_RUSTFLAGS: &str = "-C panic=abort -C strip=debuginfo -C linker=rust-lld -C linker-flavor=ld.lld \
     -C relocation-model=static -C link-arg=--no-pie -C link-arg=-static \
     -C link-arg=-nostdlib -C link-arg=--build-id=none -C link-arg=-zmax-page-size=0x1000";
 
@@ -37,10 +37,28 @@ pub struct DomainImage {
 }
 
 /// The domains the core loads, in load order.
-pub const DOMAINS: &[DomainImage] = &[DomainImage {
-    name: "probe",
-    package: "probe-domain",
-}];
+pub const DOMAINS: &[DomainImage] = &[
+    DomainImage {
+        name: "scheduler",
+        package: "scheduler",
+    },
+    DomainImage {
+        name: "memory",
+        package: "memory",
+    },
+    DomainImage {
+        name: "timer",
+        package: "timer",
+    },
+    DomainImage {
+        name: "hypercall",
+        package: "hypercall",
+    },
+    DomainImage {
+        name: "probe",
+        package: "probe-domain",
+    },
+];
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {

@@ -28,6 +28,21 @@ pub mod call {
     pub const PANIC: u64 = 3;
 }
 
+/// Why a fresh thread starts (RCX at `_start`). Only the first thread the core enters after
+/// the domain was (re)started gets a reason other than [`start::JOIN`]; it runs the domain's
+/// start routine (initialise, repair, or validate and reintegrate its state) before serving.
+pub mod start {
+    /// Another thread already ran the start routine: just serve.
+    pub const JOIN: u64 = 0;
+    /// First start since boot: initialise the state region.
+    pub const BOOT: u64 = 1;
+    /// After a microreset: state kept in place; repair it.
+    pub const AFTER_MICRORESET: u64 = 2;
+    /// After a microreboot: code and data are pristine; validate the kept state region and
+    /// reintegrate it, or rebuild it.
+    pub const AFTER_MICROREBOOT: u64 = 3;
+}
+
 /// `REPLY_WAIT` argument on a thread's first entry: there is nothing to reply to.
 pub const NO_REPLY: u64 = u64::MAX;
 
@@ -80,6 +95,8 @@ pub const IMAGE_BASE: u64 = 0x0040_0000;
 pub const HEAP_BASE: u64 = 0x1000_0000;
 /// The state region: kept across a microreset and a microreboot.
 pub const STATE_BASE: u64 = 0x2000_0000;
+/// Bytes of the state region.
+pub const STATE_BYTES: usize = 16 * 4096;
 /// The lock table: every spin lock of the domain lives here, so recovery can release all.
 pub const LOCK_TABLE_BASE: u64 = 0x2fff_0000;
 /// Spin locks in the lock table (one `u64` word each, one page).

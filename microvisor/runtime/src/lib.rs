@@ -14,22 +14,41 @@
 
 use core::arch::asm;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU64, Ordering};
 use microvisor_abi::{self as abi, Status, call};
 
 pub use microvisor_abi::MESSAGE_BYTES;
 // The memory functions `core` needs; linked for their symbols.
 use microvisor_freestanding as _;
 
+/// Why the domain (re)started; see [`microvisor_abi::start`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartReason {
+    /// First start since boot.
+    Boot,
+    /// After a microreset (state kept in place).
+    AfterMicroreset,
+    /// After a microreboot (code and data pristine, state region kept).
+    AfterMicroreboot,
+}
+
 /// A request handler: the whole of a service, as the runtime sees it.
 pub trait Service {
     /// Serves one request from domain `caller`: reads `request`, writes the reply into
     /// `reply` and returns its length.
     fn serve(context: &mut Context, caller: u16, request: &[u8], reply: &mut [u8]) -> usize;
+
+    /// Runs once per (re)start, before the first request, on the first thread the core
+    /// enters: initialise, repair, or validate and reintegrate the state region.
+    fn start(_context: &mut Context, _reason: StartReason) {}
 }
 
 /// What a thread knows about itself, and its way to the core.
 pub struct Context {
     cpu: usize,
+    cpu_count: usize,
+    /// The generation this thread last saw of each domain (index = domain index).
+    generations: [u32; 16],
 }
 
 /// A failed call to another domain.
@@ -42,9 +61,37 @@ pub struct CallFailed {
 }
 
 impl Context {
+    fn new(cpu: u64, cpu_count: u64) -> Self {
+        Self { cpu: cpu as usize, cpu_count: cpu_count as usize, generations: [1; 16] }
+    }
+
     /// The CPU this thread serves.
     pub fn cpu(&self) -> usize {
         self.cpu
+    }
+
+    /// How many CPUs the system has (each has a thread of this domain).
+    pub fn cpu_count(&self) -> usize {
+        self.cpu_count
+    }
+
+    /// Runs `f` on this context and the domain's state region, holding the domain's state
+    /// lock (lock 0 of the lock table) so the domain's threads on other CPUs wait. Recovery releases the lock by
+    /// clearing the table, so a thread that died holding it does not block the next one.
+    pub fn with_state<R>(&mut self, f: impl FnOnce(&mut Self, &mut [u8]) -> R) -> R {
+        // SAFETY: the lock table page is mapped read-write in every domain at this fixed,
+        // 8-aligned address and only ever accessed atomically.
+        let lock = unsafe { &*(abi::LOCK_TABLE_BASE as *const AtomicU64) };
+        let owner = self.cpu as u64 + 1;
+        while lock.compare_exchange_weak(0, owner, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the state region is mapped read-write at this fixed address; holding the
+        // state lock makes this the only reference to it among the domain's threads.
+        let state = unsafe { core::slice::from_raw_parts_mut(abi::STATE_BASE as *mut u8, abi::STATE_BYTES) };
+        let result = f(self, state);
+        lock.store(0, Ordering::Release);
+        result
     }
 
     fn buffer(&mut self) -> &mut [u8; MESSAGE_BYTES] {
@@ -122,29 +169,42 @@ fn syscall3(number: u64, first: u64, second: u64, third: u64) -> (u64, u64, u64)
     (rax, rdx, r8)
 }
 
-/// A thread's life: serve the first request, then reply-and-wait forever.
-pub fn run<S: Service>(cpu: u64, request_length: u64, caller: u64) -> ! {
-    let mut context = Context { cpu: cpu as usize };
-    let mut length = request_length as usize;
-    let mut caller = caller as u16;
+/// A thread's life: run the start routine if the core says so, serve the first request,
+/// then reply-and-wait forever.
+pub fn run<S: Service>(cpu: u64, request_length: u64, caller: u64, reason: u64, cpu_count: u64) -> ! {
+    let mut context = Context::new(cpu, cpu_count);
+    let reason = match reason {
+        abi::start::BOOT => Some(StartReason::Boot),
+        abi::start::AFTER_MICRORESET => Some(StartReason::AfterMicroreset),
+        abi::start::AFTER_MICROREBOOT => Some(StartReason::AfterMicroreboot),
+        _ => None,
+    };
     // Allocated (and zeroed) once per thread, not per request: only the bytes in use move.
     let mut request = [0u8; MESSAGE_BYTES];
     let mut reply = [0u8; MESSAGE_BYTES];
+    let mut length = (request_length as usize).min(MESSAGE_BYTES);
+    let mut caller = caller as u16;
+    // The first request waits in the message buffer; take it out before the start routine,
+    // which may use the buffer (to log, or to call other domains).
+    request[..length].copy_from_slice(&context.buffer()[..length]);
+    if let Some(reason) = reason {
+        S::start(&mut context, reason);
+    }
     loop {
-        let request_length = length.min(MESSAGE_BYTES);
-        request[..request_length].copy_from_slice(&context.buffer()[..request_length]);
+        let request_length = length;
         let reply_length = S::serve(&mut context, caller, &request[..request_length], &mut reply)
             .min(MESSAGE_BYTES);
         context.buffer()[..reply_length].copy_from_slice(&reply[..reply_length]);
         let (_, next_length, next_caller) = syscall3(call::REPLY_WAIT, reply_length as u64, 0, 0);
-        length = next_length as usize;
+        length = (next_length as usize).min(MESSAGE_BYTES);
         caller = next_caller as u16;
+        request[..length].copy_from_slice(&context.buffer()[..length]);
     }
 }
 
 /// Reports a panic to the core, which suspends the domain and starts recovery.
 pub fn report_panic(cpu: u64, info: &core::panic::PanicInfo<'_>) -> ! {
-    let mut context = Context { cpu: cpu as usize };
+    let mut context = Context::new(cpu, 1);
     let mut writer = BufferWriter {
         buffer: context.buffer(),
         length: 0,
@@ -178,8 +238,8 @@ macro_rules! domain_entry {
     ($service:ty) => {
         /// Entry point of every thread of this domain (see `microvisor_runtime`).
         #[unsafe(no_mangle)]
-        pub extern "C" fn _start(cpu: u64, request_length: u64, caller: u64) -> ! {
-            $crate::run::<$service>(cpu, request_length, caller)
+        pub extern "C" fn _start(cpu: u64, request_length: u64, caller: u64, reason: u64, cpu_count: u64) -> ! {
+            $crate::run::<$service>(cpu, request_length, caller, reason, cpu_count)
         }
 
         #[panic_handler]
@@ -191,6 +251,31 @@ macro_rules! domain_entry {
         #[unsafe(no_mangle)]
         pub extern "C" fn rust_eh_personality() {}
     };
+}
+
+/// Calls to other domains with the `ipc` crate's typed client: the core's status codes
+/// become [`ipc::CallError`]s, and the generation of each peer is tracked so a restart shows
+/// up as `PeerRestarted` once (the typed client then retries idempotent requests).
+impl ipc::Transport for Context {
+    fn call(&mut self, peer: ipc::DomainIndex, request: &[u8], reply: &mut [u8; ipc::MESSAGE_MAX]) -> Result<usize, ipc::CallError> {
+        let index = peer as u16;
+        let slot = usize::from(index) % self.generations.len();
+        match Context::call(self, index, self.generations[slot], request, reply) {
+            Ok(length) => Ok(length),
+            Err(failed) => {
+                if failed.status == Status::PeerRestarted {
+                    self.generations[slot] = failed.generation;
+                }
+                Err(match failed.status {
+                    Status::PeerRestarted => ipc::CallError::PeerRestarted,
+                    Status::PeerFailed => ipc::CallError::PeerFailed,
+                    Status::Busy => ipc::CallError::Busy,
+                    Status::BadArgument => ipc::CallError::Oversized,
+                    Status::Ok | Status::NoCapability | Status::NoSuchTarget => ipc::CallError::NoCapability,
+                })
+            }
+        }
+    }
 }
 
 /// Deliberate misbehaviour, for the isolation and fault tests only (the probe domain). Each

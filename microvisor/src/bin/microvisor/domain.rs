@@ -89,7 +89,7 @@ pub enum LoadError {
     BadEntry(u64),
     /// Out of physical memory.
     OutOfMemory,
-    /// Already [`MAX_DOMAINS`] domains.
+    /// The domain index is taken or out of range.
     TooManyDomains,
     /// More than [`MAX_SEGMENTS`] loadable segments.
     TooManySegments,
@@ -111,7 +111,7 @@ impl core::fmt::Display for LoadError {
                 write!(f, "entry point {entry:#x} is not in an executable segment")
             }
             Self::OutOfMemory => f.write_str("out of physical memory"),
-            Self::TooManyDomains => write!(f, "more than {MAX_DOMAINS} domains"),
+            Self::TooManyDomains => write!(f, "its domain index is taken or beyond {MAX_DOMAINS}"),
             Self::TooManySegments => write!(f, "more than {MAX_SEGMENTS} loadable segments"),
             Self::PageTaken(page) => write!(
                 f,
@@ -156,6 +156,11 @@ pub struct Domain {
     may_call: u32,
     threads: [Thread; abi::MAX_DOMAIN_CPUS],
     failures: u32,
+    /// Start reason ([`abi::start`]) for the next fresh thread entered; [`abi::start::JOIN`]
+    /// once one thread has run the domain's start routine.
+    pending_start: u64,
+    /// CPUs the domain has threads for.
+    cpus: usize,
 }
 
 /// The per-CPU chain of threads inside calls; index 0 is the outermost caller.
@@ -171,14 +176,12 @@ struct Chain {
 
 struct System {
     domains: [Option<Domain>; MAX_DOMAINS],
-    count: usize,
     chains: [Chain; abi::MAX_DOMAIN_CPUS],
     core_buffers: [[u8; abi::MESSAGE_BYTES]; abi::MAX_DOMAIN_CPUS],
 }
 
 static SYSTEM: Mutex<System> = Mutex::new(System {
     domains: [const { None }; MAX_DOMAINS],
-    count: 0,
     chains: [Chain {
         entries: [None; MAX_CHAIN],
         depth: 0,
@@ -209,12 +212,41 @@ static MODE: Mutex<RecoveryMode> = Mutex::new(RecoveryMode::Microreset);
 /// Domain index + 1 armed for a fail-stop at its next request (0: none).
 static FAILSTOP_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
-/// Arms a fail-stop: the next request domain `index` starts serving begins at RIP 0.
-pub fn arm_failstop(index: u16) {
+/// Requests the armed domain may still serve before the fail-stop strikes.
+static FAILSTOP_SKIP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Arms a fail-stop: domain `index` serves `skip` more requests, then the next one it starts
+/// serving begins at RIP 0.
+pub fn arm_failstop(index: u16, skip: u32) {
+    FAILSTOP_SKIP.store(skip, core::sync::atomic::Ordering::Release);
     FAILSTOP_ARMED.store(
         usize::from(index) + 1,
         core::sync::atomic::Ordering::Release,
     );
+}
+
+/// Whether the fail-stop armed for `callee` strikes now (consuming one skip otherwise).
+fn failstop_strikes(callee: u16) -> bool {
+    use core::sync::atomic::Ordering;
+    if FAILSTOP_ARMED.load(Ordering::Acquire) != usize::from(callee) + 1 {
+        return false;
+    }
+    if FAILSTOP_SKIP
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |skip| {
+            skip.checked_sub(1)
+        })
+        .is_ok()
+    {
+        return false;
+    }
+    FAILSTOP_ARMED
+        .compare_exchange(
+            usize::from(callee) + 1,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
 }
 
 /// Index of the domain called `name`.
@@ -277,17 +309,23 @@ fn map_fresh(pml4: u64, virt: u64, pages: u64, flags: Flags) -> Result<u64, Load
     Ok(phys)
 }
 
-/// Loads the ELF `image` as domain `name`, with threads for `cpus` CPUs. Returns its index.
+/// Loads the ELF `image` as domain `name` at domain index `index`, with threads for `cpus`
+/// CPUs, allowed to call the domains whose bits are set in `may_call`.
 pub fn load(
+    index: u16,
     name: &'static str,
     image: &'static [u8],
     cpus: usize,
     may_call: u32,
-) -> Result<u16, LoadError> {
+) -> Result<(), LoadError> {
     let elf = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(LoadError::Elf)?;
     let entry = elf.ehdr.e_entry;
     let mut system = SYSTEM.lock();
-    if system.count >= MAX_DOMAINS {
+    if system
+        .domains
+        .get(usize::from(index))
+        .is_none_or(Option::is_some)
+    {
         return Err(LoadError::TooManyDomains);
     }
     let pml4_virt = paging::allocate_zeroed(1).ok_or(LoadError::OutOfMemory)?;
@@ -364,9 +402,8 @@ pub fn load(
         thread.buffer = map_fresh(pml4, abi::message_buffer(cpu), 1, data)?;
         map_fresh(pml4, abi::stack_bottom(cpu), abi::STACK_BYTES / 4096, data)?;
     }
-    let index = system.count;
     let checksum = crc32fast::hash(image);
-    system.domains[index] = Some(Domain {
+    system.domains[usize::from(index)] = Some(Domain {
         name,
         image,
         checksum,
@@ -379,9 +416,10 @@ pub fn load(
         may_call,
         threads,
         failures: 0,
+        pending_start: abi::start::BOOT,
+        cpus: cpus.min(abi::MAX_DOMAIN_CPUS),
     });
-    system.count += 1;
-    Ok(index as u16)
+    Ok(())
 }
 
 /// (Re)writes a segment's frames from the image: zero the pages, copy the file bytes.
@@ -530,7 +568,12 @@ impl System {
         chain.entries[chain.depth] = Some(callee);
         chain.depth += 1;
         let domain = self.domain(callee).expect("callee checked by the caller");
-        let (pml4, entry) = (domain.pml4, domain.entry);
+        let (pml4, entry, cpus) = (domain.pml4, domain.entry, domain.cpus);
+        let start_reason = if domain.threads[cpu].state == ThreadState::Fresh {
+            core::mem::replace(&mut domain.pending_start, abi::start::JOIN)
+        } else {
+            abi::start::JOIN
+        };
         let thread = &mut domain.threads[cpu];
         let caller_index = caller.map_or(0, u64::from);
         match thread.state {
@@ -544,6 +587,8 @@ impl System {
                     rdi: cpu as u64,
                     rsi: length as u64,
                     rdx: caller_index,
+                    rcx: start_reason,
+                    r8: cpus as u64,
                     ..TrapFrame::default()
                 };
                 *fx = initial_fx();
@@ -558,15 +603,7 @@ impl System {
         }
         thread.state = ThreadState::Busy;
         // Fault injection: a fail-stop while serving this request.
-        if FAILSTOP_ARMED
-            .compare_exchange(
-                usize::from(callee) + 1,
-                0,
-                core::sync::atomic::Ordering::AcqRel,
-                core::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
-        {
+        if failstop_strikes(callee) {
             let _ = writeln!(
                 Console::lock(),
                 "INJECT failstop into domain {callee} on CPU {cpu}: RIP {:#x} := 0",
@@ -861,6 +898,10 @@ fn recover(
     let reloaded = apic::tsc();
     domain.generation += 1;
     domain.failures += 1;
+    domain.pending_start = match mode {
+        RecoveryMode::Microreset => abi::start::AFTER_MICRORESET,
+        RecoveryMode::Microreboot => abi::start::AFTER_MICROREBOOT,
+    };
     let (name, generation) = (domain.name, domain.generation);
     system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
     let done = apic::tsc();

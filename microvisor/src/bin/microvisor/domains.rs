@@ -8,10 +8,17 @@ use microvisor_abi::Status;
 use tar_no_std::TarArchiveRef;
 
 use crate::bootinfo::BootInfo;
-use crate::{domain, paging, run};
+use crate::{domain, paging, run, workload};
 
-/// Domain names the core knows (the manifest's, for now a fixed list).
-const KNOWN: &[&str] = &["probe"];
+/// The domains the core knows: name, domain index (`ipc::DomainIndex` for the services), and
+/// the indices it may call. (The static manifest, checked by xtask, replaces this table.)
+const KNOWN: &[(&str, u16, &[u16])] = &[
+    ("scheduler", 2, &[]),
+    ("memory", 3, &[]),
+    ("timer", 4, &[]),
+    ("hypercall", 5, &[2, 3, 4]),
+    ("probe", 6, &[]),
+];
 
 /// Probe requests that must each fault inside the probe (see `tests/probe-domain`).
 const MISBEHAVIOURS: &[(u8, &str)] = &[
@@ -60,22 +67,25 @@ pub fn bring_up(
                 format_args!("a bundle entry has a non-UTF-8 name"),
             );
         };
-        let Some(name) = file
+        let Some(&(name, index, callees)) = file
             .strip_suffix(".elf")
-            .and_then(|stem| KNOWN.iter().find(|known| **known == stem))
+            .and_then(|stem| KNOWN.iter().find(|known| known.0 == stem))
         else {
             crate::fail(
                 "domains",
                 format_args!("unknown domain image {file:?} in the bundle"),
             );
         };
-        match domain::load(name, entry.data(), cpus, 0) {
-            Ok(index) => {
+        let may_call = callees
+            .iter()
+            .fold(0u32, |mask, callee| mask | (1 << callee));
+        match domain::load(index, name, entry.data(), cpus, may_call) {
+            Ok(()) => {
                 log::info!(
                     "domain {name} loaded as index {index} ({} bytes of ELF)",
                     entry.data().len()
                 );
-                if *name == "probe" {
+                if name == "probe" {
                     probe = Some(index);
                 }
             }
@@ -97,9 +107,14 @@ pub fn bring_up(
         );
     }
     run::stage("domain-calls-every-cpu");
-    if let Some(InjectedFault::Failstop { domain: target }) = inject {
-        inject_failstop(target);
-        run::stage("inject-failstop");
+    match inject {
+        Some(InjectedFault::Failstop { domain: "probe" }) => {
+            inject_failstop(probe_index("probe"));
+            run::stage("inject-failstop");
+            run_workload(None);
+        }
+        Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
+        None => run_workload(None),
     }
     if bench == Some(Benchmark::Ipc) {
         bench_ipc(probe);
@@ -234,43 +249,84 @@ fn bench_ipc(probe: u16) {
     }
 }
 
-/// `inject=failstop:DOMAIN`: arms a fail-stop for DOMAIN's next request, sends it one, and
-/// checks the fault was detected, the domain recovered and serving again.
-fn inject_failstop(target: &str) {
-    let Some(index) = domain::find(target) else {
-        crate::fail(
+/// The index of domain `name`, or the run fails.
+fn probe_index(name: &str) -> u16 {
+    match domain::find(name) {
+        Some(index) => index,
+        None => crate::fail(
             "inject-failstop",
-            format_args!("no domain called {target:?} to inject into"),
-        );
-    };
+            format_args!("no domain called {name:?} to inject into"),
+        ),
+    }
+}
+
+/// Runs the synthetic workload; with `inject`, a fail-stop is armed for that service's next
+/// request first, and the boot checks it was detected and recovered while the workload still
+/// got every result right.
+fn run_workload(inject: Option<&str>) {
+    let injected = inject.map(|target| {
+        let index = probe_index(target);
+        let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+        // Let it serve two requests first, so the fault strikes with state built up that
+        // recovery must keep (the workload's later checks depend on it).
+        domain::arm_failstop(index, 2);
+        (target, index, failures)
+    });
+    let (report, result) = workload::run();
+    run::record_workload(report);
+    if let Err(error) = result {
+        crate::fail("workload", format_args!("{error:?}"));
+    }
+    log::info!(
+        "workload: {} requests, {} retries, {} checks, all as expected",
+        report.requests,
+        report.retries,
+        report.checks
+    );
+    run::stage("workload");
+    if let Some((target, index, failures_before)) = injected {
+        let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+        if failures != failures_before + 1 {
+            crate::fail(
+                "inject-failstop",
+                format_args!(
+                    "{target} failed {failures_before} -> {failures} times: the fail-stop was not hit"
+                ),
+            );
+        }
+        log::info!("fail-stop injected into {target}: detected, recovered, workload correct");
+        run::stage("inject-failstop");
+    }
+}
+
+/// `inject=failstop:probe`: arms a fail-stop for the probe's next request, sends it one, and
+/// checks the fault was detected, the probe recovered and serving again.
+fn inject_failstop(index: u16) {
     let before = domain::describe(index).map_or(0, |(_, generation, _)| generation);
-    domain::arm_failstop(index);
-    // The probe answers an echo; other domains get a request of their own interface once they
-    // exist. A fail-stop strikes before the request is read, whatever it is.
+    domain::arm_failstop(index, 0);
+    // A fail-stop strikes before the request is read, whatever it is.
     let mut reply = [0u8; 8];
     match domain::core_call(index, &[0, 0x42], &mut reply) {
         Err(Status::PeerRestarted) => {}
         other => crate::fail(
             "inject-failstop",
-            format_args!("the injected call to {target} gave {other:?}, expected PeerRestarted"),
+            format_args!("the injected call to the probe gave {other:?}, expected PeerRestarted"),
         ),
     }
     let after = domain::describe(index).map_or(0, |(_, generation, _)| generation);
     if after != before + 1 {
         crate::fail(
             "inject-failstop",
-            format_args!("{target}'s generation went {before} -> {after}"),
+            format_args!("the probe's generation went {before} -> {after}"),
         );
     }
-    if target == "probe" {
-        if let Err(status) = echo(index, 0x43) {
-            crate::fail(
-                "inject-failstop",
-                format_args!("the probe does not serve after recovery: {status:?}"),
-            );
-        }
+    if let Err(status) = echo(index, 0x43) {
+        crate::fail(
+            "inject-failstop",
+            format_args!("the probe does not serve after recovery: {status:?}"),
+        );
     }
     log::info!(
-        "fail-stop injected into {target}: detected, recovered (generation {after}), serving again"
+        "fail-stop injected into the probe: detected, recovered (generation {after}), serving again"
     );
 }

@@ -21,6 +21,7 @@ mod paging;
 mod run;
 mod smp;
 mod trap;
+mod workload;
 
 use core::fmt::Write;
 use core::panic::PanicInfo;

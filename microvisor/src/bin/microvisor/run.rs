@@ -4,7 +4,7 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use microvisor::cmdline::{DeliberateFault, FaultRequest};
-use microvisor::summary::{BenchReport, DomainReport, Failure, Outcome, Summary};
+use microvisor::summary::{BenchReport, DomainReport, Failure, Outcome, Summary, WorkloadReport};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -200,6 +200,12 @@ pub fn halt_forever() -> ! {
 
 static FINISHING: AtomicBool = AtomicBool::new(false);
 static BENCH: Mutex<Option<BenchReport<'static>>> = Mutex::new(None);
+static WORKLOAD: Mutex<Option<WorkloadReport<'static>>> = Mutex::new(None);
+
+/// Records how the synthetic workload ended, for the summary.
+pub fn record_workload(report: WorkloadReport<'static>) {
+    *WORKLOAD.lock() = Some(report);
+}
 
 /// Records a benchmark result for the summary.
 pub fn record_bench(report: BenchReport<'static>) {
@@ -247,6 +253,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         domains: &domains[..domain_count],
         last_detection: crate::domain::detection_report(),
         last_recovery: crate::domain::recovery_report(),
+        workload: WORKLOAD.try_lock().and_then(|workload| *workload),
         bench: BENCH.try_lock().and_then(|bench| *bench),
         failure,
     };
