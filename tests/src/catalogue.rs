@@ -69,6 +69,10 @@ pub struct Expect {
     pub probe_failures: Option<u64>,
     /// `Some(mode)`: `"last_recovery.mode"` must be this (`microreset` or `microreboot`).
     pub recovery_mode: Option<&'static str>,
+    /// `Some(name)`: `"last_recovery.domain"` must be this domain.
+    pub recovered_domain: Option<&'static str>,
+    /// `"workload.verdict"` must be `"ok"`.
+    pub workload_ok: bool,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -84,6 +88,7 @@ pub const ALL_STAGES: &[&str] = &[
     "domains",
     "domain-isolation",
     "domain-calls-every-cpu",
+    "workload",
 ];
 
 /// Misbehaviours the probe domain is told to commit on every boot (see the core's
@@ -133,8 +138,30 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             stages: ALL_STAGES,
             probe_failures: Some(PROBE_MISBEHAVIOURS),
             recovery_mode: Some("microreset"),
+            recovered_domain: Some("probe"),
+            workload_ok: true,
         },
     }
+}
+
+/// Stages a boot with `inject=failstop:SERVICE` must run, beyond bring-up.
+pub const SERVICE_INJECT_STAGES: &[&str] =
+    &["domains", "domain-isolation", "workload", "inject-failstop"];
+
+/// A boot that injects a fail-stop into service domain `service` during the synthetic
+/// workload and recovers it by `mode`; the workload must still get every result right.
+fn service_fault(
+    name: &'static str,
+    service: &'static str,
+    mode: &'static str,
+    cmdline: &'static str,
+) -> BootCase {
+    let mut case = healthy(name, Emulator::Bochs, Boot::Iso, 2);
+    case.cmdline = cmdline;
+    case.expect.stages = SERVICE_INJECT_STAGES;
+    case.expect.recovery_mode = Some(mode);
+    case.expect.recovered_domain = Some(service);
+    case
 }
 
 /// Stages a boot with `inject=failstop:probe` must run, beyond bring-up.
@@ -192,6 +219,8 @@ fn faulting(
     case.expect.stages = &[];
     case.expect.probe_failures = None;
     case.expect.recovery_mode = None;
+    case.expect.recovered_domain = None;
+    case.expect.workload_ok = false;
     case
 }
 
@@ -211,6 +240,54 @@ pub fn catalogue() -> Vec<BootCase> {
     const PF: ExpectedFailure = ExpectedFailure { vector: 14, cpu: 0 };
     const GP_ON_1: ExpectedFailure = ExpectedFailure { vector: 13, cpu: 1 };
     vec![
+        service_fault(
+            "bochs-failstop-scheduler-microreset",
+            "scheduler",
+            "microreset",
+            "inject=failstop:scheduler recovery=microreset",
+        ),
+        service_fault(
+            "bochs-failstop-scheduler-microreboot",
+            "scheduler",
+            "microreboot",
+            "inject=failstop:scheduler recovery=microreboot",
+        ),
+        service_fault(
+            "bochs-failstop-memory-microreset",
+            "memory",
+            "microreset",
+            "inject=failstop:memory recovery=microreset",
+        ),
+        service_fault(
+            "bochs-failstop-memory-microreboot",
+            "memory",
+            "microreboot",
+            "inject=failstop:memory recovery=microreboot",
+        ),
+        service_fault(
+            "bochs-failstop-timer-microreset",
+            "timer",
+            "microreset",
+            "inject=failstop:timer recovery=microreset",
+        ),
+        service_fault(
+            "bochs-failstop-timer-microreboot",
+            "timer",
+            "microreboot",
+            "inject=failstop:timer recovery=microreboot",
+        ),
+        service_fault(
+            "bochs-failstop-hypercall-microreset",
+            "hypercall",
+            "microreset",
+            "inject=failstop:hypercall recovery=microreset",
+        ),
+        service_fault(
+            "bochs-failstop-hypercall-microreboot",
+            "hypercall",
+            "microreboot",
+            "inject=failstop:hypercall recovery=microreboot",
+        ),
         healthy("bochs-iso-4cpu", Bochs, Iso, 4),
         healthy("bochs-iso-2cpu", Bochs, Iso, 2),
         healthy("bochs-iso-1cpu", Bochs, Iso, 1),

@@ -132,6 +132,30 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         }
     }
 
+    if let Some(domain) = expect.recovered_domain {
+        let got = summary
+            .get("last_recovery")
+            .and_then(|recovery| recovery.get("domain"));
+        if got.and_then(Value::as_str) != Some(domain) {
+            reasons.push(format!(
+                "summary.last_recovery.domain is {}, expected {domain:?}",
+                show(got)
+            ));
+        }
+    }
+
+    if expect.workload_ok {
+        let got = summary
+            .get("workload")
+            .and_then(|workload| workload.get("verdict"));
+        if got.and_then(Value::as_str) != Some("ok") {
+            reasons.push(format!(
+                "summary.workload.verdict is {}, expected \"ok\"",
+                show(got)
+            ));
+        }
+    }
+
     if let Some(failures) = expect.probe_failures {
         let probe = summary
             .get("domains")
@@ -220,7 +244,8 @@ mod tests {
             "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES,
             "timer_ticks": vec![5; cpus as usize], "failure": null,
             "domains": [{"name": "probe", "generation": 6, "failures": 5}],
-            "last_recovery": {"domain": "probe", "mode": "microreset", "tsc": {"total": 9}}
+            "last_recovery": {"domain": "probe", "mode": "microreset", "tsc": {"total": 9}},
+            "workload": {"name": "synthetic-hypercalls", "verdict": "ok", "requests": 32, "retries": 0, "checks": 36}
         })
     }
 
@@ -447,6 +472,29 @@ mod tests {
         assert_eq!(
             run(&case, &lines(&summary), EmulatorEnd::Exited(Some(33))),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_service_case_needs_that_service_recovered_and_a_correct_workload() {
+        let case = case("bochs-failstop-memory-microreboot");
+        let mut summary = ok_summary("multiboot2", 2);
+        summary["ran"] = json!(["domains", "domain-isolation", "workload", "inject-failstop"]);
+        summary["last_recovery"] = json!({"domain": "memory", "mode": "microreboot"});
+        assert_eq!(
+            run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0))),
+            Vec::<String>::new()
+        );
+        summary["last_recovery"]["domain"] = json!("timer");
+        summary["workload"]["verdict"] = json!("failed");
+        let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0)));
+        assert!(
+            reasons.iter().any(|r| r.contains("last_recovery.domain")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("workload.verdict")),
+            "{reasons:?}"
         );
     }
 }

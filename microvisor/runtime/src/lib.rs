@@ -62,7 +62,11 @@ pub struct CallFailed {
 
 impl Context {
     fn new(cpu: u64, cpu_count: u64) -> Self {
-        Self { cpu: cpu as usize, cpu_count: cpu_count as usize, generations: [1; 16] }
+        Self {
+            cpu: cpu as usize,
+            cpu_count: cpu_count as usize,
+            generations: [1; 16],
+        }
     }
 
     /// The CPU this thread serves.
@@ -83,12 +87,17 @@ impl Context {
         // 8-aligned address and only ever accessed atomically.
         let lock = unsafe { &*(abi::LOCK_TABLE_BASE as *const AtomicU64) };
         let owner = self.cpu as u64 + 1;
-        while lock.compare_exchange_weak(0, owner, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while lock
+            .compare_exchange_weak(0, owner, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         // SAFETY: the state region is mapped read-write at this fixed address; holding the
         // state lock makes this the only reference to it among the domain's threads.
-        let state = unsafe { core::slice::from_raw_parts_mut(abi::STATE_BASE as *mut u8, abi::STATE_BYTES) };
+        let state = unsafe {
+            core::slice::from_raw_parts_mut(abi::STATE_BASE as *mut u8, abi::STATE_BYTES)
+        };
         let result = f(self, state);
         lock.store(0, Ordering::Release);
         result
@@ -171,7 +180,13 @@ fn syscall3(number: u64, first: u64, second: u64, third: u64) -> (u64, u64, u64)
 
 /// A thread's life: run the start routine if the core says so, serve the first request,
 /// then reply-and-wait forever.
-pub fn run<S: Service>(cpu: u64, request_length: u64, caller: u64, reason: u64, cpu_count: u64) -> ! {
+pub fn run<S: Service>(
+    cpu: u64,
+    request_length: u64,
+    caller: u64,
+    reason: u64,
+    cpu_count: u64,
+) -> ! {
     let mut context = Context::new(cpu, cpu_count);
     let reason = match reason {
         abi::start::BOOT => Some(StartReason::Boot),
@@ -238,7 +253,13 @@ macro_rules! domain_entry {
     ($service:ty) => {
         /// Entry point of every thread of this domain (see `microvisor_runtime`).
         #[unsafe(no_mangle)]
-        pub extern "C" fn _start(cpu: u64, request_length: u64, caller: u64, reason: u64, cpu_count: u64) -> ! {
+        pub extern "C" fn _start(
+            cpu: u64,
+            request_length: u64,
+            caller: u64,
+            reason: u64,
+            cpu_count: u64,
+        ) -> ! {
             $crate::run::<$service>(cpu, request_length, caller, reason, cpu_count)
         }
 
@@ -257,7 +278,12 @@ macro_rules! domain_entry {
 /// become [`ipc::CallError`]s, and the generation of each peer is tracked so a restart shows
 /// up as `PeerRestarted` once (the typed client then retries idempotent requests).
 impl ipc::Transport for Context {
-    fn call(&mut self, peer: ipc::DomainIndex, request: &[u8], reply: &mut [u8; ipc::MESSAGE_MAX]) -> Result<usize, ipc::CallError> {
+    fn call(
+        &mut self,
+        peer: ipc::DomainIndex,
+        request: &[u8],
+        reply: &mut [u8; ipc::MESSAGE_MAX],
+    ) -> Result<usize, ipc::CallError> {
         let index = peer as u16;
         let slot = usize::from(index) % self.generations.len();
         match Context::call(self, index, self.generations[slot], request, reply) {
@@ -271,7 +297,9 @@ impl ipc::Transport for Context {
                     Status::PeerFailed => ipc::CallError::PeerFailed,
                     Status::Busy => ipc::CallError::Busy,
                     Status::BadArgument => ipc::CallError::Oversized,
-                    Status::Ok | Status::NoCapability | Status::NoSuchTarget => ipc::CallError::NoCapability,
+                    Status::Ok | Status::NoCapability | Status::NoSuchTarget => {
+                        ipc::CallError::NoCapability
+                    }
                 })
             }
         }

@@ -275,7 +275,7 @@ fn run_workload(inject: Option<&str>) {
     let (report, result) = workload::run();
     run::record_workload(report);
     if let Err(error) = result {
-        crate::fail("workload", format_args!("{error:?}"));
+        crate::fail("workload", format_args!("{error}"));
     }
     log::info!(
         "workload: {} requests, {} retries, {} checks, all as expected",

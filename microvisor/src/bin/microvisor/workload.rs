@@ -37,6 +37,19 @@ pub enum WorkloadError {
     Mismatch(&'static str, i64),
 }
 
+impl core::fmt::Display for WorkloadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Unanswered(what, status) => write!(
+                f,
+                "{what}: no answer after {ATTEMPTS} attempts ({status:?})"
+            ),
+            Self::Refused(what) => write!(f, "{what}: refused or undecodable reply"),
+            Self::Mismatch(what, value) => write!(f, "{what}: unexpected value {value}"),
+        }
+    }
+}
+
 struct Run {
     requests: u32,
     retries: u32,
