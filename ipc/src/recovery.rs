@@ -87,6 +87,18 @@ pub enum Request {
         /// Total TSC from detection to resume.
         tsc_total: u64,
     },
+    /// The core sets the policy at boot (from its command line). Answer: `Acknowledged`.
+    /// Idempotent: the latest configuration holds.
+    Configure {
+        /// The order for a domain's first failure in a window.
+        first: RecoveryOrder,
+        /// Failures of one domain closer together than this (TSC) escalate: microreset, then
+        /// microreboot, then fail. 0 turns escalation off (every failure gets `first`).
+        escalation_window_tsc: u64,
+        /// At most this many recoveries of one domain per window; beyond it the domain is
+        /// failed (rate limit). 0 means no limit.
+        max_in_window: u32,
+    },
 }
 
 /// Replies of the recovery manager.
@@ -118,7 +130,7 @@ impl Request {
     pub const fn idempotence(&self) -> Idempotence {
         match self {
             Request::DomainFailed(_) => Idempotence::NonIdempotent,
-            Request::Recovered { .. } => Idempotence::Idempotent,
+            Request::Recovered { .. } | Request::Configure { .. } => Idempotence::Idempotent,
         }
     }
 
@@ -127,13 +139,14 @@ impl Request {
         match self {
             Request::DomainFailed(_) => 0,
             Request::Recovered { .. } => 1,
+            Request::Configure { .. } => 2,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 2;
+    const OPERATION_COUNT: u16 = 3;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -219,6 +232,14 @@ mod tests {
             },
             &[1, 3, 2, 1, 168, 70],
         );
+        assert_golden_request(
+            &Request::Configure {
+                first: RecoveryOrder::Microreboot,
+                escalation_window_tsc: 1000,
+                max_in_window: 16,
+            },
+            &[2, 1, 232, 7, 16],
+        );
     }
 
     #[test]
@@ -234,7 +255,16 @@ mod tests {
     fn tags_and_idempotence() {
         let [failed, recovered] = samples();
         assert_eq!((failed.tag(), recovered.tag()), (0, 1));
-        assert_eq!(Request::OPERATION_COUNT, 2);
+        assert_eq!(Request::OPERATION_COUNT, 3);
+        let configure = Request::Configure {
+            first: RecoveryOrder::Microreset,
+            escalation_window_tsc: 0,
+            max_in_window: 0,
+        };
+        assert_eq!(
+            (configure.tag(), configure.idempotence()),
+            (2, Idempotence::Idempotent)
+        );
         assert_eq!(failed.idempotence(), Idempotence::NonIdempotent);
         assert_eq!(recovered.idempotence(), Idempotence::Idempotent);
     }
