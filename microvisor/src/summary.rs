@@ -120,8 +120,13 @@ impl Display for DomainReport<'_> {
 pub struct RecoveryReport<'a> {
     /// The recovered domain.
     pub domain: &'a str,
-    /// `microreset` or `microreboot`.
+    /// `microreset`, `microreboot` or `fail`.
     pub mode: &'a str,
+    /// Who chose the mode: `recovery-manager`, or `core` (the manager itself failed, or could
+    /// not answer, and the core applied its configured default).
+    pub decided_by: &'a str,
+    /// From detection until the recovery manager's order arrived.
+    pub decide_policy: u64,
     /// Abandoning the domain's threads on every CPU.
     pub discard_threads: u64,
     /// Releasing every lock in its lock table.
@@ -136,9 +141,11 @@ impl Display for RecoveryReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"domain":{},"mode":{},"tsc":{{"discard_threads":{},"release_locks":{},"reload_image":{},"total":{}}}}}"#,
+            r#"{{"domain":{},"mode":{},"decided_by":{},"tsc":{{"decide_policy":{},"discard_threads":{},"release_locks":{},"reload_image":{},"total":{}}}}}"#,
             JsonStr(self.domain),
             JsonStr(self.mode),
+            JsonStr(self.decided_by),
+            self.decide_policy,
             self.discard_threads,
             self.release_locks,
             self.reload_image,
@@ -433,6 +440,8 @@ mod tests {
             last_recovery: Some(RecoveryReport {
                 domain: "probe",
                 mode: "microreboot",
+                decided_by: "recovery-manager",
+                decide_policy: 5,
                 discard_threads: 10,
                 release_locks: 20,
                 reload_image: 300,
@@ -466,6 +475,7 @@ mod tests {
         assert_eq!(value["last_detection"]["caller"], "core");
         assert_eq!(value["last_detection"]["rip"], "0x4029b8");
         assert_eq!(value["last_recovery"]["mode"], "microreboot");
+        assert_eq!(value["last_recovery"]["decided_by"], "recovery-manager");
         assert_eq!(value["workload"]["verdict"], "ok");
         assert_eq!(value["workload"]["retries"], 1);
         assert_eq!(value["last_recovery"]["tsc"]["reload_image"], 300);

@@ -73,6 +73,8 @@ pub struct Expect {
     pub recovered_domain: Option<&'static str>,
     /// `"workload.verdict"` must be `"ok"`.
     pub workload_ok: bool,
+    /// `Some(who)`: `"last_recovery.decided_by"` must be this (`recovery-manager` or `core`).
+    pub decided_by: Option<&'static str>,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -140,8 +142,19 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             recovery_mode: Some("microreset"),
             recovered_domain: Some("probe"),
             workload_ok: true,
+            decided_by: Some("recovery-manager"),
         },
     }
+}
+
+/// A boot that injects a fail-stop into the recovery manager as it decides the probe's
+/// first recovery: the core restarts the manager and still recovers the probe, and the
+/// manager decides the probe's later recoveries again.
+fn manager_fault(name: &'static str, cmdline: &'static str) -> BootCase {
+    let mut case = healthy(name, Emulator::Bochs, Boot::Iso, 2);
+    case.cmdline = cmdline;
+    case.expect.stages = &["domains", "domain-isolation", "inject-failstop", "workload"];
+    case
 }
 
 /// Stages a boot with `inject=failstop:SERVICE` must run, beyond bring-up.
@@ -221,6 +234,7 @@ fn faulting(
     case.expect.recovery_mode = None;
     case.expect.recovered_domain = None;
     case.expect.workload_ok = false;
+    case.expect.decided_by = None;
     case
 }
 
@@ -240,6 +254,10 @@ pub fn catalogue() -> Vec<BootCase> {
     const PF: ExpectedFailure = ExpectedFailure { vector: 14, cpu: 0 };
     const GP_ON_1: ExpectedFailure = ExpectedFailure { vector: 13, cpu: 1 };
     vec![
+        manager_fault(
+            "bochs-failstop-recovery-manager",
+            "inject=failstop:recovery-manager",
+        ),
         service_fault(
             "bochs-failstop-scheduler-microreset",
             "scheduler",

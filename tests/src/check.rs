@@ -144,6 +144,18 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         }
     }
 
+    if let Some(who) = expect.decided_by {
+        let got = summary
+            .get("last_recovery")
+            .and_then(|recovery| recovery.get("decided_by"));
+        if got.and_then(Value::as_str) != Some(who) {
+            reasons.push(format!(
+                "summary.last_recovery.decided_by is {}, expected {who:?}",
+                show(got)
+            ));
+        }
+    }
+
     if expect.workload_ok {
         let got = summary
             .get("workload")
@@ -244,7 +256,7 @@ mod tests {
             "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES,
             "timer_ticks": vec![5; cpus as usize], "failure": null,
             "domains": [{"name": "probe", "generation": 6, "failures": 5}],
-            "last_recovery": {"domain": "probe", "mode": "microreset", "tsc": {"total": 9}},
+            "last_recovery": {"domain": "probe", "mode": "microreset", "decided_by": "recovery-manager", "tsc": {"total": 9}},
             "workload": {"name": "synthetic-hypercalls", "verdict": "ok", "requests": 32, "retries": 0, "checks": 36}
         })
     }
@@ -480,7 +492,8 @@ mod tests {
         let case = case("bochs-failstop-memory-microreboot");
         let mut summary = ok_summary("multiboot2", 2);
         summary["ran"] = json!(["domains", "domain-isolation", "workload", "inject-failstop"]);
-        summary["last_recovery"] = json!({"domain": "memory", "mode": "microreboot"});
+        summary["last_recovery"] =
+            json!({"domain": "memory", "mode": "microreboot", "decided_by": "recovery-manager"});
         assert_eq!(
             run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0))),
             Vec::<String>::new()

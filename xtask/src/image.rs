@@ -39,6 +39,10 @@ pub struct DomainImage {
 /// The domains the core loads, in load order.
 pub const DOMAINS: &[DomainImage] = &[
     DomainImage {
+        name: "recovery-manager",
+        package: "recovery-manager",
+    },
+    DomainImage {
         name: "scheduler",
         package: "scheduler",
     },

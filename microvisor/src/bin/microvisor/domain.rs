@@ -23,6 +23,7 @@ use core::fmt::Write;
 use elf::ElfBytes;
 use elf::abi::{PF_W, PF_X, PT_LOAD};
 use elf::endian::LittleEndian;
+use ipc::recovery::RecoveryOrder;
 use microvisor::cmdline::RecoveryMode;
 use microvisor::summary::RecoveryReport;
 use microvisor_abi::{self as abi, Status, call};
@@ -161,6 +162,8 @@ pub struct Domain {
     pending_start: u64,
     /// CPUs the domain has threads for.
     cpus: usize,
+    /// The recovery manager declared the domain failed: every call to it gets `PeerFailed`.
+    failed_for_good: bool,
 }
 
 /// The per-CPU chain of threads inside calls; index 0 is the outermost caller.
@@ -168,6 +171,8 @@ pub struct Domain {
 struct Chain {
     /// `None` = the core.
     entries: [Option<u16>; MAX_CHAIN],
+    /// A recovery waiting on the recovery manager's decision: set on the manager's entry.
+    pending: [Option<Pending>; MAX_CHAIN],
     depth: usize,
     /// The core's own saved context while it waits for a reply (valid when the chain is
     /// non-empty and starts with the core).
@@ -184,11 +189,24 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
     domains: [const { None }; MAX_DOMAINS],
     chains: [Chain {
         entries: [None; MAX_CHAIN],
+        pending: [None; MAX_CHAIN],
         depth: 0,
         core_context: None,
     }; abi::MAX_DOMAIN_CPUS],
     core_buffers: [[0; abi::MESSAGE_BYTES]; abi::MAX_DOMAIN_CPUS],
 });
+
+/// The domain index of the recovery manager (`ipc::DomainIndex::RecoveryManager`).
+pub const RECOVERY_MANAGER: u16 = 1;
+
+/// A recovery the core started and the recovery manager must decide.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// The failed domain.
+    failed: u16,
+    /// TSC at detection.
+    detected: u64,
+}
 
 /// A failure the core detected in a domain.
 #[derive(Clone, Copy, Debug)]
@@ -268,11 +286,6 @@ pub fn set_recovery_mode(mode: RecoveryMode) {
 /// The most recent recovery, as the summary reports it.
 pub fn recovery_report() -> Option<RecoveryReport<'static>> {
     LAST_RECOVERY.try_lock().and_then(|report| *report)
-}
-
-/// The most recent detection, if any.
-pub fn last_detection() -> Option<Detection> {
-    *LAST_DETECTION.lock()
 }
 
 fn mapper_for(pml4: u64) -> OffsetPageTable<'static> {
@@ -418,6 +431,7 @@ pub fn load(
         failures: 0,
         pending_start: abi::start::BOOT,
         cpus: cpus.min(abi::MAX_DOMAIN_CPUS),
+        failed_for_good: false,
     });
     Ok(())
 }
@@ -693,6 +707,13 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
         }
         if system
             .domain(target as u16)
+            .is_some_and(|domain| domain.failed_for_good)
+        {
+            frame.rax = Status::PeerFailed as u64;
+            return;
+        }
+        if system
+            .domain(target as u16)
             .is_some_and(|domain| domain.threads[cpu].state == ThreadState::Busy)
         {
             frame.rax = Status::Busy as u64;
@@ -733,6 +754,12 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             } else {
                 (length as usize).min(abi::MESSAGE_BYTES)
             };
+            // The recovery manager answering a recovery the core asked it to decide.
+            if let Some(pending) = chain.pending[chain.depth].take() {
+                let order = decode_order(reply_buffer, length);
+                execute(&mut system, cpu, pending, order, frame, fx);
+                return;
+            }
             match system.running(cpu) {
                 Some(caller) => {
                     let caller_buffer =
@@ -771,6 +798,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                         frame.r8 = u64::from(callee.generation);
                         Some(Status::PeerRestarted)
                     }
+                    Some(callee) if callee.failed_for_good => Some(Status::PeerFailed),
                     Some(callee) if callee.threads[cpu].state == ThreadState::Busy => {
                         Some(Status::Busy)
                     }
@@ -847,10 +875,10 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
     recover(&mut system, cpu, current, Some(vector), frame, fx);
 }
 
-/// Recovers `failed` by the configured mode: record the detection, abandon its threads on
-/// every CPU, release its locks, (microreboot) reload code and data from the verified
-/// pristine image, bump its generation, and answer the abandoned caller with
-/// `PeerRestarted`. The state region is kept in both modes.
+/// A domain failed on `cpu` while serving the call at the top of the chain: record the
+/// detection and ask the recovery manager for an order (its reply is handled by
+/// [`execute`]). If the manager itself failed, or cannot be asked, the core restarts it and
+/// applies the configured default order itself.
 fn recover(
     system: &mut System,
     cpu: usize,
@@ -860,7 +888,9 @@ fn recover(
     fx: &mut FxArea,
 ) {
     let detected = apic::tsc();
-    system.chains[cpu].depth -= 1;
+    let chain = &mut system.chains[cpu];
+    chain.depth -= 1;
+    let abandoned = chain.pending[chain.depth].take();
     let caller = system.running(cpu);
     *LAST_DETECTION.lock() = Some(Detection {
         domain: failed,
@@ -870,8 +900,168 @@ fn recover(
         caller,
         tsc: detected,
     });
-    let mode = *MODE.lock();
-    let domain = system.domain(failed).expect("failed domain exists");
+    if failed == RECOVERY_MANAGER {
+        // The core restarts the recovery manager itself, then finishes the recovery it was
+        // deciding (if any) with the default order.
+        log::warn!("the recovery manager failed: the core restarts it");
+        apply(
+            system,
+            RECOVERY_MANAGER,
+            RecoveryOrder::Microreboot,
+            detected,
+            detected,
+            "core",
+        );
+        match abandoned {
+            // The manager was deciding another domain's recovery: finish it with the default.
+            Some(pending) => execute(system, cpu, pending, None, frame, fx),
+            None => {
+                let generation = system
+                    .domain(RECOVERY_MANAGER)
+                    .map_or(0, |manager| manager.generation);
+                system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
+            }
+        }
+        return;
+    }
+    let pending = Pending { failed, detected };
+    let manager_ready = system.domain(RECOVERY_MANAGER).is_some_and(|manager| {
+        !manager.failed_for_good && manager.threads[cpu].state != ThreadState::Busy
+    });
+    if !manager_ready {
+        execute(system, cpu, pending, None, frame, fx);
+        return;
+    }
+    // Ask the manager: DomainFailed(detection) into its buffer, enter its thread with the
+    // pending recovery attached to its chain entry.
+    let generation = system.domain(failed).map_or(0, |domain| domain.generation);
+    let in_flight = caller.map(|caller| ipc::recovery::InFlight {
+        caller: ipc::DomainId {
+            index: caller,
+            generation: system.domain(caller).map_or(0, |domain| domain.generation),
+        },
+        operation: 0,
+    });
+    let request = ipc::recovery::Request::DomainFailed(ipc::recovery::Detection {
+        domain: ipc::DomainId {
+            index: failed,
+            generation,
+        },
+        cpu: cpu as u8,
+        kind: match vector {
+            Some(vector) => ipc::recovery::FailureKind::Exception { vector },
+            None => ipc::recovery::FailureKind::Panic,
+        },
+        rip: frame.rip,
+        tsc: detected,
+        in_flight,
+    });
+    let mut bytes = [0u8; ipc::MESSAGE_MAX];
+    let Ok(length) = ipc::encode(&request, &mut bytes) else {
+        execute(system, cpu, pending, None, frame, fx);
+        return;
+    };
+    let buffer = system
+        .domain(RECOVERY_MANAGER)
+        .expect("checked above")
+        .threads[cpu]
+        .buffer;
+    // SAFETY: the manager thread's buffer page, owned by the core's domain table; length is
+    // at most MESSAGE_MAX, well inside the page.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            paging::phys_to_virt(buffer).as_mut_ptr::<u8>(),
+            length,
+        )
+    };
+    let chain = &mut system.chains[cpu];
+    chain.pending[chain.depth] = Some(pending);
+    system.enter(cpu, RECOVERY_MANAGER, None, length, frame, fx);
+}
+
+/// Reads the recovery manager's answer from its buffer; anything but an order is a
+/// malformed reply, answered by failing safe (the default order is applied by the caller's
+/// `unwrap_or`).
+fn decode_order(buffer: u64, length: usize) -> Option<RecoveryOrder> {
+    // SAFETY: the manager thread's buffer page; length is clamped to a page.
+    let bytes =
+        unsafe { core::slice::from_raw_parts(paging::phys_to_virt(buffer).as_ptr::<u8>(), length) };
+    match ipc::decode::<ipc::Response<ipc::recovery::Reply>>(bytes) {
+        Ok(Ok(ipc::recovery::Reply::Order(order))) => Some(order),
+        _ => {
+            log::error!("the recovery manager answered without an order: applying the default");
+            None
+        }
+    }
+}
+
+/// Executes the order for a pending recovery and resumes the caller that waited on the
+/// failed domain: `PeerRestarted` after a microreset or microreboot, `PeerFailed` if the
+/// domain was declared failed.
+fn execute(
+    system: &mut System,
+    cpu: usize,
+    pending: Pending,
+    order: impl Into<Option<RecoveryOrder>>,
+    frame: &mut TrapFrame,
+    fx: &mut FxArea,
+) {
+    let decided = apic::tsc();
+    let order = order.into();
+    let decided_by = if order.is_some() {
+        "recovery-manager"
+    } else {
+        "core"
+    };
+    let order = order.unwrap_or(match *MODE.lock() {
+        RecoveryMode::Microreset => RecoveryOrder::Microreset,
+        RecoveryMode::Microreboot => RecoveryOrder::Microreboot,
+    });
+    apply(
+        system,
+        pending.failed,
+        order,
+        pending.detected,
+        decided,
+        decided_by,
+    );
+    let generation = system
+        .domain(pending.failed)
+        .map_or(0, |domain| domain.generation);
+    let status = if order == RecoveryOrder::Fail {
+        Status::PeerFailed
+    } else {
+        Status::PeerRestarted
+    };
+    system.resume_caller(cpu, status, 0, generation, frame, fx);
+    if let Some(report) = LAST_RECOVERY.lock().as_mut() {
+        report.total = apic::tsc() - pending.detected;
+    }
+}
+
+fn order_name(order: RecoveryOrder) -> &'static str {
+    match order {
+        RecoveryOrder::Microreset => "microreset",
+        RecoveryOrder::Microreboot => "microreboot",
+        RecoveryOrder::Fail => "fail",
+    }
+}
+
+/// The recovery mechanism: abandon the domain's threads on every CPU, release its locks,
+/// (microreboot) reload code and data from the verified pristine image, bump its generation
+/// and set its next start reason; (fail) mark it failed for good. The state region is kept.
+fn apply(
+    system: &mut System,
+    failed: u16,
+    order: RecoveryOrder,
+    detected: u64,
+    decided: u64,
+    decided_by: &'static str,
+) {
+    let Some(domain) = system.domain(failed) else {
+        return;
+    };
     for thread in &mut domain.threads {
         thread.state = ThreadState::Fresh;
     }
@@ -886,7 +1076,7 @@ fn recover(
         )
     };
     let unlocked = apic::tsc();
-    if mode == RecoveryMode::Microreboot {
+    if order == RecoveryOrder::Microreboot {
         if crc32fast::hash(domain.image) != domain.checksum {
             let name = domain.name;
             panic!("the pristine image of domain {name} no longer matches its boot checksum");
@@ -898,24 +1088,25 @@ fn recover(
     let reloaded = apic::tsc();
     domain.generation += 1;
     domain.failures += 1;
-    domain.pending_start = match mode {
-        RecoveryMode::Microreset => abi::start::AFTER_MICRORESET,
-        RecoveryMode::Microreboot => abi::start::AFTER_MICROREBOOT,
-    };
+    match order {
+        RecoveryOrder::Microreset => domain.pending_start = abi::start::AFTER_MICRORESET,
+        RecoveryOrder::Microreboot => domain.pending_start = abi::start::AFTER_MICROREBOOT,
+        RecoveryOrder::Fail => domain.failed_for_good = true,
+    }
     let (name, generation) = (domain.name, domain.generation);
-    system.resume_caller(cpu, Status::PeerRestarted, 0, generation, frame, fx);
     let done = apic::tsc();
     *LAST_RECOVERY.lock() = Some(RecoveryReport {
         domain: name,
-        mode: mode.name(),
-        discard_threads: discarded - detected,
+        mode: order_name(order),
+        decided_by,
+        decide_policy: decided - detected,
+        discard_threads: discarded - decided,
         release_locks: unlocked - discarded,
         reload_image: reloaded - unlocked,
         total: done - detected,
     });
     log::warn!(
-        "{} of {name}: generation now {generation}, {} TSC ticks from detection to resume",
-        mode.name(),
-        done - detected
+        "{} of {name}, decided by {decided_by}: generation now {generation}",
+        order_name(order)
     );
 }

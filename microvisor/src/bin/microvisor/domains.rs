@@ -13,6 +13,7 @@ use crate::{domain, paging, run, workload};
 /// The domains the core knows: name, domain index (`ipc::DomainIndex` for the services), and
 /// the indices it may call. (The static manifest, checked by xtask, replaces this table.)
 const KNOWN: &[(&str, u16, &[u16])] = &[
+    ("recovery-manager", 1, &[]),
     ("scheduler", 2, &[]),
     ("memory", 3, &[]),
     ("timer", 4, &[]),
@@ -95,6 +96,20 @@ pub fn bring_up(
     let Some(probe) = probe else {
         crate::fail("domains", format_args!("the bundle holds no probe domain"));
     };
+    configure_recovery_manager(mode);
+    // A fail-stop aimed at the recovery manager strikes as it decides the probe's first
+    // recovery: the core must restart it and still recover the probe.
+    let manager_injection = match inject {
+        Some(InjectedFault::Failstop {
+            domain: "recovery-manager",
+        }) => {
+            let failures =
+                domain::describe(domain::RECOVERY_MANAGER).map_or(0, |(_, _, failures)| failures);
+            domain::arm_failstop(domain::RECOVERY_MANAGER, 0);
+            Some(failures)
+        }
+        _ => None,
+    };
     run::stage("domains");
     check_probe(probe, mode);
     run::stage("domain-isolation");
@@ -107,7 +122,26 @@ pub fn bring_up(
         );
     }
     run::stage("domain-calls-every-cpu");
+    if let Some(before) = manager_injection {
+        let failures =
+            domain::describe(domain::RECOVERY_MANAGER).map_or(0, |(_, _, failures)| failures);
+        if failures != before + 1 {
+            crate::fail(
+                "inject-failstop",
+                format_args!(
+                    "the recovery manager failed {before} -> {failures} times: the fail-stop was not hit"
+                ),
+            );
+        }
+        log::info!(
+            "fail-stop injected into the recovery manager: the core restarted it and recovered the probe"
+        );
+        run::stage("inject-failstop");
+    }
     match inject {
+        Some(InjectedFault::Failstop {
+            domain: "recovery-manager",
+        }) => run_workload(None),
         Some(InjectedFault::Failstop { domain: "probe" }) => {
             inject_failstop(probe_index("probe"));
             run::stage("inject-failstop");
@@ -169,7 +203,8 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
     }
     let mut counter = probe_counter(probe);
     for (round, &(request, what)) in MISBEHAVIOURS.iter().enumerate() {
-        let before = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
+        let (before, failures_before) = domain::describe(probe)
+            .map_or((0, 0), |(_, generation, failures)| (generation, failures));
         match domain::core_call(probe, &[request], &mut reply) {
             Err(Status::PeerRestarted) => {}
             other => crate::fail(
@@ -177,13 +212,15 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
                 format_args!("probe told to {what}: expected PeerRestarted, got {other:?}"),
             ),
         }
-        let detection = domain::last_detection();
-        let after = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
-        if after != before + 1 || detection.is_none_or(|d| d.domain != probe) {
+        // Exactly one failure of the probe detected and recovered. (The last detection may be
+        // another domain's: a recovery manager failing as it decides this one.)
+        let (after, failures) = domain::describe(probe)
+            .map_or((0, 0), |(_, generation, failures)| (generation, failures));
+        if after != before + 1 || failures != failures_before + 1 {
             crate::fail(
                 "domain-isolation",
                 format_args!(
-                    "probe told to {what}: no detection or generation {before} -> {after}"
+                    "probe told to {what}: failures {failures_before} -> {failures}, generation {before} -> {after}"
                 ),
             );
         }
@@ -329,4 +366,36 @@ fn inject_failstop(index: u16) {
     log::info!(
         "fail-stop injected into the probe: detected, recovered (generation {after}), serving again"
     );
+}
+
+/// Sets the recovery manager's policy from the command line: the first order is the boot's
+/// recovery mode; escalation and the rate limit stay off, so every failure gets that mode and
+/// experiments measure exactly the mode they ask for.
+fn configure_recovery_manager(mode: RecoveryMode) {
+    let first = match mode {
+        RecoveryMode::Microreset => ipc::recovery::RecoveryOrder::Microreset,
+        RecoveryMode::Microreboot => ipc::recovery::RecoveryOrder::Microreboot,
+    };
+    let request = ipc::recovery::Request::Configure {
+        first,
+        escalation_window_tsc: 0,
+        max_in_window: 0,
+    };
+    let mut bytes = [0u8; ipc::MESSAGE_MAX];
+    let mut reply = [0u8; ipc::MESSAGE_MAX];
+    let answer = ipc::encode(&request, &mut bytes)
+        .ok()
+        .and_then(|length| {
+            domain::core_call(domain::RECOVERY_MANAGER, &bytes[..length], &mut reply).ok()
+        })
+        .and_then(|length| {
+            ipc::decode::<ipc::Response<ipc::recovery::Reply>>(&reply[..length]).ok()
+        });
+    if answer != Some(Ok(ipc::recovery::Reply::Acknowledged)) {
+        crate::fail(
+            "domains",
+            format_args!("the recovery manager did not take its configuration: {answer:?}"),
+        );
+    }
+    log::info!("recovery manager configured: first order {}", mode.name());
 }
