@@ -27,43 +27,6 @@ pub const DOMAIN_RUSTFLAGS: &str = "-C panic=abort -C strip=debuginfo -C linker=
 /// The domain images' own target directory (relative to the workspace root).
 pub const DOMAIN_TARGET_DIR: &str = "target/domains";
 
-/// A domain image in the boot bundle: its name in the bundle, and the package whose
-/// `domain` feature builds it (the binary has the package's name).
-pub struct DomainImage {
-    /// Name the core knows it by (`NAME.elf` in the bundle).
-    pub name: &'static str,
-    /// Cargo package (and binary) name.
-    pub package: &'static str,
-}
-
-/// The domains the core loads, in load order.
-pub const DOMAINS: &[DomainImage] = &[
-    DomainImage {
-        name: "recovery-manager",
-        package: "recovery-manager",
-    },
-    DomainImage {
-        name: "scheduler",
-        package: "scheduler",
-    },
-    DomainImage {
-        name: "memory",
-        package: "memory",
-    },
-    DomainImage {
-        name: "timer",
-        package: "timer",
-    },
-    DomainImage {
-        name: "hypercall",
-        package: "hypercall",
-    },
-    DomainImage {
-        name: "probe",
-        package: "probe-domain",
-    },
-];
-
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -137,8 +100,24 @@ fn run_cargo(mut cmd: Command, what: &str, capture: bool) -> Result<(), String> 
     Err(message)
 }
 
+/// Adds one file to the bundle.
+fn append(
+    archive: &mut tar::Builder<fs::File>,
+    name: &str,
+    data: &[u8],
+    bundle: &Path,
+) -> Result<(), String> {
+    let mut header = tar::Header::new_ustar();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    archive
+        .append_data(&mut header, name, data)
+        .map_err(|e| format!("{}: {e}", bundle.display()))
+}
+
 /// Builds every domain image and packs them into the bundle for the kernel `elf`: a ustar
-/// archive of `NAME.elf` files, one boot module for GRUB (`module2`) and QEMU (`-initrd`).
+/// archive of `manifest.bin` (the checked `system.toml`) and `NAME.elf` files, one boot module for GRUB (`module2`) and QEMU (`-initrd`).
 fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathBuf, String> {
     let root = workspace_root();
     let script = root.join("microvisor/runtime/domain.ld");
@@ -147,16 +126,18 @@ fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathB
     if let Some(dir) = bundle.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    let manifest = crate::manifest::load(&root.join("system.toml"))?;
     let file = fs::File::create(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let mut archive = tar::Builder::new(file);
-    for domain in DOMAINS {
+    append(&mut archive, "manifest.bin", &manifest.encoded, &bundle)?;
+    for domain in &manifest.domains {
         let mut cmd = cargo();
         cmd.args([
             "build",
             "--package",
-            domain.package,
+            &domain.package,
             "--bin",
-            domain.package,
+            &domain.package,
             "--features",
             "domain",
         ])
@@ -174,19 +155,14 @@ fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathB
             .join(DOMAIN_TARGET_DIR)
             .join(KERNEL_TARGET)
             .join(profile)
-            .join(domain.package);
+            .join(&domain.package);
         let image = fs::read(&image_path).map_err(|e| format!("{}: {e}", image_path.display()))?;
-        let mut header = tar::Header::new_ustar();
-        header.set_size(image.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        archive
-            .append_data(
-                &mut header,
-                format!("{}.elf", domain.name),
-                image.as_slice(),
-            )
-            .map_err(|e| format!("{}: {e}", bundle.display()))?;
+        append(
+            &mut archive,
+            &format!("{}.elf", domain.name),
+            &image,
+            &bundle,
+        )?;
     }
     archive
         .finish()

@@ -7,6 +7,7 @@ mod emulator;
 mod host;
 mod house;
 mod image;
+mod manifest;
 mod testing;
 
 use std::io::Write;

@@ -9,6 +9,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod manifest;
+
 /// Interrupt vector of the system-call gate (DPL 3).
 pub const SYSCALL_VECTOR: u8 = 0x80;
 
@@ -95,8 +97,10 @@ pub const IMAGE_BASE: u64 = 0x0040_0000;
 pub const HEAP_BASE: u64 = 0x1000_0000;
 /// The state region: kept across a microreset and a microreboot.
 pub const STATE_BASE: u64 = 0x2000_0000;
-/// Bytes of the state region.
-pub const STATE_BYTES: usize = 16 * 4096;
+/// Most pages a domain's state region may have (the manifest's `state_pages`).
+pub const MAX_STATE_PAGES: u16 = 16;
+/// Bytes of the largest state region; a domain's own is `state_pages` pages of it.
+pub const STATE_BYTES: usize = MAX_STATE_PAGES as usize * 4096;
 /// The lock table: every spin lock of the domain lives here, so recovery can release all.
 pub const LOCK_TABLE_BASE: u64 = 0x2fff_0000;
 /// Spin locks in the lock table (one `u64` word each, one page).

@@ -41,8 +41,6 @@ use crate::{apic, paging};
 pub const MAX_DOMAINS: usize = 8;
 /// Deepest chain of nested calls on one CPU.
 const MAX_CHAIN: usize = 8;
-/// Pages of each domain's state region.
-const STATE_PAGES: u64 = 16;
 /// Kernel-only system call: the core calls a domain (RDI = target, RDX = request length).
 const CORE_CALL: u64 = 0x100;
 /// Selectors of the user segments (GDT slots 3 and 4, RPL 3).
@@ -323,13 +321,15 @@ fn map_fresh(pml4: u64, virt: u64, pages: u64, flags: Flags) -> Result<u64, Load
 }
 
 /// Loads the ELF `image` as domain `name` at domain index `index`, with threads for `cpus`
-/// CPUs, allowed to call the domains whose bits are set in `may_call`.
+/// CPUs, allowed to call the domains whose bits are set in `may_call`, with a state region of
+/// `state_pages` pages (all from the manifest).
 pub fn load(
     index: u16,
     name: &'static str,
     image: &'static [u8],
     cpus: usize,
     may_call: u32,
+    state_pages: u64,
 ) -> Result<(), LoadError> {
     let elf = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(LoadError::Elf)?;
     let entry = elf.ehdr.e_entry;
@@ -396,7 +396,12 @@ pub fn load(
     }
 
     let data = Flags::WRITABLE | Flags::NO_EXECUTE;
-    map_fresh(pml4, abi::STATE_BASE, STATE_PAGES, data)?;
+    map_fresh(
+        pml4,
+        abi::STATE_BASE,
+        state_pages.clamp(1, u64::from(abi::MAX_STATE_PAGES)),
+        data,
+    )?;
     let lock_table = map_fresh(pml4, abi::LOCK_TABLE_BASE, 1, data)?;
     let empty = Thread {
         state: ThreadState::Fresh,

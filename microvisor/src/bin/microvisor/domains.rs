@@ -5,21 +5,32 @@
 use microvisor::cmdline::{Benchmark, InjectedFault, RecoveryMode};
 use microvisor::summary::BenchReport;
 use microvisor_abi::Status;
+use microvisor_abi::manifest::Manifest;
 use tar_no_std::TarArchiveRef;
 
 use crate::bootinfo::BootInfo;
 use crate::{domain, paging, run, workload};
 
-/// The domains the core knows: name, domain index (`ipc::DomainIndex` for the services), and
-/// the indices it may call. (The static manifest, checked by xtask, replaces this table.)
-const KNOWN: &[(&str, u16, &[u16])] = &[
-    ("recovery-manager", 1, &[]),
-    ("scheduler", 2, &[]),
-    ("memory", 3, &[]),
-    ("timer", 4, &[]),
-    ("hypercall", 5, &[2, 3, 4]),
-    ("probe", 6, &[]),
-];
+/// The manifest, decoded once at boot; domain names borrow from it for the whole run.
+static MANIFEST: spin::Once<Manifest> = spin::Once::new();
+
+/// Reads and checks `manifest.bin` from the bundle (the rules are the ones `xtask` applied at
+/// build time; a bundle that breaks them is refused).
+fn read_manifest(archive: &TarArchiveRef<'static>) -> &'static Manifest {
+    let Some(entry) = archive
+        .entries()
+        .find(|entry| entry.filename().as_str() == Ok("manifest.bin"))
+    else {
+        crate::fail(
+            "domains",
+            format_args!("the domain bundle has no manifest.bin"),
+        );
+    };
+    match Manifest::decode(entry.data()) {
+        Ok(manifest) => MANIFEST.call_once(|| manifest),
+        Err(error) => crate::fail("domains", format_args!("the manifest is refused: {error}")),
+    }
+}
 
 /// Probe requests that must each fault inside the probe (see `tests/probe-domain`).
 const MISBEHAVIOURS: &[(u8, &str)] = &[
@@ -58,8 +69,10 @@ pub fn bring_up(
             format_args!("the domain bundle is not a tar archive: {error:?}"),
         ),
     };
+    let manifest = read_manifest(&archive);
     let cpus = run::cpus_registered();
     let mut probe = None;
+    let mut loaded = 0u32;
     for entry in archive.entries() {
         let filename = entry.filename();
         let Ok(file) = filename.as_str() else {
@@ -68,30 +81,55 @@ pub fn bring_up(
                 format_args!("a bundle entry has a non-UTF-8 name"),
             );
         };
-        let Some(&(name, index, callees)) = file
+        if file == "manifest.bin" {
+            continue;
+        }
+        let Some(spec) = file
             .strip_suffix(".elf")
-            .and_then(|stem| KNOWN.iter().find(|known| known.0 == stem))
+            .and_then(|stem| manifest.find(stem))
         else {
             crate::fail(
                 "domains",
-                format_args!("unknown domain image {file:?} in the bundle"),
+                format_args!("{file:?} in the bundle is not a domain of the manifest"),
             );
         };
-        let may_call = callees
-            .iter()
-            .fold(0u32, |mask, callee| mask | (1 << callee));
-        match domain::load(index, name, entry.data(), cpus, may_call) {
+        let name: &'static str = spec.name.as_str();
+        match domain::load(
+            spec.index,
+            name,
+            entry.data(),
+            cpus,
+            spec.may_call,
+            u64::from(spec.state_pages),
+        ) {
             Ok(()) => {
                 log::info!(
-                    "domain {name} loaded as index {index} ({} bytes of ELF)",
-                    entry.data().len()
+                    "domain {name} loaded as index {} ({} bytes of ELF, {} state pages, may call {:#x})",
+                    spec.index,
+                    entry.data().len(),
+                    spec.state_pages,
+                    spec.may_call
                 );
+                loaded |= 1 << spec.index;
                 if name == "probe" {
-                    probe = Some(index);
+                    probe = Some(spec.index);
                 }
             }
             Err(error) => crate::fail("domains", format_args!("loading domain {name}: {error}")),
         }
+    }
+    if let Some(missing) = manifest
+        .domains
+        .iter()
+        .find(|spec| loaded & (1 << spec.index) == 0)
+    {
+        crate::fail(
+            "domains",
+            format_args!(
+                "the manifest lists {} but the bundle has no image of it",
+                missing.name
+            ),
+        );
     }
     let Some(probe) = probe else {
         crate::fail("domains", format_args!("the bundle holds no probe domain"));
