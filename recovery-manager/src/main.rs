@@ -3,41 +3,32 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
-use ipc::recovery::Request;
-use microvisor_runtime::{Context, Service, StartReason};
+use ipc::recovery::{Reply, Request};
+use microvisor_runtime::{Context, StartReason, StateService};
 use recovery_manager::PolicyState;
-use zerocopy::FromBytes;
 
 struct RecoveryManager;
 
-fn state(bytes: &mut [u8]) -> &mut PolicyState {
-    match PolicyState::mut_from_prefix(bytes) {
-        Ok((state, _)) => state,
-        Err(_) => panic!("the state region cannot hold the policy"),
-    }
-}
+impl StateService for RecoveryManager {
+    type State = PolicyState;
+    type Request = Request;
+    const NAME: &'static str = "recovery manager";
 
-impl Service for RecoveryManager {
-    fn serve(context: &mut Context, _caller: u16, request: &[u8], reply: &mut [u8]) -> usize {
-        context.with_state(|_, bytes| {
-            let state = state(bytes);
-            ipc::serve::<Request>(request, reply, |request| state.handle(request)).unwrap_or(0)
-        })
+    fn handle(_: &mut Context, state: &mut PolicyState, request: Request) -> Reply {
+        state.handle(request)
     }
 
-    fn start(context: &mut Context, reason: StartReason) {
-        // The failure history is kept across the manager's own restarts, if it is sound.
-        let valid = context.with_state(|_, bytes| {
-            let state = state(bytes);
-            let keep = reason != StartReason::Boot && state.validate();
-            if !keep {
-                state.init();
-            }
-            keep
-        });
-        context.log(format_args!(
-            "recovery manager start ({reason:?}): history kept: {valid}"
-        ));
+    fn init(_: &Context, state: &mut PolicyState) {
+        state.init();
+    }
+
+    fn repair(_: &mut PolicyState, _: StartReason) -> u32 {
+        // The failure history is kept across the manager's own restarts when it is sound.
+        0
+    }
+
+    fn valid(state: &PolicyState) -> bool {
+        state.validate()
     }
 }
 

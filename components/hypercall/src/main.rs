@@ -5,9 +5,9 @@
 #![forbid(unsafe_code)]
 
 use hypercall::{HypercallState, Services};
-use ipc::{CallError, DomainIndex, Transport, hypercall::Request, memory, scheduler, timer};
-use microvisor_runtime::{Context, Service, StartReason};
-use zerocopy::FromBytes;
+use ipc::hypercall::{Reply, Request};
+use ipc::{CallError, DomainIndex, Transport, memory, scheduler, timer};
+use microvisor_runtime::{Context, StartReason, StateService};
 
 /// Retries of an idempotent service request after its domain restarted.
 const RETRIES: u32 = 2;
@@ -31,46 +31,26 @@ impl<T: Transport> Services for Peers<'_, T> {
     }
 }
 
-fn state(bytes: &mut [u8]) -> &mut HypercallState {
-    match HypercallState::mut_from_prefix(bytes) {
-        Ok((state, _)) => state,
-        Err(_) => panic!("the state region cannot hold the multicall logs"),
-    }
-}
+impl StateService for Hypercall {
+    type State = HypercallState;
+    type Request = Request;
+    const NAME: &'static str = "hypercall";
 
-impl Service for Hypercall {
-    fn serve(context: &mut Context, _caller: u16, request: &[u8], reply: &mut [u8]) -> usize {
-        context.with_state(|context, bytes| {
-            let state = state(bytes);
-            ipc::serve::<Request>(request, reply, |request| {
-                state.dispatch(request, &mut Peers(context))
-            })
-            .unwrap_or(0)
-        })
+    fn handle(context: &mut Context, state: &mut HypercallState, request: Request) -> Reply {
+        state.dispatch(request, &mut Peers(context))
     }
 
-    fn start(context: &mut Context, reason: StartReason) {
-        let (fixes, valid) = context.with_state(|_, bytes| {
-            let state = state(bytes);
-            let fixes = match reason {
-                StartReason::Boot => {
-                    state.init();
-                    0
-                }
-                // Keeps the multicall completion logs so a retried batch skips finished entries.
-                StartReason::AfterMicroreset | StartReason::AfterMicroreboot => {
-                    state.repair().fixes()
-                }
-            };
-            let valid = state.validate().is_ok();
-            if !valid {
-                state.init();
-            }
-            (fixes, valid)
-        });
-        context.log(format_args!(
-            "hypercall start ({reason:?}): {fixes} repairs, state valid: {valid}"
-        ));
+    fn init(_: &Context, state: &mut HypercallState) {
+        state.init();
+    }
+
+    fn repair(state: &mut HypercallState, _: StartReason) -> u32 {
+        // Keeps the multicall completion logs so a retried batch skips finished entries.
+        state.repair().fixes()
+    }
+
+    fn valid(state: &HypercallState) -> bool {
+        state.validate().is_ok()
     }
 }
 

@@ -274,6 +274,75 @@ macro_rules! domain_entry {
     };
 }
 
+/// A service whose whole state is one plain-data value in the state region.
+///
+/// The domain binaries of the services are this trait plus `domain_entry!`: the runtime does
+/// the locking, the typed view of the region, decoding, encoding and the start sequence
+/// (initialise at boot; after a recovery, repair and validate the kept state, and initialise
+/// it again only if it cannot be trusted).
+pub trait StateService {
+    /// The state's type (plain data: any bit pattern is a value, validated before use).
+    type State: zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::KnownLayout;
+    /// The interface it serves.
+    type Request: ipc::Operation;
+    /// Its name in log lines.
+    const NAME: &'static str;
+
+    /// Serves one decoded request (may call other domains through `context`).
+    fn handle(
+        context: &mut Context,
+        state: &mut Self::State,
+        request: Self::Request,
+    ) -> <Self::Request as ipc::Operation>::Reply;
+    /// Boot-time (and fallback) initialisation.
+    fn init(context: &Context, state: &mut Self::State);
+    /// Repair after a microreset or microreboot; returns the number of fixes.
+    fn repair(state: &mut Self::State, reason: StartReason) -> u32;
+    /// Whether the state can be trusted.
+    fn valid(state: &Self::State) -> bool;
+}
+
+fn state_of<T: zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::KnownLayout>(
+    bytes: &mut [u8],
+) -> &mut T {
+    match T::mut_from_prefix(bytes) {
+        Ok((state, _)) => state,
+        Err(_) => panic!("the state region cannot hold this domain's state"),
+    }
+}
+
+impl<T: StateService> Service for T {
+    fn serve(context: &mut Context, _caller: u16, request: &[u8], reply: &mut [u8]) -> usize {
+        context.with_state(|context, bytes| {
+            let state = state_of::<T::State>(bytes);
+            ipc::serve::<T::Request>(request, reply, |request| T::handle(context, state, request))
+                .unwrap_or(0)
+        })
+    }
+
+    fn start(context: &mut Context, reason: StartReason) {
+        let (fixes, valid) = context.with_state(|context, bytes| {
+            let state = state_of::<T::State>(bytes);
+            let fixes = match reason {
+                StartReason::Boot => {
+                    T::init(context, state);
+                    0
+                }
+                _ => T::repair(state, reason),
+            };
+            let valid = T::valid(state);
+            if !valid {
+                T::init(context, state);
+            }
+            (fixes, valid)
+        });
+        context.log(format_args!(
+            "{} start ({reason:?}): {fixes} repairs, state valid: {valid}",
+            T::NAME
+        ));
+    }
+}
+
 /// Calls to other domains with the `ipc` crate's typed client: the core's status codes
 /// become [`ipc::CallError`]s, and the generation of each peer is tracked so a restart shows
 /// up as `PeerRestarted` once (the typed client then retries idempotent requests).
