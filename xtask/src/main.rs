@@ -2,6 +2,7 @@
 //! and runs every check (`cargo xtask test`).
 #![forbid(unsafe_code)]
 
+mod account;
 mod bench;
 mod emulator;
 mod host;
@@ -357,6 +358,12 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
         system_tests::EmulatorEnd::Interrupted => "interrupted; stopped the emulator".into(),
     };
     eprintln!("xtask: {end} ({secs:.1} s)");
+    if let Some(summary) = &result.summary {
+        let mut out = std::io::stdout().lock();
+        for line in account::account(summary) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     match (summary_line, outcome) {
         (Some(line), Some("ok")) => {
             print_last_line(&line);
