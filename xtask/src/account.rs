@@ -115,7 +115,10 @@ mod tests {
             text.contains("workload synthetic-hypercalls: ok, 32 requests, 1 retried"),
             "{text}"
         );
-        assert!(!text.lines().any(|line| line.starts_with("failure:")), "{text}");
+        assert!(
+            !text.lines().any(|line| line.starts_with("failure:")),
+            "{text}"
+        );
     }
 
     #[test]

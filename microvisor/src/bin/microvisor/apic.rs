@@ -218,10 +218,15 @@ pub fn send_startup(apic_id: u32, page: u8) {
     send_ipi(apic_id, 0x0000_4600 | u32::from(page));
 }
 
-/// Sends the halt IPI to every other CPU (no-op before the APIC is mapped).
-pub fn halt_other_cpus() {
+/// Sends a fixed interrupt with `vector` to every other CPU.
+pub fn send_to_others(vector: u8) {
     if BASE.load(Ordering::Relaxed) != 0 {
         // Fixed delivery, assert, destination shorthand "all excluding self".
-        send_ipi(0, u32::from(HALT_VECTOR) | (1 << 14) | (0b11 << 18));
+        send_ipi(0, u32::from(vector) | (1 << 14) | (0b11 << 18));
     }
+}
+
+/// Sends the halt IPI to every other CPU (no-op before the APIC is mapped).
+pub fn halt_other_cpus() {
+    send_to_others(HALT_VECTOR);
 }

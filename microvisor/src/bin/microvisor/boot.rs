@@ -109,9 +109,9 @@ boot_common32:
     rdmsr
     orl $((1 << 8) | (1 << 11)), %eax
     wrmsr
-    /* CR0: PG, WP, MP, PE; EM off. */
+    /* CR0: PG, WP, MP, PE; EM off; caches on (CD and NW clear: INIT leaves them as they were). */
     movl %cr0, %eax
-    andl $~(1 << 2), %eax
+    andl $~((1 << 2) | (1 << 29) | (1 << 30)), %eax
     orl $((1 << 31) | (1 << 16) | (1 << 1) | 1), %eax
     movl %eax, %cr0
 

@@ -8,7 +8,7 @@
 use core::fmt::{self, Write};
 use spin::{Mutex, MutexGuard};
 use uart_16550::backend::PioBackend;
-use uart_16550::{Config, Uart16550Tty};
+use uart_16550::{BaudRate, Config, Uart16550Tty};
 use x86_64::instructions::port::Port;
 
 const COM1: u16 = 0x3f8;
@@ -32,8 +32,13 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: None });
 impl Console {
     /// Initialises COM1 at 115200 8N1 and installs the logger.
     pub fn init() {
+        // 115200 8N1, as GRUB's serial console and the docs say (the crate defaults to 9600).
+        let config = Config {
+            baud_rate: BaudRate::Baud115200,
+            ..Config::DEFAULT
+        };
         // SAFETY: COM1's eight I/O ports belong to the console alone from here on.
-        let uart = unsafe { Uart16550Tty::new_port(COM1, Config::default()) };
+        let uart = unsafe { Uart16550Tty::new_port(COM1, config) };
         CONSOLE.lock().uart = uart.ok();
         // A second init is a programming error we can tolerate: keep the first logger.
         let _ = log::set_logger(&LOGGER);

@@ -235,9 +235,10 @@ pub fn drop_identity_map() {
     // SAFETY: the PML4 is live and we hold the mapper lock; entry 0 is the trampoline's
     // identity map, which no CPU uses once all are online. Its two frames are left allocated.
     unsafe { (&mut *pml4.as_mut_ptr::<PageTable>())[0].set_unused() };
-    // Other CPUs drop stale entries when they next reload CR3; they never use the identity
-    // map after bring-up, so a local flush suffices for correctness of this CPU.
+    // This CPU flushes; the others get a shootdown IPI, so no CPU keeps a stale translation
+    // that would hide a wild low pointer from fault detection.
     x86_64::instructions::tlb::flush_all();
+    crate::apic::send_to_others(crate::trap::FLUSH_TLB_VECTOR);
 }
 
 /// Allocates a stack of `bytes` (rounded up to pages) below an unmapped guard page and

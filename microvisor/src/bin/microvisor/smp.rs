@@ -38,7 +38,7 @@ smp_trampoline_start:
     orl $((1 << 8) | (1 << 11)), %eax
     wrmsr
     movl %cr0, %eax
-    andl $~(1 << 2), %eax
+    andl $~((1 << 2) | (1 << 29) | (1 << 30)), %eax
     orl $((1 << 31) | (1 << 16) | (1 << 1) | 1), %eax
     movl %eax, %cr0
     ljmpl $0x08, $({base} + smp_trampoline_long - smp_trampoline_start)

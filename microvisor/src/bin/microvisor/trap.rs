@@ -16,6 +16,8 @@ use crate::{apic, run};
 
 /// Vector of the local APIC timer.
 pub const TIMER_VECTOR: u8 = 0x30;
+/// Vector of the IPI that makes a CPU drop its cached translations (TLB shootdown).
+pub const FLUSH_TLB_VECTOR: u8 = 0xfd;
 /// Vector of the IPI that stops a CPU for good (sent when another CPU hit a fatal error).
 pub const HALT_VECTOR: u8 = 0xfe;
 /// Vector the local APIC uses for spurious interrupts.
@@ -160,6 +162,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
             apic::end_of_interrupt();
         }
         HALT_VECTOR => run::halt_forever(),
+        FLUSH_TLB_VECTOR => {
+            x86_64::instructions::tlb::flush_all();
+            apic::end_of_interrupt();
+        }
         SPURIOUS_VECTOR => {}
         _ => {
             // Nothing else is routed to the core yet; acknowledge and carry on.
