@@ -30,6 +30,21 @@ impl StateService for Timer {
     fn valid(state: &TimerState) -> bool {
         state.validate().is_ok()
     }
+
+    /// A timer tick (an interrupt the core turned into a notification): expire every due
+    /// timer, on every CPU's heap.
+    fn notified(context: &mut Context, state: &mut TimerState, bits: u64) {
+        if bits & microvisor_abi::notify::TICK == 0 {
+            return;
+        }
+        let now = context.tsc();
+        for cpu in 0..context.cpu_count().min(usize::from(u8::MAX)) as u8 {
+            // Each Expire answers a bounded batch; `more` says another is due.
+            while let Reply::Expired { more: true, .. } = state.handle(Request::Expire { cpu, now })
+            {
+            }
+        }
+    }
 }
 
 microvisor_runtime::domain_entry!(Timer);

@@ -18,7 +18,7 @@ pub const SYSCALL_VECTOR: u8 = 0x80;
 pub mod call {
     /// Reply to the request being served (RDI = reply length, or [`NO_REPLY`](super::NO_REPLY)
     /// on a thread's first entry) and wait for the next one. Returns RAX = [`Status::Ok`](super::Status::Ok),
-    /// RDX = request length, R8 = the caller's domain index.
+    /// RDX = request length, R8 = the caller's domain index, R9 = pending notification bits.
     pub const REPLY_WAIT: u64 = 0;
     /// Call domain RDI (index) expecting generation RSI, with RDX request bytes in this
     /// thread's buffer. Returns RAX = status, RDX = reply length, R8 = the callee's current
@@ -28,6 +28,17 @@ pub mod call {
     pub const LOG: u64 = 2;
     /// Report a panic: RDI bytes of this thread's buffer hold the message. Never returns.
     pub const PANIC: u64 = 3;
+    /// Post notification bits RSI to domain RDI (the manifest must let the caller call it).
+    /// Asynchronous: returns at once; the target sees the bits when the core next enters one
+    /// of its threads. Returns RAX = status.
+    pub const NOTIFY: u64 = 4;
+}
+
+/// Notification bits the core posts itself. A thread receives its domain's pending bits in
+/// R9, at entry and on every return from `REPLY_WAIT`; taking them clears them.
+pub mod notify {
+    /// The local APIC timer ticked (posted to the timer domain on every tick of every CPU).
+    pub const TICK: u64 = 1 << 0;
 }
 
 /// Why a fresh thread starts (RCX at `_start`). Only the first thread the core enters after

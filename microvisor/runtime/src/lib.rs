@@ -41,6 +41,10 @@ pub trait Service {
     /// Runs once per (re)start, before the first request, on the first thread the core
     /// enters: initialise, repair, or validate and reintegrate the state region.
     fn start(_context: &mut Context, _reason: StartReason) {}
+
+    /// Handles notification `bits` (see [`microvisor_abi::notify`]), before the request the
+    /// thread was entered for.
+    fn notified(_context: &mut Context, _bits: u64) {}
 }
 
 /// What a thread knows about itself, and its way to the core.
@@ -121,7 +125,7 @@ impl Context {
     ) -> Result<usize, CallFailed> {
         let length = request.len().min(MESSAGE_BYTES);
         self.buffer()[..length].copy_from_slice(&request[..length]);
-        let (status, reply_length, new_generation) = syscall3(
+        let (status, reply_length, new_generation, _) = syscall3(
             call::CALL,
             u64::from(target),
             u64::from(generation),
@@ -137,6 +141,23 @@ impl Context {
         let reply_length = (reply_length as usize).min(MESSAGE_BYTES).min(reply.len());
         reply[..reply_length].copy_from_slice(&self.buffer()[..reply_length]);
         Ok(reply_length)
+    }
+
+    /// Posts notification `bits` to domain `target` (asynchronous; the manifest must let this
+    /// domain call it).
+    pub fn notify(&mut self, target: u16, bits: u64) -> Result<(), Status> {
+        let (status, ..) = syscall3(call::NOTIFY, u64::from(target), bits, 0);
+        match Status::from_raw(status) {
+            Some(Status::Ok) => Ok(()),
+            Some(status) => Err(status),
+            None => Err(Status::BadArgument),
+        }
+    }
+
+    /// The time-stamp counter.
+    pub fn tsc(&self) -> u64 {
+        // SAFETY: RDTSC is allowed in ring 3 (the core never sets CR4.TSD) and has no side effect.
+        unsafe { core::arch::x86_64::_rdtsc() }
     }
 
     /// Writes one line to the console.
@@ -165,17 +186,17 @@ impl Write for BufferWriter<'_> {
     }
 }
 
-/// A system call with three arguments; returns RAX, RDX, R8.
-fn syscall3(number: u64, first: u64, second: u64, third: u64) -> (u64, u64, u64) {
-    let (rax, rdx, r8);
+/// A system call with three arguments; returns RAX, RDX, R8 and R9.
+fn syscall3(number: u64, first: u64, second: u64, third: u64) -> (u64, u64, u64, u64) {
+    let (rax, rdx, r8, r9);
     // SAFETY: `int 0x80` enters the core's system-call gate; the core preserves every register
-    // but RAX, RDX and R8 (declared as outputs) and touches no memory of this domain except the
-    // thread's message buffer, which Rust code only reaches through `Context::buffer`.
+    // but RAX, RDX, R8 and R9 (declared as outputs) and touches no memory of this domain except
+    // the thread's message buffer, which Rust code only reaches through `Context::buffer`.
     unsafe {
         asm!("int 0x80", inout("rax") number => rax, in("rdi") first, in("rsi") second,
-             inout("rdx") third => rdx, out("r8") r8, options(nostack));
+             inout("rdx") third => rdx, out("r8") r8, out("r9") r9, options(nostack));
     }
-    (rax, rdx, r8)
+    (rax, rdx, r8, r9)
 }
 
 /// A thread's life: run the start routine if the core says so, serve the first request,
@@ -186,6 +207,7 @@ pub fn run<S: Service>(
     caller: u64,
     reason: u64,
     cpu_count: u64,
+    notifications: u64,
 ) -> ! {
     let mut context = Context::new(cpu, cpu_count);
     let reason = match reason {
@@ -205,15 +227,22 @@ pub fn run<S: Service>(
     if let Some(reason) = reason {
         S::start(&mut context, reason);
     }
+    if notifications != 0 {
+        S::notified(&mut context, notifications);
+    }
     loop {
         let request_length = length;
         let reply_length = S::serve(&mut context, caller, &request[..request_length], &mut reply)
             .min(MESSAGE_BYTES);
         context.buffer()[..reply_length].copy_from_slice(&reply[..reply_length]);
-        let (_, next_length, next_caller) = syscall3(call::REPLY_WAIT, reply_length as u64, 0, 0);
+        let (_, next_length, next_caller, notifications) =
+            syscall3(call::REPLY_WAIT, reply_length as u64, 0, 0);
         length = (next_length as usize).min(MESSAGE_BYTES);
         caller = next_caller as u16;
         request[..length].copy_from_slice(&context.buffer()[..length]);
+        if notifications != 0 {
+            S::notified(&mut context, notifications);
+        }
     }
 }
 
@@ -259,8 +288,16 @@ macro_rules! domain_entry {
             caller: u64,
             reason: u64,
             cpu_count: u64,
+            notifications: u64,
         ) -> ! {
-            $crate::run::<$service>(cpu, request_length, caller, reason, cpu_count)
+            $crate::run::<$service>(
+                cpu,
+                request_length,
+                caller,
+                reason,
+                cpu_count,
+                notifications,
+            )
         }
 
         #[panic_handler]
@@ -300,6 +337,8 @@ pub trait StateService {
     fn repair(state: &mut Self::State, reason: StartReason) -> u32;
     /// Whether the state can be trusted.
     fn valid(state: &Self::State) -> bool;
+    /// Handles notification `bits` (with the state lock held).
+    fn notified(_context: &mut Context, _state: &mut Self::State, _bits: u64) {}
 }
 
 fn state_of<T: zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::KnownLayout>(
@@ -340,6 +379,11 @@ impl<T: StateService> Service for T {
             "{} start ({reason:?}): {fixes} repairs, state valid: {valid}",
             T::NAME
         ));
+    }
+
+    fn notified(context: &mut Context, bits: u64) {
+        context
+            .with_state(|context, bytes| T::notified(context, state_of::<T::State>(bytes), bits));
     }
 }
 

@@ -4,7 +4,9 @@
 //! Request byte 0 picks the behaviour: 0 echo, 1 write into the core's image, 2 write into
 //! physical memory through the core's direct map, 3 write into its own code, 4 jump to
 //! address 0 (fail-stop), 5 panic, 6 call domain `request[1]` (which it has no capability
-//! for, unless the manifest says so), 7 log a line.
+//! for, unless the manifest says so), 7 log a line, 8 count (add one to a counter in its data
+//! segment and answer it: a microreset keeps the counter, a microreboot restarts it), 9 notify
+//! domain `request[1]` and answer the status.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_code)]
@@ -32,6 +34,14 @@ impl Service for Probe {
                     Err(failed) => failed.status as u8,
                 };
                 reply[0] = status;
+                return 1;
+            }
+            9 => {
+                let target = u16::from(request.get(1).copied().unwrap_or(0));
+                reply[0] = match context.notify(target, 1) {
+                    Ok(()) => 0,
+                    Err(status) => status as u8,
+                };
                 return 1;
             }
             8 => {

@@ -194,8 +194,23 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
     core_buffers: [[0; abi::MESSAGE_BYTES]; abi::MAX_DOMAIN_CPUS],
 });
 
+/// Pending notification bits of each domain. Atomics outside the domain table's lock, so an
+/// interrupt handler can post without taking it (the interrupted code may hold it).
+static NOTIFICATIONS: [core::sync::atomic::AtomicU64; MAX_DOMAINS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MAX_DOMAINS];
+
+/// Posts notification `bits` to domain `index` (ignored for an index out of range). Safe to
+/// call from interrupt handlers.
+pub fn post(index: u16, bits: u64) {
+    if let Some(pending) = NOTIFICATIONS.get(usize::from(index)) {
+        pending.fetch_or(bits, core::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The domain index of the recovery manager (`ipc::DomainIndex::RecoveryManager`).
 pub const RECOVERY_MANAGER: u16 = 1;
+/// The domain index of the timer domain (`ipc::DomainIndex::Timer`).
+pub const TIMER_DOMAIN: u16 = 4;
 
 /// A recovery the core started and the recovery manager must decide.
 #[derive(Clone, Copy, Debug)]
@@ -608,6 +623,8 @@ impl System {
                     rdx: caller_index,
                     rcx: start_reason,
                     r8: cpus as u64,
+                    r9: NOTIFICATIONS[usize::from(callee)]
+                        .swap(0, core::sync::atomic::Ordering::AcqRel),
                     ..TrapFrame::default()
                 };
                 *fx = initial_fx();
@@ -618,6 +635,8 @@ impl System {
                 frame.rax = Status::Ok as u64;
                 frame.rdx = length as u64;
                 frame.r8 = caller_index;
+                frame.r9 = NOTIFICATIONS[usize::from(callee)]
+                    .swap(0, core::sync::atomic::Ordering::AcqRel);
             }
         }
         thread.state = ThreadState::Busy;
@@ -823,6 +842,25 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             let callee_buffer = system.domain(target).expect("checked").threads[cpu].buffer;
             copy_buffer(caller_buffer, callee_buffer, length);
             system.enter(cpu, target, Some(current), length, frame, fx);
+        }
+        call::NOTIFY => {
+            let (target, bits) = (frame.rdi, frame.rsi);
+            let may_call = system
+                .domain(current)
+                .expect("running domain exists")
+                .may_call;
+            frame.rax = match u16::try_from(target)
+                .ok()
+                .filter(|&t| usize::from(t) < MAX_DOMAINS)
+            {
+                None => Status::NoSuchTarget as u64,
+                Some(t) if may_call & (1 << t) == 0 => Status::NoCapability as u64,
+                Some(t) if system.domain(t).is_none() => Status::NoSuchTarget as u64,
+                Some(t) => {
+                    post(t, bits);
+                    Status::Ok as u64
+                }
+            };
         }
         call::LOG => {
             let length = (frame.rdi as usize).min(abi::MESSAGE_BYTES);

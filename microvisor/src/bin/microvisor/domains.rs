@@ -239,6 +239,17 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
             format_args!("a call without capability gave {other:?} / {:?}", reply[0]),
         ),
     }
+    // Notifications are checked against the manifest like calls: the probe may notify nobody.
+    match domain::core_call(probe, &[9, 2], &mut reply) {
+        Ok(1) if reply[0] == Status::NoCapability as u8 => {}
+        other => crate::fail(
+            "domain-isolation",
+            format_args!(
+                "a notification without capability gave {other:?} / {:?}",
+                reply[0]
+            ),
+        ),
+    }
     let mut counter = probe_counter(probe);
     for (round, &(request, what)) in MISBEHAVIOURS.iter().enumerate() {
         let (before, failures_before) = domain::describe(probe)

@@ -159,6 +159,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
         microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
         TIMER_VECTOR => {
             run::count_timer_tick();
+            // Interrupts become notifications: the timer domain expires due timers when the
+            // core next enters it.
+            crate::domain::post(crate::domain::TIMER_DOMAIN, microvisor_abi::notify::TICK);
             apic::end_of_interrupt();
         }
         HALT_VECTOR => run::halt_forever(),

@@ -10,6 +10,7 @@
 use heapless::Vec;
 use ipc::hypercall::{self, EntryOutcome, MulticallEntry, Reply};
 use ipc::scheduler::{self, VcpuId};
+use ipc::timer;
 use ipc::{Response, decode, encode};
 use microvisor::summary::WorkloadReport;
 use microvisor_abi::Status;
@@ -17,6 +18,9 @@ use microvisor_abi::Status;
 use crate::domain;
 
 const SCHEDULER: u16 = 2;
+const TIMER: u16 = 4;
+/// TSC ticks between the workload's one-shot timers.
+const TIMER_SPACING: u64 = 10_000_000;
 const HYPERCALL: u16 = 5;
 /// The VM the core plays (its memory owner number).
 const VM: u16 = 1;
@@ -206,12 +210,13 @@ fn steps(run: &mut Run) -> Result<(), WorkloadError> {
     }
 
     let mut timers: Vec<i64, 4> = Vec::new();
+    let mut last_deadline = 0;
     for cookie in 1..=3u64 {
-        let deadline = crate::apic::tsc() + 10_000_000 * cookie;
+        last_deadline = crate::apic::tsc() + TIMER_SPACING * cookie;
         let timer = run.complete(
             "one-shot timer",
             hypercall::TIMER_ONESHOT,
-            [deadline, cookie, 0, 0, 0, 0],
+            [last_deadline, cookie, 0, 0, 0, 0],
         )?;
         run.check(
             "one-shot timer gets a new id",
@@ -282,5 +287,23 @@ fn steps(run: &mut Run) -> Result<(), WorkloadError> {
         [frames[0], 0, 0, 0, 0, 0],
     )?;
     run.check("a released frame is free", info & 0xffff == 0xffff, info)?;
+
+    // Timer expiry by notification: let the last deadline pass (the APIC timer keeps ticking,
+    // and every tick is posted to the timer domain as a notification); the next time the timer
+    // domain is entered it expires what is due, so no deadline is left.
+    while crate::apic::tsc() < last_deadline + TIMER_SPACING {
+        core::hint::spin_loop();
+    }
+    let next = run.call(
+        "next deadline",
+        TIMER,
+        &timer::Request::NextDeadline { cpu: 0 },
+        |_: &timer::Reply| false,
+    )?;
+    run.check(
+        "due timers expired through tick notifications",
+        next == timer::Reply::Deadline(None),
+        0,
+    )?;
     Ok(())
 }
