@@ -162,6 +162,8 @@ pub struct Domain {
     cpus: usize,
     /// The recovery manager declared the domain failed: every call to it gets `PeerFailed`.
     failed_for_good: bool,
+    /// Detected and not yet recovered: calls to it wait (see [`wait_for_recovery`]).
+    recovering: bool,
 }
 
 /// The per-CPU chain of threads inside calls; index 0 is the outermost caller.
@@ -452,6 +454,7 @@ pub fn load(
         pending_start: abi::start::BOOT,
         cpus: cpus.min(abi::MAX_DOMAIN_CPUS),
         failed_for_good: false,
+        recovering: false,
     });
     Ok(())
 }
@@ -738,6 +741,13 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
         }
         if system
             .domain(target as u16)
+            .is_some_and(|domain| domain.recovering)
+        {
+            wait_for_recovery(frame);
+            return;
+        }
+        if system
+            .domain(target as u16)
             .is_some_and(|domain| domain.threads[cpu].state == ThreadState::Busy)
         {
             frame.rax = Status::Busy as u64;
@@ -823,6 +833,10 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                         Some(Status::PeerRestarted)
                     }
                     Some(callee) if callee.failed_for_good => Some(Status::PeerFailed),
+                    Some(callee) if callee.recovering => {
+                        wait_for_recovery(frame);
+                        return;
+                    }
                     Some(callee) if callee.threads[cpu].state == ThreadState::Busy => {
                         Some(Status::Busy)
                     }
@@ -934,6 +948,9 @@ fn recover(
     let chain = &mut system.chains[cpu];
     chain.depth -= 1;
     let abandoned = chain.pending[chain.depth].take();
+    if let Some(domain) = system.domain(failed) {
+        domain.recovering = true;
+    }
     let caller = system.running(cpu);
     *LAST_DETECTION.lock() = Some(Detection {
         domain: failed,
@@ -1021,6 +1038,14 @@ fn recover(
     let chain = &mut system.chains[cpu];
     chain.pending[chain.depth] = Some(pending);
     system.enter(cpu, RECOVERY_MANAGER, None, length, frame, fx);
+}
+
+/// A call to a domain under recovery waits: the caller's RIP is moved back over its 2-byte
+/// `int 0x80`, so it issues the same call again (registers unchanged) once it runs next,
+/// until the recovery that another CPU is carrying out completes. Nothing else stops.
+fn wait_for_recovery(frame: &mut TrapFrame) {
+    frame.rip -= 2;
+    core::hint::spin_loop();
 }
 
 /// Reads the recovery manager's answer from its buffer; anything but an order is a
@@ -1131,6 +1156,7 @@ fn apply(
     let reloaded = apic::tsc();
     domain.generation += 1;
     domain.failures += 1;
+    domain.recovering = false;
     match order {
         RecoveryOrder::Microreset => domain.pending_start = abi::start::AFTER_MICRORESET,
         RecoveryOrder::Microreboot => domain.pending_start = abi::start::AFTER_MICROREBOOT,
