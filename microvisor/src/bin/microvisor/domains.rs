@@ -181,7 +181,7 @@ pub fn bring_up(
             domain: "recovery-manager",
         }) => run_workload(None),
         Some(InjectedFault::Failstop { domain: "probe" }) => {
-            inject_failstop(probe_index("probe"));
+            inject_failstop(index_of("probe"));
             run::stage("inject-failstop");
             run_workload(None);
         }
@@ -336,7 +336,7 @@ fn bench_ipc(probe: u16) {
 }
 
 /// The index of domain `name`, or the run fails.
-fn probe_index(name: &str) -> u16 {
+fn index_of(name: &str) -> u16 {
     match domain::find(name) {
         Some(index) => index,
         None => crate::fail(
@@ -351,7 +351,7 @@ fn probe_index(name: &str) -> u16 {
 /// got every result right.
 fn run_workload(inject: Option<&str>) {
     let injected = inject.map(|target| {
-        let index = probe_index(target);
+        let index = index_of(target);
         let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
         // Let it serve two requests first, so the fault strikes with state built up that
         // recovery must keep (the workload's later checks depend on it).
