@@ -3,7 +3,9 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
+use ipc::DomainIndex;
 use ipc::timer::{Reply, Request};
+use microvisor_abi::notify;
 use microvisor_runtime::{Context, StartReason, StateService};
 use timer::TimerState;
 
@@ -14,12 +16,14 @@ impl StateService for Timer {
     type Request = Request;
     const NAME: &'static str = "timer";
 
-    fn handle(_: &mut Context, state: &mut TimerState, request: Request) -> Reply {
-        state.handle(request)
+    fn handle(context: &mut Context, state: &mut TimerState, request: Request) -> Reply {
+        let reply = state.handle(request);
+        program_deadlines(context, state);
+        reply
     }
 
     fn init(context: &Context, state: &mut TimerState) {
-        state.init(context.cpu_count().min(usize::from(u8::MAX)) as u8);
+        state.init(cpu_count(context));
     }
 
     fn repair(state: &mut TimerState, _: StartReason) -> u32 {
@@ -31,19 +35,44 @@ impl StateService for Timer {
         state.validate().is_ok()
     }
 
-    /// A timer tick (an interrupt the core turned into a notification): expire every due
-    /// timer, on every CPU's heap.
+    /// A deadline passed (the core turned the timer interrupt into a notification): expire
+    /// every due timer on every CPU's heap, tell the hypercall domain, program the next ones.
     fn notified(context: &mut Context, state: &mut TimerState, bits: u64) {
-        if bits & microvisor_abi::notify::TICK == 0 {
+        if bits & (notify::DEADLINE | notify::TICK) == 0 {
             return;
         }
         let now = context.tsc();
-        for cpu in 0..context.cpu_count().min(usize::from(u8::MAX)) as u8 {
+        let mut expired = 0;
+        for cpu in 0..cpu_count(context) {
             // Each Expire answers a bounded batch; `more` says another is due.
-            while let Reply::Expired { more: true, .. } = state.handle(Request::Expire { cpu, now })
+            while let Reply::Expired { cookies, more } = state.handle(Request::Expire { cpu, now })
             {
+                expired += cookies.len();
+                if !more {
+                    break;
+                }
             }
         }
+        if expired > 0 {
+            // The hypercall domain turns these into virtual interrupts once guests exist.
+            let _ = context.notify(DomainIndex::Hypercall as u16, notify::TIMERS_EXPIRED);
+        }
+        program_deadlines(context, state);
+    }
+}
+
+fn cpu_count(context: &Context) -> u8 {
+    context.cpu_count().min(usize::from(u8::MAX)) as u8
+}
+
+/// Programs each CPU's earliest deadline in the core (0: none armed there).
+fn program_deadlines(context: &mut Context, state: &mut TimerState) {
+    for cpu in 0..cpu_count(context) {
+        let deadline = match state.handle(Request::NextDeadline { cpu }) {
+            Reply::Deadline(Some(deadline)) => deadline.max(1),
+            _ => 0,
+        };
+        let _ = context.set_deadline(usize::from(cpu), deadline);
     }
 }
 

@@ -32,6 +32,10 @@ pub mod call {
     /// Asynchronous: returns at once; the target sees the bits when the core next enters one
     /// of its threads. Returns RAX = status.
     pub const NOTIFY: u64 = 4;
+    /// Timer domain only: program CPU RDI's next deadline to TSC RSI (0 cancels). When the
+    /// CPU's clock passes it, the core posts [`notify::DEADLINE`](super::notify::DEADLINE) to
+    /// the timer domain (checked on every tick of that CPU's local APIC timer).
+    pub const SET_DEADLINE: u64 = 5;
 }
 
 /// Notification bits the core posts itself. A thread receives its domain's pending bits in
@@ -39,6 +43,11 @@ pub mod call {
 pub mod notify {
     /// The local APIC timer ticked (posted to the timer domain on every tick of every CPU).
     pub const TICK: u64 = 1 << 0;
+    /// A deadline programmed with `SET_DEADLINE` passed (posted to the timer domain).
+    pub const DEADLINE: u64 = 1 << 1;
+    /// Timers expired (the timer domain posts it to the hypercall domain, which will turn it
+    /// into virtual interrupts for guests).
+    pub const TIMERS_EXPIRED: u64 = 1 << 2;
 }
 
 /// Why a fresh thread starts (RCX at `_start`). Only the first thread the core enters after

@@ -154,6 +154,16 @@ impl Context {
         }
     }
 
+    /// Timer domain only: programs CPU `cpu`'s next deadline (TSC; 0 cancels) in the core.
+    pub fn set_deadline(&mut self, cpu: usize, deadline: u64) -> Result<(), Status> {
+        let (status, ..) = syscall3(call::SET_DEADLINE, cpu as u64, deadline, 0);
+        match Status::from_raw(status) {
+            Some(Status::Ok) => Ok(()),
+            Some(status) => Err(status),
+            None => Err(Status::BadArgument),
+        }
+    }
+
     /// The time-stamp counter.
     pub fn tsc(&self) -> u64 {
         // SAFETY: RDTSC is allowed in ring 3 (the core never sets CR4.TSD) and has no side effect.
@@ -232,8 +242,13 @@ pub fn run<S: Service>(
     }
     loop {
         let request_length = length;
-        let reply_length = S::serve(&mut context, caller, &request[..request_length], &mut reply)
-            .min(MESSAGE_BYTES);
+        // An empty request is the core delivering notifications only: nothing to serve.
+        let reply_length = if request_length == 0 {
+            0
+        } else {
+            S::serve(&mut context, caller, &request[..request_length], &mut reply)
+                .min(MESSAGE_BYTES)
+        };
         context.buffer()[..reply_length].copy_from_slice(&reply[..reply_length]);
         let (_, next_length, next_caller, notifications) =
             syscall3(call::REPLY_WAIT, reply_length as u64, 0, 0);

@@ -201,6 +201,49 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
 static NOTIFICATIONS: [core::sync::atomic::AtomicU64; MAX_DOMAINS] =
     [const { core::sync::atomic::AtomicU64::new(0) }; MAX_DOMAINS];
 
+/// Deadlines the timer domain programmed, per CPU (TSC; 0 = none).
+static DEADLINES: [core::sync::atomic::AtomicU64; abi::MAX_DOMAIN_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; abi::MAX_DOMAIN_CPUS];
+/// Deadlines that passed and were posted to the timer domain.
+static DEADLINES_FIRED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Called on every local APIC timer tick of `cpu`: posts `DEADLINE` to the timer domain once
+/// its programmed deadline has passed. Safe in interrupt context (atomics only).
+pub fn check_deadline(cpu: usize, now: u64) {
+    use core::sync::atomic::Ordering;
+    let Some(slot) = DEADLINES.get(cpu) else {
+        return;
+    };
+    let deadline = slot.load(Ordering::Acquire);
+    if deadline != 0
+        && now >= deadline
+        && slot
+            .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        DEADLINES_FIRED.fetch_add(1, Ordering::Relaxed);
+        post(TIMER_DOMAIN, abi::notify::DEADLINE);
+    }
+}
+
+/// How many programmed deadlines have fired.
+pub fn deadlines_fired() -> u64 {
+    DEADLINES_FIRED.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Delivers pending notifications from an idle CPU: every domain with pending bits whose
+/// thread on this CPU is free is entered with an empty request (the runtime hands the bits to
+/// the domain and answers nothing). This is what wakes a domain that nobody calls.
+pub fn deliver_notifications() {
+    for index in 0..MAX_DOMAINS as u16 {
+        if NOTIFICATIONS[usize::from(index)].load(core::sync::atomic::Ordering::Acquire) != 0 {
+            let mut reply = [0u8; 8];
+            // Busy or recovering domains get their bits at their next entry instead.
+            let _ = core_call(index, &[], &mut reply);
+        }
+    }
+}
+
 /// Posts notification `bits` to domain `index` (ignored for an index out of range). Safe to
 /// call from interrupt handlers.
 pub fn post(index: u16, bits: u64) {
@@ -874,6 +917,17 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                     post(t, bits);
                     Status::Ok as u64
                 }
+            };
+        }
+        call::SET_DEADLINE => {
+            let (target_cpu, deadline) = (frame.rdi as usize, frame.rsi);
+            frame.rax = if current != TIMER_DOMAIN {
+                Status::NoCapability as u64
+            } else if let Some(slot) = DEADLINES.get(target_cpu) {
+                slot.store(deadline, core::sync::atomic::Ordering::Release);
+                Status::Ok as u64
+            } else {
+                Status::BadArgument as u64
             };
         }
         call::LOG => {

@@ -186,6 +186,8 @@ pub fn idle(index: usize) -> ! {
         {
             raise(fault);
         }
+        // An idle CPU wakes domains that have notifications pending.
+        crate::domain::deliver_notifications();
         x86_64::instructions::hlt();
     }
 }

@@ -159,9 +159,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
         microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
         TIMER_VECTOR => {
             run::count_timer_tick();
-            // Interrupts become notifications: the timer domain expires due timers when the
-            // core next enters it.
-            crate::domain::post(crate::domain::TIMER_DOMAIN, microvisor_abi::notify::TICK);
+            // The timer domain's programmed deadline, checked on every tick: when it passes,
+            // the interrupt becomes a DEADLINE notification to the timer domain.
+            crate::domain::check_deadline(crate::cpu::current_index(), apic::tsc());
             apic::end_of_interrupt();
         }
         HALT_VECTOR => run::halt_forever(),

@@ -288,22 +288,38 @@ fn steps(run: &mut Run) -> Result<(), WorkloadError> {
     )?;
     run.check("a released frame is free", info & 0xffff == 0xffff, info)?;
 
-    // Timer expiry by notification: let the last deadline pass (the APIC timer keeps ticking,
-    // and every tick is posted to the timer domain as a notification); the next time the timer
-    // domain is entered it expires what is due, so no deadline is left.
-    while crate::apic::tsc() < last_deadline + TIMER_SPACING {
+    // Timer expiry by notification: the timer domain programmed its earliest deadline in the
+    // core; let the last one pass. The core's tick sees the deadline pass and posts DEADLINE to
+    // the timer domain (delivered by an idle CPU, or at its next entry), which expires what is
+    // due, so no deadline is left.
+    while crate::apic::tsc() < last_deadline {
         core::hint::spin_loop();
     }
-    let next = run.call(
-        "next deadline",
-        TIMER,
-        &timer::Request::NextDeadline { cpu: 0 },
-        |_: &timer::Reply| false,
-    )?;
+    // Expiry is asynchronous, at the granularity of the core's 100 Hz tick: ask until no
+    // deadline is left, waiting two ticks between asks, for at most a second.
+    let mut next = timer::Reply::Deadline(Some(last_deadline));
+    for _ in 0..50 {
+        next = run.call(
+            "next deadline",
+            TIMER,
+            &timer::Request::NextDeadline { cpu: 0 },
+            |_: &timer::Reply| false,
+        )?;
+        if next == timer::Reply::Deadline(None) {
+            break;
+        }
+        crate::apic::delay_us(20_000);
+    }
     run.check(
-        "due timers expired through tick notifications",
+        "due timers expired through deadline notifications",
         next == timer::Reply::Deadline(None),
         0,
+    )?;
+    let fired = crate::domain::deadlines_fired();
+    run.check(
+        "the timer domain programmed a deadline through the core and it fired",
+        fired >= 1,
+        fired as i64,
     )?;
     Ok(())
 }
