@@ -16,3 +16,4 @@ pub mod frames;
 pub mod gate;
 pub mod memmap;
 pub mod summary;
+pub mod vmx;
