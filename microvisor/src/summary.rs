@@ -183,6 +183,31 @@ impl Display for WorkloadReport<'_> {
     }
 }
 
+/// VMX root operation across the CPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct VmxReport<'a> {
+    /// CPUs in VMX root operation.
+    pub cpus_in_root: usize,
+    /// VMCS revision identifier (0 if none).
+    pub revision: u32,
+    /// Why VMX is not used, if it is not (e.g. no VMX under QEMU's TCG).
+    pub unavailable: Option<&'a str>,
+}
+
+impl Display for VmxReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"cpus_in_root":{},"revision":{},"unavailable":"#,
+            self.cpus_in_root, self.revision
+        )?;
+        match self.unavailable {
+            Some(reason) => write!(f, "{}}}", JsonStr(reason)),
+            None => f.write_str("null}"),
+        }
+    }
+}
+
 /// A benchmark's result: TSC ticks per operation (instructions under bochs).
 #[derive(Clone, Copy, Debug)]
 pub struct BenchReport<'a> {
@@ -259,6 +284,8 @@ pub struct Summary<'a> {
     pub last_detection: Option<DetectionReport<'a>>,
     /// The most recent recovery, if any.
     pub last_recovery: Option<RecoveryReport<'a>>,
+    /// VMX root operation.
+    pub vmx: VmxReport<'a>,
     /// The synthetic workload, if it ran.
     pub workload: Option<WorkloadReport<'a>>,
     /// The benchmark asked for on the command line, if any.
@@ -383,6 +410,7 @@ impl Display for Summary<'_> {
             Some(recovery) => write!(f, "{recovery}")?,
             None => f.write_str("null")?,
         }
+        write!(f, r#","vmx":{}"#, self.vmx)?;
         f.write_str(r#","workload":"#)?;
         match &self.workload {
             Some(workload) => write!(f, "{workload}")?,
@@ -447,6 +475,11 @@ mod tests {
                 reload_image: 300,
                 total: 400,
             }),
+            vmx: VmxReport {
+                cpus_in_root: 2,
+                revision: 1,
+                unavailable: None,
+            },
             workload: Some(WorkloadReport {
                 name: "synthetic",
                 passed: true,
@@ -477,6 +510,8 @@ mod tests {
         assert_eq!(value["last_recovery"]["mode"], "microreboot");
         assert_eq!(value["last_recovery"]["decided_by"], "recovery-manager");
         assert_eq!(value["workload"]["verdict"], "ok");
+        assert_eq!(value["vmx"]["cpus_in_root"], 2);
+        assert!(value["vmx"]["unavailable"].is_null());
         assert_eq!(value["workload"]["retries"], 1);
         assert_eq!(value["last_recovery"]["tsc"]["reload_image"], 300);
     }

@@ -75,6 +75,9 @@ pub struct Expect {
     pub workload_ok: bool,
     /// `Some(who)`: `"last_recovery.decided_by"` must be this (`recovery-manager` or `core`).
     pub decided_by: Option<&'static str>,
+    /// `"vmx.cpus_in_root"` must equal the CPU count (bochs emulates VMX; QEMU's TCG has none,
+    /// so QEMU cases do not check it).
+    pub vmx_root: bool,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -143,6 +146,7 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             recovered_domain: Some("probe"),
             workload_ok: true,
             decided_by: Some("recovery-manager"),
+            vmx_root: emulator == Emulator::Bochs,
         },
     }
 }
@@ -235,6 +239,7 @@ fn faulting(
     case.expect.recovered_domain = None;
     case.expect.workload_ok = false;
     case.expect.decided_by = None;
+    case.expect.vmx_root = false;
     case
 }
 

@@ -156,6 +156,17 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         }
     }
 
+    if expect.vmx_root {
+        let got = summary.get("vmx").and_then(|vmx| vmx.get("cpus_in_root"));
+        if got.and_then(Value::as_u64) != Some(expect.cpus) {
+            reasons.push(format!(
+                "summary.vmx.cpus_in_root is {}, expected {}",
+                show(got),
+                expect.cpus
+            ));
+        }
+    }
+
     if expect.workload_ok {
         let got = summary
             .get("workload")
@@ -257,7 +268,8 @@ mod tests {
             "timer_ticks": vec![5; cpus as usize], "failure": null,
             "domains": [{"name": "probe", "generation": 6, "failures": 5}],
             "last_recovery": {"domain": "probe", "mode": "microreset", "decided_by": "recovery-manager", "tsc": {"total": 9}},
-            "workload": {"name": "synthetic-hypercalls", "verdict": "ok", "requests": 32, "retries": 0, "checks": 36}
+            "workload": {"name": "synthetic-hypercalls", "verdict": "ok", "requests": 32, "retries": 0, "checks": 36},
+            "vmx": {"cpus_in_root": cpus, "revision": 43, "unavailable": null}
         })
     }
 
@@ -507,6 +519,22 @@ mod tests {
         );
         assert!(
             reasons.iter().any(|r| r.contains("workload.verdict")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn bochs_cases_need_every_cpu_in_vmx_root() {
+        let case = case("bochs-iso-2cpu");
+        let mut summary = ok_summary("multiboot2", 2);
+        assert_eq!(
+            run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0))),
+            Vec::<String>::new()
+        );
+        summary["vmx"] = json!({"cpus_in_root": 1, "revision": 43, "unavailable": null});
+        let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0)));
+        assert!(
+            reasons.iter().any(|r| r.contains("vmx.cpus_in_root")),
             "{reasons:?}"
         );
     }

@@ -21,6 +21,7 @@ mod paging;
 mod run;
 mod smp;
 mod trap;
+mod vmx;
 mod workload;
 
 use core::fmt::Write;
@@ -165,6 +166,27 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         fail("smp", format_args!("{failed} CPUs did not come online"));
     }
     run::stage("smp");
+
+    // VMX root operation on every CPU (APs entered it at the end of their bring-up; a CPU in
+    // VMX root blocks INIT, so the bootstrap processor goes last).
+    match vmx::enter_root() {
+        Ok(revision) => {
+            let (in_root, _) = vmx::status();
+            let online = run::cpus_registered();
+            if in_root != online {
+                fail(
+                    "vmx-root",
+                    format_args!("{in_root} of {online} CPUs entered VMX root operation"),
+                );
+            }
+            log::info!("VMX root operation on all {in_root} CPUs (VMCS revision {revision:#x})");
+            run::stage("vmx-root");
+        }
+        Err(unavailable) => {
+            log::warn!("VMX not used: {}", unavailable.reason());
+            run::record_vmx_unavailable(unavailable.reason());
+        }
+    }
 
     if !run::wait_ticks_everywhere(3, 2_000_000) {
         fail(

@@ -4,7 +4,9 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use microvisor::cmdline::{DeliberateFault, FaultRequest};
-use microvisor::summary::{BenchReport, DomainReport, Failure, Outcome, Summary, WorkloadReport};
+use microvisor::summary::{
+    BenchReport, DomainReport, Failure, Outcome, Summary, VmxReport, WorkloadReport,
+};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -203,6 +205,15 @@ pub fn halt_forever() -> ! {
 static FINISHING: AtomicBool = AtomicBool::new(false);
 static BENCH: Mutex<Option<BenchReport<'static>>> = Mutex::new(None);
 static WORKLOAD: Mutex<Option<WorkloadReport<'static>>> = Mutex::new(None);
+static VMX_UNAVAILABLE: Mutex<Option<&'static str>> = Mutex::new(None);
+
+/// Records why VMX is not used (the first reason any CPU gave).
+pub fn record_vmx_unavailable(reason: &'static str) {
+    let mut slot = VMX_UNAVAILABLE.lock();
+    if slot.is_none() {
+        *slot = Some(reason);
+    }
+}
 
 /// Records how the synthetic workload ended, for the summary.
 pub fn record_workload(report: WorkloadReport<'static>) {
@@ -255,6 +266,14 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         domains: &domains[..domain_count],
         last_detection: crate::domain::detection_report(),
         last_recovery: crate::domain::recovery_report(),
+        vmx: {
+            let (cpus_in_root, revision) = crate::vmx::status();
+            VmxReport {
+                cpus_in_root,
+                revision,
+                unavailable: VMX_UNAVAILABLE.try_lock().and_then(|reason| *reason),
+            }
+        },
         workload: WORKLOAD.try_lock().and_then(|workload| *workload),
         bench: BENCH.try_lock().and_then(|bench| *bench),
         failure,

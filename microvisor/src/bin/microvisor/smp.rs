@@ -176,6 +176,9 @@ extern "C" fn ap_entry(index: u64) -> ! {
     apic::enable_this_cpu();
     cpu::init_this_cpu(index, apic::id());
     apic::start_periodic_timer();
+    if let Err(unavailable) = crate::vmx::enter_root() {
+        run::record_vmx_unavailable(unavailable.reason());
+    }
     run::mark_online(index);
     run::idle(index)
 }
