@@ -75,8 +75,8 @@ pub struct Expect {
     pub workload_ok: bool,
     /// `Some(who)`: `"last_recovery.decided_by"` must be this (`recovery-manager` or `core`).
     pub decided_by: Option<&'static str>,
-    /// `"vmx.cpus_in_root"` must equal the CPU count (bochs emulates VMX; QEMU's TCG has none,
-    /// so QEMU cases do not check it).
+    /// `"vmx.cpus_in_root"` must equal the CPU count and the first VMX guest must have run
+    /// (stage `vmx-guest`): bochs emulates VMX; QEMU's TCG has none, so QEMU cases do not check.
     pub vmx_root: bool,
 }
 

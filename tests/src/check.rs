@@ -165,6 +165,13 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
                 expect.cpus
             ));
         }
+        let ran = summary.get("ran").and_then(Value::as_array);
+        if !ran.is_some_and(|ran| ran.iter().any(|stage| stage == "vmx-guest")) {
+            reasons.push(
+                "summary.ran lacks stage \"vmx-guest\" (the first VMX guest did not run)"
+                    .to_string(),
+            );
+        }
     }
 
     if expect.workload_ok {
@@ -264,7 +271,7 @@ mod tests {
     fn ok_summary(protocol: &str, cpus: u64) -> Value {
         json!({
             "event": "summary", "outcome": "ok", "boot_protocol": protocol,
-            "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES,
+            "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES.iter().copied().chain(["vmx-guest"]).collect::<Vec<_>>(),
             "timer_ticks": vec![5; cpus as usize], "failure": null,
             "domains": [{"name": "probe", "generation": 6, "failures": 5}],
             "last_recovery": {"domain": "probe", "mode": "microreset", "decided_by": "recovery-manager", "tsc": {"total": 9}},
@@ -503,7 +510,13 @@ mod tests {
     fn a_service_case_needs_that_service_recovered_and_a_correct_workload() {
         let case = case("bochs-failstop-memory-microreboot");
         let mut summary = ok_summary("multiboot2", 2);
-        summary["ran"] = json!(["domains", "domain-isolation", "workload", "inject-failstop"]);
+        summary["ran"] = json!([
+            "domains",
+            "domain-isolation",
+            "workload",
+            "inject-failstop",
+            "vmx-guest"
+        ]);
         summary["last_recovery"] =
             json!({"domain": "memory", "mode": "microreboot", "decided_by": "recovery-manager"});
         assert_eq!(
@@ -527,6 +540,19 @@ mod tests {
     fn bochs_cases_need_every_cpu_in_vmx_root() {
         let case = case("bochs-iso-2cpu");
         let mut summary = ok_summary("multiboot2", 2);
+        summary["ran"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|stage| stage != "vmx-guest");
+        let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0)));
+        assert!(
+            reasons.iter().any(|r| r.contains("vmx-guest")),
+            "{reasons:?}"
+        );
+        summary["ran"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("vmx-guest"));
         assert_eq!(
             run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0))),
             Vec::<String>::new()

@@ -55,6 +55,11 @@ pub fn current_index() -> usize {
     unsafe { (*base.as_ptr::<PerCpu>()).index }
 }
 
+/// Address of this CPU's TSS (the VMCS host state needs it).
+pub fn tss_base() -> u64 {
+    GsBase::read().as_u64() + core::mem::offset_of!(PerCpu, tss) as u64
+}
+
 /// Builds and loads this CPU's per-CPU block, GDT, TSS and IDT, and points GS base at the
 /// block. `index` is the CPU index, `apic_id` its local APIC ID.
 pub fn init_this_cpu(index: usize, apic_id: u32) {

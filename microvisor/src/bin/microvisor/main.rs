@@ -21,6 +21,7 @@ mod paging;
 mod run;
 mod smp;
 mod trap;
+mod vm;
 mod vmx;
 mod workload;
 
@@ -181,6 +182,23 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             }
             log::info!("VMX root operation on all {in_root} CPUs (VMCS revision {revision:#x})");
             run::stage("vmx-root");
+            match vm::run_first_guest() {
+                Ok((rax, exits)) if rax & 0xffff == 0x1234 => {
+                    log::info!(
+                        "first guest ran: VMCALL with AX {:#x} after {exits} VM exits",
+                        rax & 0xffff
+                    );
+                    run::stage("vmx-guest");
+                }
+                Ok((rax, _)) => fail(
+                    "vmx-guest",
+                    format_args!("the guest's VMCALL carried RAX {rax:#x}, expected 0x1234"),
+                ),
+                Err(error) => fail(
+                    "vmx-guest",
+                    format_args!("the first guest did not run: {error}"),
+                ),
+            }
         }
         Err(unavailable) => {
             log::warn!("VMX not used: {}", unavailable.reason());
