@@ -1,11 +1,15 @@
 //! A first VMX guest: a vCPU in unrestricted real mode behind EPT, launched on the bootstrap
-//! processor, exiting on VMCALL (Intel SDM Vol. 3C, chapters 24-27).
+//! processor (Intel SDM Vol. 3C, chapters 24-27), whose hypercalls are served by the
+//! hypercall domain.
 //!
 //! This proves the VMX path end to end on the platforms that have VMX (bochs here): VMCS set
 //! up from the TRUE capability MSRs, an EPT built by the core, VMLAUNCH/VMRESUME, and a VM-exit
-//! handler that saves the guest's registers. The guest runs `mov ax, 0x1234; vmcall; hlt`;
-//! the core checks that it exits with reason VMCALL and the guest's AX. External interrupts
-//! exit (the host keeps its timer) and the vCPU is resumed.
+//! handler that saves the guest's registers. A VMCALL exit becomes a message: the core sends
+//! the guest's number and arguments (RAX; RDI, RSI, RDX, R10, R8, R9) to the hypercall domain as
+//! an `ipc::hypercall` request, writes the result into the guest's RAX and advances its RIP
+//! only when the hypercall completed (a retried one runs the VMCALL again). The guest makes a
+//! null hypercall and a memory populate, then halts; the core checks both results at the HLT
+//! exit. External interrupts exit (the host keeps its timer) and the vCPU is resumed.
 
 use microvisor::vmx::{VmxBasic, adjust_controls};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -32,6 +36,7 @@ const ENTRY_CONTROLS: u64 = 0x4012;
 const SECONDARY_CONTROLS: u64 = 0x401e;
 const VM_INSTRUCTION_ERROR: u64 = 0x4400;
 const EXIT_REASON: u64 = 0x4402;
+const EXIT_INSTRUCTION_LENGTH: u64 = 0x440c;
 const GUEST_ES_LIMIT: u64 = 0x4800;
 const GUEST_GDTR_LIMIT: u64 = 0x4810;
 const GUEST_IDTR_LIMIT: u64 = 0x4812;
@@ -74,7 +79,13 @@ const IA32_VMX_CR4_FIXED0: u32 = 0x488;
 
 /// Exit reasons used here (SDM Vol. 3D, Appendix C).
 const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
+const EXIT_HLT: u32 = 12;
 const EXIT_VMCALL: u32 = 18;
+
+/// The VM number the first guest has in the services (its memory owner).
+const GUEST_VM: u16 = 2;
+/// The hypercall domain's index (`ipc::DomainIndex::Hypercall`).
+const HYPERCALL_DOMAIN: u16 = 5;
 
 /// Guest-physical address the guest code starts at, and the guest memory size.
 const GUEST_ENTRY: u64 = 0x1000;
@@ -86,7 +97,8 @@ const GUEST_PAGES: u64 = 16;
 pub struct GuestRegisters {
     /// RAX.
     pub rax: u64,
-    rbx: u64,
+    /// RBX.
+    pub rbx: u64,
     rcx: u64,
     rdx: u64,
     rsi: u64,
@@ -203,6 +215,8 @@ pub enum GuestError {
     EntryFailed(u64),
     /// The guest exited for an unexpected reason.
     UnexpectedExit(u32),
+    /// The hypercall domain could not be reached or answered nonsense.
+    Hypercall(&'static str),
 }
 
 impl core::fmt::Display for GuestError {
@@ -213,6 +227,7 @@ impl core::fmt::Display for GuestError {
             Self::VmcsAccess(field) => write!(f, "VMCS access failed (field {field:#x})"),
             Self::EntryFailed(error) => write!(f, "VM entry failed, VM-instruction error {error}"),
             Self::UnexpectedExit(reason) => write!(f, "unexpected VM exit, reason {reason}"),
+            Self::Hypercall(what) => write!(f, "hypercall forwarding failed: {what}"),
         }
     }
 }
@@ -272,9 +287,9 @@ fn build_ept(host: u64, pages: u64) -> Result<u64, GuestError> {
     Ok(pml4 | 6 | (3 << 3))
 }
 
-/// Runs the first guest to its VMCALL; returns the guest's RAX at the VMCALL and the number
-/// of exits taken on the way (external interrupts included).
-pub fn run_first_guest() -> Result<(u64, u32), GuestError> {
+/// Runs the first guest until it halts; returns its registers then and the number of VM exits
+/// taken (hypercalls and external interrupts included).
+pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
     let basic = VmxBasic::from_msr(read_msr(IA32_VMX_BASIC));
     let secondary_caps = read_msr(IA32_VMX_PROCBASED_CTLS2);
     // Secondary controls: enable EPT (bit 1), unrestricted guest (bit 7).
@@ -296,8 +311,11 @@ pub fn run_first_guest() -> Result<(u64, u32), GuestError> {
     // SAFETY: a fresh page; its first 4 bytes take the VMCS revision identifier.
     unsafe { (vmcs_ptr as *mut u32).write(basic.revision) };
     let (guest_memory, guest_ptr) = allocate(GUEST_PAGES)?;
-    // mov ax, 0x1234; vmcall; hlt
-    let code: [u8; 7] = [0xb8, 0x34, 0x12, 0x0f, 0x01, 0xc1, 0xf4];
+    // mov ax, 0 (NULL); vmcall; mov bx, ax; mov ax, 3 (MEMORY_POPULATE); vmcall; hlt
+    let code: [u8; 16] = [
+        0xb8, 0x00, 0x00, 0x0f, 0x01, 0xc1, 0x89, 0xc3, 0xb8, 0x03, 0x00, 0x0f, 0x01, 0xc1, 0xf4,
+        0xf4,
+    ];
     // SAFETY: the guest memory block is GUEST_PAGES fresh pages; GUEST_ENTRY + 7 is inside.
     unsafe {
         core::ptr::copy_nonoverlapping(
@@ -388,23 +406,69 @@ pub fn run_first_guest() -> Result<(u64, u32), GuestError> {
 
     let mut registers = GuestRegisters::default();
     let mut exits = 0;
-    for attempt in 0..64u64 {
-        let without_interrupts = x86_64::instructions::interrupts::without_interrupts(|| {
+    let mut launched = false;
+    while exits < 256 {
+        let entry_failed = x86_64::instructions::interrupts::without_interrupts(|| {
             // SAFETY: the current VMCS is fully set up above; `vmx_enter` saves and restores
             // the host's callee-saved registers and returns after the next VM exit.
-            unsafe { vmx_enter(&mut registers, attempt.min(1)) }
+            unsafe { vmx_enter(&mut registers, u64::from(launched)) }
         });
-        if without_interrupts != 0 {
+        if entry_failed != 0 {
             return Err(GuestError::EntryFailed(vmread(VM_INSTRUCTION_ERROR)));
         }
+        launched = true;
         exits += 1;
         match (vmread(EXIT_REASON) & 0xffff) as u32 {
             // The host's own interrupt arrived while the guest ran: interrupts were re-enabled
             // when `without_interrupts` returned, so it has been served; resume the guest.
-            EXIT_EXTERNAL_INTERRUPT => continue,
-            EXIT_VMCALL => return Ok((registers.rax, exits)),
+            EXIT_EXTERNAL_INTERRUPT => {}
+            EXIT_VMCALL => {
+                if let Some(value) = forward_hypercall(&registers)? {
+                    registers.rax = value as u64;
+                    let rip = vmread(GUEST_RIP) + vmread(EXIT_INSTRUCTION_LENGTH);
+                    vmwrite(GUEST_RIP, rip)?;
+                }
+            }
+            EXIT_HLT => return Ok((registers, exits)),
             other => return Err(GuestError::UnexpectedExit(other)),
         }
     }
     Err(GuestError::UnexpectedExit(EXIT_EXTERNAL_INTERRUPT))
+}
+
+/// A VMCALL exit as a message: sends the guest's hypercall to the hypercall domain. Returns
+/// the value for the guest's RAX when the hypercall completed (an error becomes -1), or `None`
+/// when it must be retried (the guest's RIP stays on its VMCALL).
+fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestError> {
+    use ipc::hypercall::{Reply, Request};
+    let request = Request::Hypercall {
+        cpu: 0,
+        vm: GUEST_VM,
+        vcpu: 0,
+        number: registers.rax,
+        args: [
+            registers.rdi,
+            registers.rsi,
+            registers.rdx,
+            registers.r10,
+            registers.r8,
+            registers.r9,
+        ],
+    };
+    let mut bytes = [0u8; ipc::MESSAGE_MAX];
+    let length = ipc::encode(&request, &mut bytes)
+        .map_err(|_| GuestError::Hypercall("request does not encode"))?;
+    let mut reply = [0u8; ipc::MESSAGE_MAX];
+    let answer = match crate::domain::core_call(HYPERCALL_DOMAIN, &bytes[..length], &mut reply) {
+        Ok(length) => ipc::decode::<ipc::Response<Reply>>(&reply[..length])
+            .map_err(|_| GuestError::Hypercall("reply does not decode"))?,
+        // The hypercall domain restarted under the call: the guest runs its VMCALL again.
+        Err(microvisor_abi::Status::PeerRestarted) => return Ok(None),
+        Err(_) => return Err(GuestError::Hypercall("hypercall domain unreachable")),
+    };
+    Ok(match answer {
+        Ok(Reply::Complete { value }) => Some(value),
+        Ok(Reply::Incomplete) => None,
+        Ok(_) | Err(_) => Some(-1),
+    })
 }
