@@ -437,8 +437,8 @@ pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
 }
 
 /// A VMCALL exit as a message: sends the guest's hypercall to the hypercall domain. Returns
-/// the value for the guest's RAX when the hypercall completed (an error becomes -1), or `None`
-/// when it must be retried (the guest's RIP stays on its VMCALL).
+/// the value for the guest's RAX when the hypercall completed (a refusal becomes its error
+/// code), or `None` when it must be retried (the guest's RIP stays on its VMCALL).
 fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestError> {
     use ipc::hypercall::{Reply, Request};
     let request = Request::Hypercall {
@@ -468,7 +468,15 @@ fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestErr
     };
     Ok(match answer {
         Ok(Reply::Complete { value }) => Some(value),
+        // Refused: the documented error code, -(index + 1) (docs/hypercall-abi.md).
+        Ok(Reply::Error(error)) => Some(error.guest_code()),
+        // YIELD completed; there is one vCPU, so it simply continues.
+        Ok(Reply::Blocked) => Some(0),
+        // A service restarted under the hypercall domain: the VMCALL runs again.
         Ok(Reply::Incomplete) => None,
-        Ok(_) | Err(_) => Some(-1),
+        // Not an answer to a single hypercall: the hypercall domain misbehaved.
+        Ok(Reply::Multicall(_)) | Err(_) => {
+            Some(ipc::hypercall::HypercallError::Internal.guest_code())
+        }
     })
 }
