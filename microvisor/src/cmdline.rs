@@ -28,6 +28,10 @@ pub struct FaultRequest {
 pub enum Benchmark {
     /// `ipc`: round trips of a small message from the core to a domain and back.
     Ipc,
+    /// `hypercall`: a guest's null hypercall, served in the core and by the hypercall domain.
+    Hypercall,
+    /// `all`: every benchmark.
+    All,
 }
 
 /// How the core recovers a failed domain (until the recovery manager domain decides).
@@ -65,7 +69,7 @@ pub enum InjectedFault<'a> {
 pub struct Options<'a> {
     /// `fault=ud|pf|gp[@CPU]`.
     pub fault: Option<FaultRequest>,
-    /// `bench=ipc`.
+    /// `bench=ipc|hypercall|all`.
     pub bench: Option<Benchmark>,
     /// `recovery=microreset|microreboot`.
     pub recovery: RecoveryMode,
@@ -124,6 +128,8 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
             },
             "bench" => match value {
                 "ipc" => options.bench = Some(Benchmark::Ipc),
+                "hypercall" => options.bench = Some(Benchmark::Hypercall),
+                "all" => options.bench = Some(Benchmark::All),
                 _ => on_error(CmdlineError::BadValue {
                     key,
                     value,

@@ -288,8 +288,8 @@ pub struct Summary<'a> {
     pub vmx: VmxReport<'a>,
     /// The synthetic workload, if it ran.
     pub workload: Option<WorkloadReport<'a>>,
-    /// The benchmark asked for on the command line, if any.
-    pub bench: Option<BenchReport<'a>>,
+    /// The benchmarks asked for on the command line (empty if none).
+    pub bench: &'a [BenchReport<'a>],
     /// Why the run failed, if it did.
     pub failure: Option<Failure<'a>>,
 }
@@ -416,11 +416,7 @@ impl Display for Summary<'_> {
             Some(workload) => write!(f, "{workload}")?,
             None => f.write_str("null")?,
         }
-        f.write_str(r#","bench":"#)?;
-        match &self.bench {
-            Some(bench) => write!(f, "{bench}")?,
-            None => f.write_str("null")?,
-        }
+        write!(f, r#","bench":{}"#, JsonArray(self.bench))?;
         f.write_str(r#","failure":"#)?;
         match &self.failure {
             Some(failure) => write!(f, "{failure}}}"),
@@ -487,7 +483,7 @@ mod tests {
                 retries: 1,
                 checks: 40,
             }),
-            bench: None,
+            bench: &[],
             failure,
         }
     }
@@ -547,12 +543,14 @@ mod tests {
         );
         assert!(BenchReport::from_samples("ipc", &mut []).is_none());
         let mut summary = sample(None);
-        summary.bench = Some(bench);
+        let reports = [bench, bench];
+        summary.bench = &reports;
         let value: Value = serde_json::from_str(&summary.to_string()).unwrap();
-        assert_eq!(value["bench"]["median"], 55);
-        assert_eq!(value["bench"]["unit"], "tsc");
-        assert!(
-            serde_json::from_str::<Value>(&sample(None).to_string()).unwrap()["bench"].is_null()
+        assert_eq!(value["bench"][0]["median"], 55);
+        assert_eq!(value["bench"][1]["unit"], "tsc");
+        assert_eq!(
+            serde_json::from_str::<Value>(&sample(None).to_string()).unwrap()["bench"],
+            serde_json::json!([])
         );
     }
 

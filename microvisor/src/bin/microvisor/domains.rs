@@ -188,7 +188,7 @@ pub fn bring_up(
         Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
         None => run_workload(None),
     }
-    if bench == Some(Benchmark::Ipc) {
+    if matches!(bench, Some(Benchmark::Ipc | Benchmark::All)) {
         bench_ipc(probe);
         run::stage("bench-ipc");
     }

@@ -218,6 +218,12 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
                     registers.rax
                 );
                 run::stage("vmx-guest");
+                if matches!(
+                    options.bench,
+                    Some(cmdline::Benchmark::Hypercall | cmdline::Benchmark::All)
+                ) {
+                    bench_hypercalls();
+                }
             }
             Err(error) => fail(
                 "vmx-guest",
@@ -239,6 +245,33 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         );
     }
     run::finish(None)
+}
+
+/// `bench=hypercall`: a guest's null hypercall, answered in the core, then served by the
+/// hypercall domain (the VM exit becoming a message): the cost of putting a service in a domain.
+fn bench_hypercalls() {
+    use microvisor::summary::BenchReport;
+    for (in_domain, name) in [
+        (false, "null-hypercall-served-in-core"),
+        (true, "null-hypercall-served-by-domain"),
+    ] {
+        match vm::bench_null_hypercall(in_domain) {
+            Ok((mut samples, count)) => {
+                if let Some(report) = BenchReport::from_samples(name, &mut samples[..count]) {
+                    log::info!(
+                        "{name}: median {} TSC (min {}, p90 {}) per hypercall, {} samples",
+                        report.median,
+                        report.min,
+                        report.p90,
+                        report.samples
+                    );
+                    run::record_bench(report);
+                }
+            }
+            Err(error) => fail("bench-hypercall", format_args!("{name}: {error}")),
+        }
+    }
+    run::stage("bench-hypercall");
 }
 
 /// Text of a failure message, formatted into a fixed buffer (cut if too long).

@@ -203,7 +203,10 @@ pub fn halt_forever() -> ! {
 }
 
 static FINISHING: AtomicBool = AtomicBool::new(false);
-static BENCH: Mutex<Option<BenchReport<'static>>> = Mutex::new(None);
+/// Most benchmark results one run reports.
+const MAX_BENCH: usize = 4;
+static BENCH: Mutex<([Option<BenchReport<'static>>; MAX_BENCH], usize)> =
+    Mutex::new(([None; MAX_BENCH], 0));
 static WORKLOAD: Mutex<Option<WorkloadReport<'static>>> = Mutex::new(None);
 static VMX_UNAVAILABLE: Mutex<Option<&'static str>> = Mutex::new(None);
 
@@ -222,7 +225,12 @@ pub fn record_workload(report: WorkloadReport<'static>) {
 
 /// Records a benchmark result for the summary.
 pub fn record_bench(report: BenchReport<'static>) {
-    *BENCH.lock() = Some(report);
+    let mut bench = BENCH.lock();
+    let (reports, count) = &mut *bench;
+    if let Some(slot) = reports.get_mut(*count) {
+        *slot = Some(report);
+        *count += 1;
+    }
 }
 
 /// Prints the summary line and stops the machine: QEMU exits through isa-debug-exit, bochs
@@ -242,6 +250,29 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         None => ([""; MAX_STAGES], 0),
     };
     let protocol = PROTOCOL.try_lock().map_or("unknown", |name| *name);
+    let (bench_reports, bench_count) = match BENCH.try_lock() {
+        Some(bench) => {
+            let (reports, count) = *bench;
+            let empty = BenchReport {
+                name: "",
+                samples: 0,
+                min: 0,
+                median: 0,
+                p90: 0,
+            };
+            (reports.map(|report| report.unwrap_or(empty)), count)
+        }
+        None => (
+            [BenchReport {
+                name: "",
+                samples: 0,
+                min: 0,
+                median: 0,
+                p90: 0,
+            }; MAX_BENCH],
+            0,
+        ),
+    };
     let mut domains = [DomainReport {
         name: "",
         generation: 0,
@@ -275,7 +306,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
             }
         },
         workload: WORKLOAD.try_lock().and_then(|workload| *workload),
-        bench: BENCH.try_lock().and_then(|bench| *bench),
+        bench: &bench_reports[..bench_count],
         failure,
     };
     let mut console = Console::lock_for_fatal();

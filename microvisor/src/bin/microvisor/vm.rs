@@ -287,9 +287,61 @@ fn build_ept(host: u64, pages: u64) -> Result<u64, GuestError> {
     Ok(pml4 | 6 | (3 << 3))
 }
 
-/// Runs the first guest until it halts; returns its registers then and the number of VM exits
-/// taken (hypercalls and external interrupts included).
+/// The first guest: `mov ax, 0 (NULL); vmcall; mov bx, ax; mov ax, 3 (MEMORY_POPULATE);
+/// vmcall; hlt`.
+const FIRST_GUEST: [u8; 16] = [
+    0xb8, 0x00, 0x00, 0x0f, 0x01, 0xc1, 0x89, 0xc3, 0xb8, 0x03, 0x00, 0x0f, 0x01, 0xc1, 0xf4, 0xf4,
+];
+
+/// Null hypercalls the benchmark guest makes.
+pub const BENCH_HYPERCALLS: usize = 1000;
+
+/// The benchmark guest: `mov cx, 1000; l: xor ax, ax; vmcall; loop l; hlt`.
+const BENCH_GUEST: [u8; 11] = [
+    0xb9, 0xe8, 0x03, 0x31, 0xc0, 0x0f, 0x01, 0xc1, 0xe2, 0xf9, 0xf4,
+];
+
+/// Runs the first guest until it halts, serving its hypercalls with the hypercall domain;
+/// returns its registers then and the number of VM exits taken (hypercalls and external
+/// interrupts included).
 pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
+    set_up(&FIRST_GUEST)?;
+    run(|registers| forward_hypercall(registers))
+}
+
+/// Times the benchmark guest's null hypercalls, each from one VMCALL exit to the next (exit,
+/// service, entry, the guest's two instructions), served in the core (`in_domain` false:
+/// answered at once) or by the hypercall domain. Returns the samples in TSC ticks and how many
+/// there are (one fewer than the hypercalls: each is the time between two exits).
+pub fn bench_null_hypercall(
+    in_domain: bool,
+) -> Result<([u64; BENCH_HYPERCALLS], usize), GuestError> {
+    set_up(&BENCH_GUEST)?;
+    let mut samples = [0u64; BENCH_HYPERCALLS];
+    let mut count = 0;
+    let mut last = 0;
+    run(|registers| {
+        let now = crate::apic::tsc();
+        if last != 0 && count < BENCH_HYPERCALLS {
+            samples[count] = now - last;
+            count += 1;
+        }
+        last = now;
+        if in_domain {
+            forward_hypercall(registers)
+        } else {
+            Ok(Some(0))
+        }
+    })?;
+    if count + 1 < BENCH_HYPERCALLS {
+        return Err(GuestError::UnexpectedExit(EXIT_HLT));
+    }
+    Ok((samples, count))
+}
+
+/// Sets up a fresh VMCS, EPT and guest memory holding `code` at [`GUEST_ENTRY`], and makes the
+/// VMCS current on this CPU.
+fn set_up(code: &[u8]) -> Result<(), GuestError> {
     let basic = VmxBasic::from_msr(read_msr(IA32_VMX_BASIC));
     let secondary_caps = read_msr(IA32_VMX_PROCBASED_CTLS2);
     // Secondary controls: enable EPT (bit 1), unrestricted guest (bit 7).
@@ -311,11 +363,6 @@ pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
     // SAFETY: a fresh page; its first 4 bytes take the VMCS revision identifier.
     unsafe { (vmcs_ptr as *mut u32).write(basic.revision) };
     let (guest_memory, guest_ptr) = allocate(GUEST_PAGES)?;
-    // mov ax, 0 (NULL); vmcall; mov bx, ax; mov ax, 3 (MEMORY_POPULATE); vmcall; hlt
-    let code: [u8; 16] = [
-        0xb8, 0x00, 0x00, 0x0f, 0x01, 0xc1, 0x89, 0xc3, 0xb8, 0x03, 0x00, 0x0f, 0x01, 0xc1, 0xf4,
-        0xf4,
-    ];
     // SAFETY: the guest memory block is GUEST_PAGES fresh pages; GUEST_ENTRY + 7 is inside.
     unsafe {
         core::ptr::copy_nonoverlapping(
@@ -404,10 +451,20 @@ pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
     vmwrite(GUEST_INTERRUPTIBILITY, 0)?;
     vmwrite(GUEST_ACTIVITY, 0)?;
 
+    Ok(())
+}
+
+/// Runs the current VMCS's guest until it halts, calling `on_vmcall` at every VMCALL exit:
+/// `Some(value)` completes the hypercall (RAX = value, RIP past the VMCALL), `None` leaves
+/// the guest on its VMCALL to run it again.
+fn run(
+    mut on_vmcall: impl FnMut(&GuestRegisters) -> Result<Option<i64>, GuestError>,
+) -> Result<(GuestRegisters, u32), GuestError> {
     let mut registers = GuestRegisters::default();
     let mut exits = 0;
     let mut launched = false;
-    while exits < 256 {
+    // A bound, so a guest that never halts cannot hang the core.
+    while exits < 100_000 {
         let entry_failed = x86_64::instructions::interrupts::without_interrupts(|| {
             // SAFETY: the current VMCS is fully set up above; `vmx_enter` saves and restores
             // the host's callee-saved registers and returns after the next VM exit.
@@ -423,7 +480,7 @@ pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
             // when `without_interrupts` returned, so it has been served; resume the guest.
             EXIT_EXTERNAL_INTERRUPT => {}
             EXIT_VMCALL => {
-                if let Some(value) = forward_hypercall(&registers)? {
+                if let Some(value) = on_vmcall(&registers)? {
                     registers.rax = value as u64;
                     let rip = vmread(GUEST_RIP) + vmread(EXIT_INSTRUCTION_LENGTH);
                     vmwrite(GUEST_RIP, rip)?;
