@@ -306,7 +306,7 @@ const BENCH_GUEST: [u8; 11] = [
 /// interrupts included).
 pub fn run_first_guest() -> Result<(GuestRegisters, u32), GuestError> {
     set_up(&FIRST_GUEST)?;
-    run(|registers| forward_hypercall(registers))
+    run(forward_hypercall)
 }
 
 /// Times the benchmark guest's null hypercalls, each from one VMCALL exit to the next (exit,
