@@ -1125,21 +1125,17 @@ fn execute(
     system: &mut System,
     cpu: usize,
     pending: Pending,
-    order: impl Into<Option<RecoveryOrder>>,
+    order: Option<RecoveryOrder>,
     frame: &mut TrapFrame,
     fx: &mut FxArea,
 ) {
     let decided = apic::tsc();
-    let order = order.into();
     let decided_by = if order.is_some() {
         "recovery-manager"
     } else {
         "core"
     };
-    let order = order.unwrap_or(match *MODE.lock() {
-        RecoveryMode::Microreset => RecoveryOrder::Microreset,
-        RecoveryMode::Microreboot => RecoveryOrder::Microreboot,
-    });
+    let order = order.unwrap_or_else(|| order_for(*MODE.lock()));
     apply(
         system,
         pending.failed,
@@ -1159,6 +1155,14 @@ fn execute(
     system.resume_caller(cpu, status, 0, generation, frame, fx);
     if let Some(report) = LAST_RECOVERY.lock().as_mut() {
         report.total = apic::tsc() - pending.detected;
+    }
+}
+
+/// The recovery order that carries out a boot's recovery mode.
+pub fn order_for(mode: RecoveryMode) -> RecoveryOrder {
+    match mode {
+        RecoveryMode::Microreset => RecoveryOrder::Microreset,
+        RecoveryMode::Microreboot => RecoveryOrder::Microreboot,
     }
 }
 

@@ -421,12 +421,8 @@ fn inject_failstop(index: u16) {
 /// recovery mode; escalation and the rate limit stay off, so every failure gets that mode and
 /// experiments measure exactly the mode they ask for.
 fn configure_recovery_manager(mode: RecoveryMode) {
-    let first = match mode {
-        RecoveryMode::Microreset => ipc::recovery::RecoveryOrder::Microreset,
-        RecoveryMode::Microreboot => ipc::recovery::RecoveryOrder::Microreboot,
-    };
     let request = ipc::recovery::Request::Configure {
-        first,
+        first: domain::order_for(mode),
         escalation_window_tsc: 0,
         max_in_window: 0,
     };
