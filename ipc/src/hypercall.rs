@@ -38,8 +38,32 @@ pub const QUERY_FRAME: u64 = 6;
 /// multicalls. Non-idempotent, but a retried batch skips the entries already completed.
 pub const MULTICALL: u64 = 7;
 
+/// Writes text to the console: arg0 = guest-physical address, arg1 = length (1 to
+/// [`CONSOLE_MAX`]). The core reads the bytes from guest memory and forwards them as
+/// [`Request::Console`]; a [`Request::Hypercall`] with this number is refused (`BadNumber`).
+/// Answers the length. Idempotent (a retry prints the line again).
+pub const CONSOLE_WRITE: u64 = 8;
+/// The calling vCPU is finished: arg0 = verdict (0 passed, 1 failed), arg1 = the checksum of
+/// its work. The vCPU is removed from the scheduler and never runs again; answers `Blocked`.
+/// Non-idempotent (a repeat finds no vCPU: still `Blocked`).
+pub const VM_EXIT: u64 = 9;
+/// Maps a frame the calling VM owns or was granted into its guest-physical window:
+/// arg0 = frame, arg1 = guest frame number. The memory domain confirms the right and the core
+/// checks again before it writes the EPT entry. Answers 0. Idempotent.
+pub const MAP_GRANT: u64 = 10;
+/// Unmaps a page mapped with [`MAP_GRANT`]: arg0 = guest frame number. The core refuses a
+/// page that is not so mapped (`NotFound`, e.g. a double unmap). Answers 0. Idempotent.
+pub const UNMAP_GRANT: u64 = 11;
+
 /// The most entries one multicall batch carries.
 pub const MULTICALL_MAX: usize = 8;
+
+/// The most bytes one [`CONSOLE_WRITE`] carries.
+pub const CONSOLE_MAX: usize = 96;
+
+/// Guest frame numbers a guest may name fit below this bound (the core checks the exact
+/// window).
+pub const GFN_LIMIT: u64 = 1 << 32;
 
 /// One call of a multicall batch: a hypercall number and its two arguments (every call above
 /// takes at most two).
@@ -95,6 +119,17 @@ pub enum Request {
         batch: u32,
         /// The calls, run in order.
         entries: Vec<MulticallEntry, MULTICALL_MAX>,
+    },    /// A console line from a guest ([`CONSOLE_WRITE`]): the bytes the core read from guest
+    /// memory. Idempotent.
+    Console {
+        /// The physical CPU the vCPU exited on.
+        cpu: u8,
+        /// The calling VM.
+        vm: u16,
+        /// The calling vCPU inside the VM.
+        vcpu: u16,
+        /// The text (any bytes: the dispatcher shows non-printable ones as `?`).
+        text: Vec<u8, CONSOLE_MAX>,
     },
 }
 
@@ -184,10 +219,11 @@ impl Request {
     pub const fn idempotence(&self) -> Idempotence {
         match self {
             Request::Hypercall { number, .. } => match *number {
-                NULL | QUERY_FRAME => Idempotence::Idempotent,
+                NULL | QUERY_FRAME | MAP_GRANT | UNMAP_GRANT => Idempotence::Idempotent,
                 _ => Idempotence::NonIdempotent,
             },
             Request::Multicall { .. } => Idempotence::NonIdempotent,
+            Request::Console { .. } => Idempotence::Idempotent,
         }
     }
 
@@ -196,13 +232,14 @@ impl Request {
         match self {
             Request::Hypercall { .. } => 0,
             Request::Multicall { .. } => 1,
+            Request::Console { .. } => 2,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 2;
+    const OPERATION_COUNT: u16 = 3;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -294,6 +331,25 @@ mod tests {
     }
 
     #[test]
+    fn golden_console() {
+        assert_golden_request(
+            &Request::Console {
+                cpu: 1,
+                vm: 2,
+                vcpu: 0,
+                text: Vec::from_slice(b"ok").unwrap(),
+            },
+            &[2, 1, 2, 0, 2, b'o', b'k'],
+        );
+        assert_fits(&Request::Console {
+            cpu: u8::MAX,
+            vm: u16::MAX,
+            vcpu: u16::MAX,
+            text: Vec::from_slice(&[0xff; CONSOLE_MAX]).unwrap(),
+        });
+    }
+
+    #[test]
     fn golden_replies() {
         assert_golden(&Reply::Complete { value: 5 }, &[0, 10]);
         assert_golden(&Reply::Complete { value: -1 }, &[0, 1]);
@@ -323,9 +379,13 @@ mod tests {
                 MEMORY_RELEASE,
                 GRANT,
                 QUERY_FRAME,
-                MULTICALL
+                MULTICALL,
+                CONSOLE_WRITE,
+                VM_EXIT,
+                MAP_GRANT,
+                UNMAP_GRANT
             ],
-            [0, 1, 2, 3, 4, 5, 6, 7]
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         );
     }
 
@@ -349,7 +409,7 @@ mod tests {
     fn tags_and_idempotence() {
         let [oneshot, null, multicall] = samples();
         assert_eq!((oneshot.tag(), multicall.tag()), (0, 1));
-        assert_eq!(Request::OPERATION_COUNT, 2);
+        assert_eq!(Request::OPERATION_COUNT, 3);
         assert_eq!(oneshot.idempotence(), Idempotence::NonIdempotent);
         assert_eq!(null.idempotence(), Idempotence::Idempotent);
         assert_eq!(multicall.idempotence(), Idempotence::NonIdempotent);

@@ -117,6 +117,22 @@ pub enum Request {
     },
     /// Pool-wide counts. Answer: `Stats`. Idempotent.
     Stats,
+    /// Places the pool at `base` (the core's real frames for guest RAM); only while every
+    /// frame is free, or when the pool is already there. Answer: `Done`. Idempotent.
+    Configure {
+        /// The pool's first frame.
+        base: FrameNumber,
+    },
+    /// Whether VM `vm` may map `frame` into its guest-physical memory: it owns the frame or
+    /// the owner shared it with `vm`. Answer: `Done` if so, else `Error(NotOwner)` (or
+    /// `FrameFree`, `BadFrame`). The core asks this before it writes any EPT entry.
+    /// Idempotent.
+    MayMap {
+        /// The frame.
+        frame: FrameNumber,
+        /// The VM that would map it.
+        vm: u16,
+    },
 }
 
 /// Memory replies.
@@ -164,16 +180,19 @@ pub enum Error {
     ShareTableFull,
     /// The frame table is inconsistent (the callee's fault: recovery should validate and
     /// repair it). Retryable after repair.
-    Inconsistent,
+    Inconsistent,    /// `Configure` of another base while frames are allocated.
+    PoolInUse,
 }
 
 impl Request {
     /// Whether this request may be repeated after the memory domain restarted.
     pub const fn idempotence(&self) -> Idempotence {
         match self {
-            Request::Query { .. } | Request::Validate { .. } | Request::Stats => {
-                Idempotence::Idempotent
-            }
+            Request::Query { .. }
+            | Request::Validate { .. }
+            | Request::Stats
+            | Request::Configure { .. }
+            | Request::MayMap { .. } => Idempotence::Idempotent,
             Request::Allocate { .. }
             | Request::Free { .. }
             | Request::Share { .. }
@@ -191,13 +210,15 @@ impl Request {
             Request::Query { .. } => 4,
             Request::Validate { .. } => 5,
             Request::Stats => 6,
+            Request::Configure { .. } => 7,
+            Request::MayMap { .. } => 8,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 7;
+    const OPERATION_COUNT: u16 = 9;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -215,7 +236,7 @@ mod tests {
 
     const F: FrameNumber = FrameNumber(0x1234);
 
-    fn samples() -> [Request; 7] {
+    fn samples() -> [Request; 9] {
         [
             Request::Allocate { owner: 2 },
             Request::Free { frame: F, owner: 2 },
@@ -228,6 +249,8 @@ mod tests {
             Request::Query { frame: F },
             Request::Validate { frame: F },
             Request::Stats,
+            Request::Configure { base: F },
+            Request::MayMap { frame: F, vm: 2 },
         ]
     }
 
@@ -244,6 +267,8 @@ mod tests {
             &[2, 180, 36, 2, 3],
         );
         assert_golden_request(&Request::Unshare { frame: F, from: 3 }, &[3, 180, 36, 3]);
+        assert_golden_request(&Request::Configure { base: F }, &[7, 180, 36]);
+        assert_golden_request(&Request::MayMap { frame: F, vm: 2 }, &[8, 180, 36, 2]);
         assert_golden_request(
             &Request::Query {
                 frame: FrameNumber(7),
@@ -291,6 +316,7 @@ mod tests {
         );
         assert_golden(&Reply::Error(Error::StillShared), &[4, 4]);
         assert_golden(&Reply::Error(Error::Inconsistent), &[4, 10]);
+        assert_golden(&Reply::Error(Error::PoolInUse), &[4, 11]);
     }
 
     #[test]
@@ -299,7 +325,7 @@ mod tests {
             assert_eq!(usize::from(request.tag()), index);
         }
         assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
-        let idempotent = [false, false, false, false, true, true, true];
+        let idempotent = [false, false, false, false, true, true, true, true, true];
         for (request, expected) in samples().iter().zip(idempotent) {
             assert_eq!(
                 request.idempotence() == Idempotence::Idempotent,

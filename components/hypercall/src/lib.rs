@@ -25,8 +25,9 @@
 use heapless::Vec;
 use ipc::CallError;
 use ipc::hypercall::{
-    EntryOutcome, GRANT, HypercallError, MEMORY_POPULATE, MEMORY_RELEASE, MULTICALL, MULTICALL_MAX,
-    MulticallEntry, NULL, QUERY_FRAME, Reply, Request, TIMER_ONESHOT, YIELD,
+    CONSOLE_MAX, EntryOutcome, GFN_LIMIT, GRANT, HypercallError, MAP_GRANT, MEMORY_POPULATE,
+    MEMORY_RELEASE, MULTICALL, MULTICALL_MAX, MulticallEntry, NULL, QUERY_FRAME, Reply, Request,
+    TIMER_ONESHOT, UNMAP_GRANT, VM_EXIT, YIELD,
 };
 use ipc::limits::{MAX_CPUS, MAX_VCPUS, MAX_VCPUS_PER_VM, MAX_VMS};
 use ipc::memory::{self, FrameNumber};
@@ -45,6 +46,8 @@ pub trait Services {
     fn memory(&mut self, request: memory::Request) -> Result<memory::Reply, CallError>;
     /// Calls the timer domain.
     fn timer(&mut self, request: timer::Request) -> Result<timer::Reply, CallError>;
+    /// Writes one console line for VM `vm` (already made printable).
+    fn console(&mut self, vm: u16, text: &str);
 }
 
 /// The state of a multicall log slot, stored as a byte.
@@ -217,6 +220,9 @@ enum Call {
     TimerOneShot { deadline: u64, cookie: u32 },
     MemoryPopulate,
     MemoryRelease { frame: FrameNumber },
+    VmExit,
+    MapGrant { frame: FrameNumber },
+    UnmapGrant,
     Grant { frame: FrameNumber, with: u16 },
     QueryFrame { frame: FrameNumber },
 }
@@ -250,9 +256,9 @@ fn caller(cpu: u8, vm: u16, vcpu: u16) -> Result<Caller, HypercallError> {
 /// Checks a call's number and arguments; unused arguments must be 0.
 fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
     let used = match number {
-        NULL | YIELD | MEMORY_POPULATE => 0,
-        MEMORY_RELEASE | QUERY_FRAME => 1,
-        TIMER_ONESHOT | GRANT => 2,
+        NULL | YIELD => 0,
+        MEMORY_RELEASE | QUERY_FRAME | MEMORY_POPULATE | UNMAP_GRANT => 1,
+        TIMER_ONESHOT | GRANT | VM_EXIT | MAP_GRANT => 2,
         // MULTICALL included: a batch travels as `Request::Multicall`, never as one call.
         _ => return Err(HypercallError::BadNumber),
     };
@@ -264,10 +270,36 @@ fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
             .map(FrameNumber)
             .map_err(|_| HypercallError::InvalidArgument)
     };
+    // Guest frame numbers: the core checks the exact window; here only their range.
+    let gfn = |arg: u64| {
+        if arg < GFN_LIMIT {
+            Ok(())
+        } else {
+            Err(HypercallError::InvalidArgument)
+        }
+    };
     Ok(match number {
         NULL => Call::Null,
         YIELD => Call::Yield,
-        MEMORY_POPULATE => Call::MemoryPopulate,
+        MEMORY_POPULATE => {
+            gfn(args[0])?;
+            Call::MemoryPopulate
+        }
+        UNMAP_GRANT => {
+            gfn(args[0])?;
+            Call::UnmapGrant
+        }
+        MAP_GRANT => {
+            gfn(args[1])?;
+            Call::MapGrant { frame: frame()? }
+        }
+        VM_EXIT => {
+            // Verdict 0 (passed) or 1 (failed); the checksum is any value.
+            if args[0] > 1 {
+                return Err(HypercallError::InvalidArgument);
+            }
+            Call::VmExit
+        }
         MEMORY_RELEASE => Call::MemoryRelease { frame: frame()? },
         QUERY_FRAME => Call::QueryFrame { frame: frame()? },
         TIMER_ONESHOT => Call::TimerOneShot {
@@ -306,7 +338,7 @@ fn memory_error(error: memory::Error) -> HypercallError {
         memory::Error::NotOwner | memory::Error::SelfShare => HypercallError::PermissionDenied,
         memory::Error::StillShared | memory::Error::AlreadyShared => HypercallError::InUse,
         memory::Error::OutOfFrames | memory::Error::ShareTableFull => HypercallError::NoResources,
-        memory::Error::Inconsistent => HypercallError::Internal,
+        memory::Error::Inconsistent | memory::Error::PoolInUse => HypercallError::Internal,
     }
 }
 
@@ -371,6 +403,26 @@ fn perform(call: Call, caller: Caller, services: &mut impl Services) -> Outcome 
         })),
         Call::QueryFrame { frame } => {
             memory_outcome(services.memory(memory::Request::Query { frame }))
+        }
+        Call::MapGrant { frame } => memory_outcome(services.memory(memory::Request::MayMap {
+            frame,
+            vm: caller.vm,
+        })),
+        // The core owns the EPT: it refuses a page that is not mapped before asking.
+        Call::UnmapGrant => Outcome::Value(0),
+        Call::VmExit => {
+            let vcpu = VcpuId {
+                vm: caller.vm,
+                vcpu: caller.vcpu,
+            };
+            match services.scheduler(scheduler::Request::DestroyVcpu { vcpu }) {
+                Err(error) => transport(error),
+                // Gone already: a retried exit after a lost reply.
+                Ok(scheduler::Reply::Done)
+                | Ok(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)) => Outcome::Yielded,
+                Ok(scheduler::Reply::Error(error)) => Outcome::Refused(scheduler_error(error)),
+                Ok(scheduler::Reply::Current(_)) => Outcome::Refused(HypercallError::Internal),
+            }
         }
         Call::TimerOneShot { deadline, cookie } => {
             let request = timer::Request::SetOneShot {
@@ -464,6 +516,25 @@ impl HypercallState {
                 Err(error) => Reply::Error(error),
                 Ok(caller) => self.multicall(caller, batch, &entries, services),
             },
+            Request::Console { cpu, vm, vcpu, text } => match caller(cpu, vm, vcpu) {
+                Err(error) => Reply::Error(error),
+                Ok(_) if text.is_empty() => Reply::Error(HypercallError::InvalidArgument),
+                Ok(caller) => {
+                    let mut line = [b'?'; CONSOLE_MAX];
+                    for (slot, &byte) in line.iter_mut().zip(text.iter()) {
+                        if byte == b' ' || byte.is_ascii_graphic() {
+                            *slot = byte;
+                        }
+                    }
+                    let line = &line[..text.len()];
+                    // Printable ASCII only, so this cannot fail.
+                    let text = core::str::from_utf8(line).unwrap_or("?");
+                    services.console(caller.vm, text);
+                    Reply::Complete {
+                        value: line.len() as i64,
+                    }
+                }
+            },
         }
     }
 
@@ -529,8 +600,11 @@ impl HypercallState {
                 _ if u64::from(entry.number) == MULTICALL => {
                     Outcome::Refused(HypercallError::NestedMulticall)
                 }
-                // A yield deschedules the caller: it has no place inside a batch.
-                Ok(Call::Yield) => Outcome::Refused(HypercallError::InvalidArgument),
+                // A yield or an exit deschedules the caller, and mapping changes the EPT the
+                // core owns: they have no place inside a batch.
+                Ok(Call::Yield | Call::VmExit | Call::MapGrant { .. } | Call::UnmapGrant) => {
+                    Outcome::Refused(HypercallError::InvalidArgument)
+                }
                 Ok(call) => perform(call, caller, services),
                 Err(error) => Outcome::Refused(error),
             };

@@ -6,7 +6,7 @@
 
 use hypercall::{HypercallState, Services};
 use ipc::hypercall::{Reply, Request};
-use ipc::{CallError, DomainIndex, Transport, memory, scheduler, timer};
+use ipc::{CallError, DomainIndex, memory, scheduler, timer};
 use microvisor_runtime::{Context, StartReason, StateService};
 
 /// Retries of an idempotent service request after its domain restarted.
@@ -15,9 +15,9 @@ const RETRIES: u32 = 2;
 struct Hypercall;
 
 /// The other services, reached with typed calls through the core.
-struct Peers<'a, T: Transport>(&'a mut T);
+struct Peers<'a>(&'a mut Context);
 
-impl<T: Transport> Services for Peers<'_, T> {
+impl Services for Peers<'_> {
     fn scheduler(&mut self, request: scheduler::Request) -> Result<scheduler::Reply, CallError> {
         ipc::call(self.0, DomainIndex::Scheduler, &request, RETRIES)
     }
@@ -28,6 +28,10 @@ impl<T: Transport> Services for Peers<'_, T> {
 
     fn timer(&mut self, request: timer::Request) -> Result<timer::Reply, CallError> {
         ipc::call(self.0, DomainIndex::Timer, &request, RETRIES)
+    }
+
+    fn console(&mut self, vm: u16, text: &str) {
+        self.0.log(format_args!("vm {vm}: {text}"));
     }
 }
 

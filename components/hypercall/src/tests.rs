@@ -1,6 +1,7 @@
 //! Host tests of the dispatcher, with fake services.
 
 use super::*;
+use ipc::hypercall::CONSOLE_WRITE;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use zerocopy::FromZeros;
 
@@ -65,6 +66,10 @@ impl Services for Fake {
         self.record(format!("{request:?}"))?;
         self.next_timer += 1;
         Ok(timer::Reply::Armed(ipc::timer::TimerId(self.next_timer)))
+    }
+
+    fn console(&mut self, vm: u16, text: &str) {
+        let _ = self.record(format!("console vm {vm}: {text}"));
     }
 }
 
@@ -179,7 +184,8 @@ fn bad_calls_are_refused_before_any_service_is_asked() {
         args: [0; 6],
     };
     let cases = [
-        (hypercall(8, [0; 6]), HypercallError::BadNumber),
+        (hypercall(12, [0; 6]), HypercallError::BadNumber),
+        (hypercall(CONSOLE_WRITE, [0x5000, 4, 0, 0, 0, 0]), HypercallError::BadNumber),
         (hypercall(u64::MAX, [0; 6]), HypercallError::BadNumber),
         (hypercall(MULTICALL, [0; 6]), HypercallError::BadNumber),
         (bad_caller(8, 1, 0), HypercallError::BadVcpu),
@@ -190,7 +196,23 @@ fn bad_calls_are_refused_before_any_service_is_asked() {
             HypercallError::InvalidArgument,
         ),
         (
-            hypercall(MEMORY_POPULATE, [1, 0, 0, 0, 0, 0]),
+            hypercall(MEMORY_POPULATE, [1 << 32, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(MEMORY_POPULATE, [0x100, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(VM_EXIT, [2, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(MAP_GRANT, [5, 1 << 32, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(UNMAP_GRANT, [1 << 40, 0, 0, 0, 0, 0]),
             HypercallError::InvalidArgument,
         ),
         (
@@ -627,4 +649,74 @@ fn random_bit_patterns_never_panic_and_always_repair() {
         assert_eq!(state.validate(), Ok(()), "round {round}");
         assert_eq!(state.repair().fixes(), 0, "round {round}");
     }
+}
+
+#[test]
+fn console_lines_are_made_printable_and_empty_ones_refused() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    let request = |text: &[u8]| Request::Console {
+        cpu: 0,
+        vm: 3,
+        vcpu: 0,
+        text: Vec::from_slice(text).unwrap(),
+    };
+    assert_eq!(
+        state.dispatch(request(b"ok \x1b[2J\n"), &mut fake),
+        Reply::Complete { value: 8 }
+    );
+    assert_eq!(fake.calls, ["console vm 3: ok ?[2J?"]);
+    assert_eq!(
+        state.dispatch(request(b""), &mut fake),
+        Reply::Error(HypercallError::InvalidArgument)
+    );
+    assert_eq!(fake.calls.len(), 1);
+}
+
+#[test]
+fn vm_exit_removes_the_vcpu_and_a_retry_still_blocks() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    let exit = Request::Hypercall {
+        cpu: 0,
+        vm: 1,
+        vcpu: 0,
+        number: VM_EXIT,
+        args: [0, 0xabc, 0, 0, 0, 0],
+    };
+    assert_eq!(state.dispatch(exit, &mut fake), Reply::Blocked);
+    assert_eq!(
+        fake.calls,
+        ["DestroyVcpu { vcpu: VcpuId { vm: 1, vcpu: 0 } }"]
+    );
+}
+
+#[test]
+fn map_grant_asks_the_memory_domain_and_batches_refuse_ept_changes() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    let map = Request::Hypercall {
+        cpu: 0,
+        vm: 1,
+        vcpu: 0,
+        number: MAP_GRANT,
+        args: [0x10005, 0x120, 0, 0, 0, 0],
+    };
+    assert_eq!(state.dispatch(map, &mut fake), Reply::Complete { value: 0 });
+    assert_eq!(
+        fake.calls,
+        ["MayMap { frame: FrameNumber(65541), vm: 1 }"]
+    );
+    let batch = multicall(0, 1, &[entry(MAP_GRANT, 0x10005, 0x120), entry(UNMAP_GRANT, 0x120, 0)]);
+    assert_eq!(
+        state.dispatch(batch, &mut fake),
+        Reply::Multicall(
+            Vec::from_slice(&[
+                EntryOutcome::Error(HypercallError::InvalidArgument),
+                EntryOutcome::Error(HypercallError::InvalidArgument)
+            ])
+            .unwrap()
+        )
+    );
+    assert_eq!(fake.calls.len(), 1);
 }

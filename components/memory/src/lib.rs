@@ -329,6 +329,36 @@ impl MemoryState {
             Request::Query { frame } => self.query(frame).map(Reply::Frame),
             Request::Validate { frame } => self.mark_validated(frame),
             Request::Stats => Ok(Reply::Stats(self.stats())),
+            Request::Configure { base } => self.configure(base),
+            Request::MayMap { frame, vm } => self.may_map(frame, vm),
+        }
+    }
+
+    /// Moves the pool to `base` while nothing is allocated (a no-op if it is there).
+    fn configure(&mut self, base: FrameNumber) -> Result<Reply, Error> {
+        if base.0 == self.base {
+            return Ok(Reply::Done);
+        }
+        if base.0 > u32::MAX - POOL_FRAMES as u32 {
+            return Err(Error::BadFrame);
+        }
+        if self.frames.iter().any(|entry| entry.kind != FrameKind::Free as u8) {
+            return Err(Error::PoolInUse);
+        }
+        self.base = base.0;
+        self.next_hint = 0;
+        Ok(Reply::Done)
+    }
+
+    /// `Done` if `vm` owns `frame` or the owner shared it with `vm`.
+    fn may_map(&self, frame: FrameNumber, vm: u16) -> Result<Reply, Error> {
+        let index = self.index(frame)?;
+        Self::vm(vm)?;
+        let entry = self.owned(index)?;
+        if entry.owner == vm || self.find_share(index, vm).is_some() {
+            Ok(Reply::Done)
+        } else {
+            Err(Error::NotOwner)
         }
     }
 

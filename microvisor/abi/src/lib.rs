@@ -9,6 +9,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod guest;
 pub mod manifest;
 
 /// Interrupt vector of the system-call gate (DPL 3).

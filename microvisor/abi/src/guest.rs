@@ -1,0 +1,138 @@
+//! The guest boot contract: where the core puts a guest kernel, its page tables and its start
+//! information in guest-physical memory, and the state a vCPU starts in.
+//!
+//! A guest kernel is an ELF linked at [`IMAGE_BASE`] (the guest runtime's `guest.ld`). The
+//! core gives the VM [`RAM_PAGES`] pages of RAM at guest-physical 0, writes an identity map of
+//! the first 2 MiB (one 2 MiB page, PML4 at [`PML4`]), a flat 64-bit GDT at [`GDT`] and the
+//! [`StartInfo`] words at [`START_INFO`], copies the image's `PT_LOAD` segments to their
+//! physical addresses, and enters `_start` in 64-bit mode with RDI = [`START_INFO`],
+//! RSP = [`STACK_TOP`], interrupts off. Guest-physical pages [`WINDOW_FIRST_GFN`] up to 2 MiB
+//! are the window where the guest asks for more memory or maps granted pages; touching a
+//! window page that is not mapped is an EPT violation the memory domain answers.
+
+/// Pages of RAM a VM starts with (guest-physical `0..RAM_PAGES * 4096`).
+pub const RAM_PAGES: u64 = 64;
+/// Guest-physical address of the PML4 (the PDPT and PD follow, one page each).
+pub const PML4: u64 = 0x1000;
+/// Guest-physical address of the GDT: null, 64-bit code (selector 0x08), data (0x10).
+pub const GDT: u64 = 0x4000;
+/// Guest-physical address of the start information (see [`StartInfo`]).
+pub const START_INFO: u64 = 0x5000;
+/// Guest-physical address the image is linked at.
+pub const IMAGE_BASE: u64 = 0x1_0000;
+/// The image (code, data, bss) must end below this address; the stack lies above it.
+pub const IMAGE_END: u64 = 0x3_0000;
+/// Initial RSP: the top of RAM.
+pub const STACK_TOP: u64 = RAM_PAGES * 4096;
+/// First guest frame number of the window for populated and granted pages.
+pub const WINDOW_FIRST_GFN: u64 = 0x100;
+/// Pages in the window (up to the end of the identity-mapped 2 MiB).
+pub const WINDOW_PAGES: u64 = 0x100;
+
+/// Identifies a start-information page.
+pub const START_MAGIC: u64 = 0x7473_6575_6776_6d; // "mvguest"
+
+/// Parameters a scenario passes to a guest ([`StartInfo::params`]).
+pub const PARAMS: usize = 8;
+
+/// Word offsets (in u64s) of the start information at [`START_INFO`].
+pub mod start_info {
+    /// [`START_MAGIC`](super::START_MAGIC).
+    pub const MAGIC: usize = 0;
+    /// The VM's number (its memory owner and hypercall identity).
+    pub const VM: usize = 1;
+    /// The vCPU's number inside the VM.
+    pub const VCPU: usize = 2;
+    /// Bytes of RAM at guest-physical 0.
+    pub const RAM_BYTES: usize = 3;
+    /// Physical CPUs in the system.
+    pub const CPUS: usize = 4;
+    /// 1 for the privileged control VM.
+    pub const PRIVILEGED: usize = 5;
+    /// Scenario parameters, [`PARAMS`](super::PARAMS) words.
+    pub const PARAMS: usize = 8;
+    /// Words in the page the core fills.
+    pub const WORDS: usize = PARAMS + super::PARAMS;
+}
+
+/// The start information, as a guest reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartInfo {
+    /// The VM's number.
+    pub vm: u16,
+    /// The vCPU's number.
+    pub vcpu: u16,
+    /// Bytes of RAM.
+    pub ram_bytes: u64,
+    /// Physical CPUs.
+    pub cpus: u64,
+    /// Whether this is the control VM.
+    pub privileged: bool,
+    /// Scenario parameters.
+    pub params: [u64; PARAMS],
+}
+
+impl StartInfo {
+    /// The words the core writes at [`START_INFO`].
+    pub fn to_words(&self) -> [u64; start_info::WORDS] {
+        let mut words = [0; start_info::WORDS];
+        words[start_info::MAGIC] = START_MAGIC;
+        words[start_info::VM] = u64::from(self.vm);
+        words[start_info::VCPU] = u64::from(self.vcpu);
+        words[start_info::RAM_BYTES] = self.ram_bytes;
+        words[start_info::CPUS] = self.cpus;
+        words[start_info::PRIVILEGED] = u64::from(self.privileged);
+        words[start_info::PARAMS..].copy_from_slice(&self.params);
+        words
+    }
+
+    /// Reads the words back; `None` without the magic or with out-of-range numbers.
+    pub fn from_words(words: &[u64; start_info::WORDS]) -> Option<StartInfo> {
+        if words[start_info::MAGIC] != START_MAGIC {
+            return None;
+        }
+        let mut params = [0; PARAMS];
+        params.copy_from_slice(&words[start_info::PARAMS..]);
+        Some(StartInfo {
+            vm: u16::try_from(words[start_info::VM]).ok()?,
+            vcpu: u16::try_from(words[start_info::VCPU]).ok()?,
+            ram_bytes: words[start_info::RAM_BYTES],
+            cpus: words[start_info::CPUS],
+            privileged: words[start_info::PRIVILEGED] == 1,
+            params,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_fits_in_ram() {
+        assert!(PML4 + 3 * 4096 <= GDT);
+        assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
+        assert!(IMAGE_BASE < IMAGE_END && IMAGE_END < STACK_TOP);
+        assert!(STACK_TOP <= WINDOW_FIRST_GFN * 4096);
+        assert_eq!((WINDOW_FIRST_GFN + WINDOW_PAGES) * 4096, 2 << 20);
+    }
+
+    #[test]
+    fn start_info_round_trips() {
+        let info = StartInfo {
+            vm: 3,
+            vcpu: 1,
+            ram_bytes: RAM_PAGES * 4096,
+            cpus: 4,
+            privileged: false,
+            params: [1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        assert_eq!(StartInfo::from_words(&info.to_words()), Some(info));
+        let mut bad = info.to_words();
+        bad[start_info::MAGIC] ^= 1;
+        assert_eq!(StartInfo::from_words(&bad), None);
+        let mut bad = info.to_words();
+        bad[start_info::VM] = 1 << 20;
+        assert_eq!(StartInfo::from_words(&bad), None);
+    }
+}
