@@ -119,7 +119,8 @@ pub enum Request {
         batch: u32,
         /// The calls, run in order.
         entries: Vec<MulticallEntry, MULTICALL_MAX>,
-    },    /// A console line from a guest ([`CONSOLE_WRITE`]): the bytes the core read from guest
+    },
+    /// A console line from a guest ([`CONSOLE_WRITE`]): the bytes the core read from guest
     /// memory. Idempotent.
     Console {
         /// The physical CPU the vCPU exited on.

@@ -14,3 +14,7 @@ pub const MAX_VMS: u16 = 64;
 
 /// vCPUs one VM may have (`vcpu` numbers `0..MAX_VCPUS_PER_VM`).
 pub const MAX_VCPUS_PER_VM: u16 = 8;
+
+/// Frames in the memory domain's pool: the physical RAM guests are given (the core reserves
+/// that many contiguous frames and places the pool on them).
+pub const POOL_FRAMES: usize = 1024;

@@ -180,7 +180,8 @@ pub enum Error {
     ShareTableFull,
     /// The frame table is inconsistent (the callee's fault: recovery should validate and
     /// repair it). Retryable after repair.
-    Inconsistent,    /// `Configure` of another base while frames are allocated.
+    Inconsistent,
+    /// `Configure` of another base while frames are allocated.
     PoolInUse,
 }
 

@@ -75,6 +75,8 @@ pub struct Options<'a> {
     pub recovery: RecoveryMode,
     /// `inject=failstop:DOMAIN`.
     pub inject: Option<InjectedFault<'a>>,
+    /// `scenario=NAME` (see [`crate::scenario`]).
+    pub scenario: Option<&'static crate::scenario::Scenario>,
 }
 
 /// A word of the command line that could not be used.
@@ -124,6 +126,14 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     key,
                     value,
                     expected: "failstop:DOMAIN",
+                }),
+            },
+            "scenario" => match crate::scenario::find(value) {
+                Some(scenario) => options.scenario = Some(scenario),
+                None => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "a scenario name (see microvisor::scenario)",
                 }),
             },
             "bench" => match value {

@@ -15,5 +15,6 @@ pub mod exception;
 pub mod frames;
 pub mod gate;
 pub mod memmap;
+pub mod scenario;
 pub mod summary;
 pub mod vmx;

@@ -183,6 +183,48 @@ impl Display for WorkloadReport<'_> {
     }
 }
 
+/// How one guest VM of a scenario ended.
+#[derive(Clone, Copy, Debug)]
+pub struct VmReport<'a> {
+    /// The VM's number.
+    pub vm: u16,
+    /// The guest kernel it ran.
+    pub guest: &'a str,
+    /// `passed`, `failed` (the guest's own checks), `stopped` (the core stopped it) or
+    /// `unfinished`.
+    pub verdict: &'a str,
+    /// The checksum the guest reported.
+    pub checksum: u64,
+    /// Its VM exits.
+    pub exits: u64,
+    /// Its hypercalls that completed.
+    pub hypercalls: u64,
+    /// Hypercalls re-issued because a service restarted under them.
+    pub retries: u64,
+    /// TSC from its creation to its last vCPU's exit (0 if it did not finish).
+    pub run_tsc: u64,
+    /// Why the core stopped it, if it did.
+    pub stop_reason: &'a str,
+}
+
+impl Display for VmReport<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            r#"{{"vm":{},"guest":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"run_tsc":{},"stop_reason":{}}}"#,
+            self.vm,
+            JsonStr(self.guest),
+            JsonStr(self.verdict),
+            self.checksum,
+            self.exits,
+            self.hypercalls,
+            self.retries,
+            self.run_tsc,
+            JsonStr(self.stop_reason)
+        )
+    }
+}
+
 /// VMX root operation across the CPUs.
 #[derive(Clone, Copy, Debug)]
 pub struct VmxReport<'a> {
@@ -288,6 +330,10 @@ pub struct Summary<'a> {
     pub vmx: VmxReport<'a>,
     /// The synthetic workload, if it ran.
     pub workload: Option<WorkloadReport<'a>>,
+    /// The scenario the guests ran, if any.
+    pub scenario: Option<&'a str>,
+    /// The scenario's VMs.
+    pub vms: &'a [VmReport<'a>],
     /// The benchmarks asked for on the command line (empty if none).
     pub bench: &'a [BenchReport<'a>],
     /// Why the run failed, if it did.
@@ -416,6 +462,12 @@ impl Display for Summary<'_> {
             Some(workload) => write!(f, "{workload}")?,
             None => f.write_str("null")?,
         }
+        f.write_str(r#","scenario":"#)?;
+        match self.scenario {
+            Some(name) => write!(f, "{}", JsonStr(name))?,
+            None => f.write_str("null")?,
+        }
+        write!(f, r#","vms":{}"#, JsonArray(self.vms))?;
         write!(f, r#","bench":{}"#, JsonArray(self.bench))?;
         f.write_str(r#","failure":"#)?;
         match &self.failure {
@@ -483,6 +535,18 @@ mod tests {
                 retries: 1,
                 checks: 40,
             }),
+            scenario: Some("1vm-unixbench"),
+            vms: &[VmReport {
+                vm: 2,
+                guest: "unixbench",
+                verdict: "passed",
+                checksum: 0xabc,
+                exits: 300,
+                hypercalls: 250,
+                retries: 1,
+                run_tsc: 123_456,
+                stop_reason: "",
+            }],
             bench: &[],
             failure,
         }
@@ -506,6 +570,11 @@ mod tests {
         assert_eq!(value["last_recovery"]["mode"], "microreboot");
         assert_eq!(value["last_recovery"]["decided_by"], "recovery-manager");
         assert_eq!(value["workload"]["verdict"], "ok");
+        assert_eq!(value["scenario"], "1vm-unixbench");
+        assert_eq!(value["vms"][0]["guest"], "unixbench");
+        assert_eq!(value["vms"][0]["verdict"], "passed");
+        assert_eq!(value["vms"][0]["checksum"], "0x0000000000000abc");
+        assert_eq!(value["vms"][0]["run_tsc"], 123_456);
         assert_eq!(value["vmx"]["cpus_in_root"], 2);
         assert!(value["vmx"]["unavailable"].is_null());
         assert_eq!(value["workload"]["retries"], 1);

@@ -4,10 +4,12 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 /// The core family: the only packages allowed `unsafe` (their crate roots are exempt). The
-/// core itself, the runtime its domains link, and the memory functions both need.
+/// core itself, the runtime its domains link, the runtime guest kernels link (VMCALL, entry,
+/// guest-physical memory access), and the memory functions they all need.
 const CORE_FAMILY: &[&str] = &[
     "microvisor",
     "microvisor-runtime",
+    "microvisor-guest-runtime",
     "microvisor-freestanding",
 ];
 

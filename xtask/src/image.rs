@@ -164,10 +164,51 @@ fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathB
             &bundle,
         )?;
     }
+    for guest in GUEST_KERNELS {
+        let image = build_guest(guest, capture)?;
+        append(&mut archive, &format!("guest-{guest}.elf"), &image, &bundle)?;
+    }
     archive
         .finish()
         .map_err(|e| format!("{}: {e}", bundle.display()))?;
     Ok(bundle)
+}
+
+/// The guest kernels (binaries of the `guests` package) every bundle carries.
+pub const GUEST_KERNELS: &[&str] = &["unixbench"];
+
+/// The guest kernels' own target directory (relative to the workspace root).
+pub const GUEST_TARGET_DIR: &str = "target/guests";
+
+/// Builds guest kernel `name` (always optimised: guests are small and run emulated) and
+/// returns its ELF bytes.
+fn build_guest(name: &str, capture: bool) -> Result<Vec<u8>, String> {
+    let root = workspace_root();
+    let script = root.join("microvisor/guest-runtime/guest.ld");
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "guests",
+        "--bin",
+        name,
+        "--features",
+        "guest",
+    ])
+    .args(["--target", KERNEL_TARGET, "--target-dir", GUEST_TARGET_DIR])
+    .env(
+        "RUSTFLAGS",
+        format!("{DOMAIN_RUSTFLAGS} -C link-arg=-T{}", script.display()),
+    )
+    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run_cargo(cmd, &format!("guest {name}"), capture)?;
+    let path = root
+        .join(GUEST_TARGET_DIR)
+        .join(KERNEL_TARGET)
+        .join("release")
+        .join(name);
+    fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Builds the kernel image and its domain bundle; returns the ELF path (the bundle is at

@@ -516,7 +516,12 @@ impl HypercallState {
                 Err(error) => Reply::Error(error),
                 Ok(caller) => self.multicall(caller, batch, &entries, services),
             },
-            Request::Console { cpu, vm, vcpu, text } => match caller(cpu, vm, vcpu) {
+            Request::Console {
+                cpu,
+                vm,
+                vcpu,
+                text,
+            } => match caller(cpu, vm, vcpu) {
                 Err(error) => Reply::Error(error),
                 Ok(_) if text.is_empty() => Reply::Error(HypercallError::InvalidArgument),
                 Ok(caller) => {

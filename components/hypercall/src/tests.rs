@@ -185,7 +185,10 @@ fn bad_calls_are_refused_before_any_service_is_asked() {
     };
     let cases = [
         (hypercall(12, [0; 6]), HypercallError::BadNumber),
-        (hypercall(CONSOLE_WRITE, [0x5000, 4, 0, 0, 0, 0]), HypercallError::BadNumber),
+        (
+            hypercall(CONSOLE_WRITE, [0x5000, 4, 0, 0, 0, 0]),
+            HypercallError::BadNumber,
+        ),
         (hypercall(u64::MAX, [0; 6]), HypercallError::BadNumber),
         (hypercall(MULTICALL, [0; 6]), HypercallError::BadNumber),
         (bad_caller(8, 1, 0), HypercallError::BadVcpu),
@@ -703,11 +706,15 @@ fn map_grant_asks_the_memory_domain_and_batches_refuse_ept_changes() {
         args: [0x10005, 0x120, 0, 0, 0, 0],
     };
     assert_eq!(state.dispatch(map, &mut fake), Reply::Complete { value: 0 });
-    assert_eq!(
-        fake.calls,
-        ["MayMap { frame: FrameNumber(65541), vm: 1 }"]
+    assert_eq!(fake.calls, ["MayMap { frame: FrameNumber(65541), vm: 1 }"]);
+    let batch = multicall(
+        0,
+        1,
+        &[
+            entry(MAP_GRANT, 0x10005, 0x120),
+            entry(UNMAP_GRANT, 0x120, 0),
+        ],
     );
-    let batch = multicall(0, 1, &[entry(MAP_GRANT, 0x10005, 0x120), entry(UNMAP_GRANT, 0x120, 0)]);
     assert_eq!(
         state.dispatch(batch, &mut fake),
         Reply::Multicall(

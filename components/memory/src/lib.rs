@@ -28,7 +28,7 @@ use ipc::memory::{Error, FrameInfo, FrameKind, FrameNumber, MemoryStats, Reply, 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Frames in the pool.
-pub const POOL_FRAMES: usize = 1024;
+pub const POOL_FRAMES: usize = ipc::limits::POOL_FRAMES;
 /// Share records (frame shared with one VM) over the whole pool.
 pub const MAX_SHARES: usize = 128;
 /// `owner` of a free frame.
@@ -342,7 +342,11 @@ impl MemoryState {
         if base.0 > u32::MAX - POOL_FRAMES as u32 {
             return Err(Error::BadFrame);
         }
-        if self.frames.iter().any(|entry| entry.kind != FrameKind::Free as u8) {
+        if self
+            .frames
+            .iter()
+            .any(|entry| entry.kind != FrameKind::Free as u8)
+        {
             return Err(Error::PoolInUse);
         }
         self.base = base.0;

@@ -701,13 +701,43 @@ fn random_bit_patterns_never_panic_and_always_repair() {
 fn the_pool_moves_only_while_empty() {
     let mut state = fresh();
     let base = state.base;
-    expect(&mut state, Request::Configure { base: FrameNumber(base) }, Reply::Done);
-    expect(&mut state, Request::Configure { base: FrameNumber(0x2_0000) }, Reply::Done);
+    expect(
+        &mut state,
+        Request::Configure {
+            base: FrameNumber(base),
+        },
+        Reply::Done,
+    );
+    expect(
+        &mut state,
+        Request::Configure {
+            base: FrameNumber(0x2_0000),
+        },
+        Reply::Done,
+    );
     let frame = allocate(&mut state, 2);
     assert_eq!(frame.0 >> 12, 0x20);
-    refused(&mut state, Request::Configure { base: FrameNumber(0x3_0000) }, Error::PoolInUse);
-    refused(&mut state, Request::Configure { base: FrameNumber(u32::MAX) }, Error::BadFrame);
-    expect(&mut state, Request::Configure { base: FrameNumber(0x2_0000) }, Reply::Done);
+    refused(
+        &mut state,
+        Request::Configure {
+            base: FrameNumber(0x3_0000),
+        },
+        Error::PoolInUse,
+    );
+    refused(
+        &mut state,
+        Request::Configure {
+            base: FrameNumber(u32::MAX),
+        },
+        Error::BadFrame,
+    );
+    expect(
+        &mut state,
+        Request::Configure {
+            base: FrameNumber(0x2_0000),
+        },
+        Reply::Done,
+    );
 }
 
 #[test]
@@ -715,16 +745,43 @@ fn may_map_only_owned_or_shared_frames() {
     let mut state = fresh();
     let frame = allocate(&mut state, 2);
     expect(&mut state, Request::MayMap { frame, vm: 2 }, Reply::Done);
-    refused(&mut state, Request::MayMap { frame, vm: 3 }, Error::NotOwner);
+    refused(
+        &mut state,
+        Request::MayMap { frame, vm: 3 },
+        Error::NotOwner,
+    );
     expect(
         &mut state,
-        Request::Share { frame, owner: 2, with: 3 },
+        Request::Share {
+            frame,
+            owner: 2,
+            with: 3,
+        },
         Reply::Done,
     );
     expect(&mut state, Request::MayMap { frame, vm: 3 }, Reply::Done);
-    refused(&mut state, Request::MayMap { frame, vm: 4 }, Error::NotOwner);
-    refused(&mut state, Request::MayMap { frame, vm: MAX_VMS }, Error::BadOwner);
+    refused(
+        &mut state,
+        Request::MayMap { frame, vm: 4 },
+        Error::NotOwner,
+    );
+    refused(
+        &mut state,
+        Request::MayMap { frame, vm: MAX_VMS },
+        Error::BadOwner,
+    );
     let free = FrameNumber(frame.0 + 1);
-    refused(&mut state, Request::MayMap { frame: free, vm: 2 }, Error::FrameFree);
-    refused(&mut state, Request::MayMap { frame: FrameNumber(1), vm: 2 }, Error::BadFrame);
+    refused(
+        &mut state,
+        Request::MayMap { frame: free, vm: 2 },
+        Error::FrameFree,
+    );
+    refused(
+        &mut state,
+        Request::MayMap {
+            frame: FrameNumber(1),
+            vm: 2,
+        },
+        Error::BadFrame,
+    );
 }

@@ -6,7 +6,7 @@
 //! the first 2 MiB (one 2 MiB page, PML4 at [`PML4`]), a flat 64-bit GDT at [`GDT`] and the
 //! [`StartInfo`] words at [`START_INFO`], copies the image's `PT_LOAD` segments to their
 //! physical addresses, and enters `_start` in 64-bit mode with RDI = [`START_INFO`],
-//! RSP = [`STACK_TOP`], interrupts off. Guest-physical pages [`WINDOW_FIRST_GFN`] up to 2 MiB
+//! RSP = [`STACK_TOP`] - 8 (as after a call), interrupts off. Guest-physical pages [`WINDOW_FIRST_GFN`] up to 2 MiB
 //! are the window where the guest asks for more memory or maps granted pages; touching a
 //! window page that is not mapped is an EPT violation the memory domain answers.
 
@@ -30,7 +30,7 @@ pub const WINDOW_FIRST_GFN: u64 = 0x100;
 pub const WINDOW_PAGES: u64 = 0x100;
 
 /// Identifies a start-information page.
-pub const START_MAGIC: u64 = 0x7473_6575_6776_6d; // "mvguest"
+pub const START_MAGIC: u64 = 0x0074_7365_7567_766d; // "mvguest", little-endian
 
 /// Parameters a scenario passes to a guest ([`StartInfo::params`]).
 pub const PARAMS: usize = 8;
@@ -104,18 +104,18 @@ impl StartInfo {
     }
 }
 
+// The layout's pieces do not overlap and the window ends at the identity map's 2 MiB.
+const _: () = {
+    assert!(PML4 + 3 * 4096 <= GDT);
+    assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
+    assert!(IMAGE_BASE < IMAGE_END && IMAGE_END < STACK_TOP);
+    assert!(STACK_TOP <= WINDOW_FIRST_GFN * 4096);
+    assert!((WINDOW_FIRST_GFN + WINDOW_PAGES) * 4096 == 2 << 20);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layout_fits_in_ram() {
-        assert!(PML4 + 3 * 4096 <= GDT);
-        assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
-        assert!(IMAGE_BASE < IMAGE_END && IMAGE_END < STACK_TOP);
-        assert!(STACK_TOP <= WINDOW_FIRST_GFN * 4096);
-        assert_eq!((WINDOW_FIRST_GFN + WINDOW_PAGES) * 4096, 2 << 20);
-    }
 
     #[test]
     fn start_info_round_trips() {

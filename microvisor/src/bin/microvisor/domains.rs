@@ -44,6 +44,23 @@ const MISBEHAVIOURS: &[(u8, &str)] = &[
 /// Round trips timed by `bench=ipc`.
 const BENCH_SAMPLES: usize = 1000;
 
+/// Guest kernel images a bundle may hold.
+const MAX_GUEST_IMAGES: usize = 8;
+
+/// The guest kernels of the boot bundle (`guest-NAME.elf`), by name.
+#[allow(clippy::type_complexity)]
+static GUESTS: spin::Mutex<heapless::Vec<(heapless::String<32>, &'static [u8]), MAX_GUEST_IMAGES>> =
+    spin::Mutex::new(heapless::Vec::new());
+
+/// The guest kernel called `name`, from the boot bundle.
+pub fn guest_image(name: &str) -> Option<&'static [u8]> {
+    GUESTS
+        .lock()
+        .iter()
+        .find(|(guest, _)| guest.as_str() == name)
+        .map(|(_, image)| *image)
+}
+
 /// Loads every domain in the bundle and runs the isolation checks, recovering the probe by
 /// `mode` after each misbehaviour; ends the run on failure. With `bench`, then times IPC
 /// round trips.
@@ -82,6 +99,25 @@ pub fn bring_up(
             );
         };
         if file == "manifest.bin" {
+            continue;
+        }
+        if let Some(guest) = file
+            .strip_prefix("guest-")
+            .and_then(|name| name.strip_suffix(".elf"))
+        {
+            let Ok(name) = heapless::String::try_from(guest) else {
+                crate::fail(
+                    "domains",
+                    format_args!("guest kernel name {guest:?} is too long"),
+                );
+            };
+            if GUESTS.lock().push((name, entry.data())).is_err() {
+                crate::fail(
+                    "domains",
+                    format_args!("the bundle holds more than {MAX_GUEST_IMAGES} guest kernels"),
+                );
+            }
+            log::info!("guest kernel {guest}: {} bytes of ELF", entry.data().len());
             continue;
         }
         let Some(spec) = file
@@ -135,6 +171,9 @@ pub fn bring_up(
         crate::fail("domains", format_args!("the bundle holds no probe domain"));
     };
     configure_recovery_manager(mode);
+    if let Err(why) = crate::guest::configure_pool() {
+        crate::fail("domains", format_args!("guest memory pool: {why}"));
+    }
     // A fail-stop aimed at the recovery manager strikes as it decides the probe's first
     // recovery: the core must restart it and still recover the probe.
     let manager_injection = match inject {

@@ -16,6 +16,7 @@ mod console;
 mod cpu;
 mod domain;
 mod domains;
+mod guest;
 mod madt;
 mod paging;
 mod run;
@@ -204,7 +205,9 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         match vm::run_first_guest() {
             Ok((registers, exits)) => {
                 // NULL answered 0 (kept in BX); MEMORY_POPULATE answered a frame of the pool.
-                if registers.rbx & 0xffff != 0 || registers.rax < 0x1_0000 {
+                if registers.rbx & 0xffff != 0
+                    || !u32::try_from(registers.rax).is_ok_and(guest::in_pool)
+                {
                     fail(
                         "vmx-guest",
                         format_args!(
@@ -232,6 +235,10 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         }
     }
 
+    if let Some(scenario) = options.scenario {
+        run_scenario(scenario);
+    }
+
     if let Some(request) = options.fault {
         run::request_fault(request);
         // An application processor raises it from its idle loop; wait for the report.
@@ -246,6 +253,76 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
     run::finish(None)
 }
+
+/// Creates the scenario's VMs and runs them on every CPU until each has a verdict; ends the
+/// run failed if one is not `passed`.
+fn run_scenario(scenario: &'static microvisor::scenario::Scenario) {
+    use microvisor::scenario::{FIRST_VM, home_cpu};
+    if vmx::status().0 == 0 {
+        fail(
+            "scenario",
+            format_args!(
+                "scenario {} needs VMX, which this machine lacks",
+                scenario.name
+            ),
+        );
+    }
+    run::record_scenario(scenario.name);
+    let cpus = run::cpus_registered();
+    log::info!("scenario {}: {}", scenario.name, scenario.about);
+    for (index, spec) in scenario.vms.iter().enumerate() {
+        let Some(image) = domains::guest_image(spec.guest) else {
+            fail(
+                "scenario",
+                format_args!("the boot bundle has no guest-{}.elf", spec.guest),
+            );
+        };
+        let id = FIRST_VM + index as u16;
+        if let Err(error) =
+            guest::create_vm(id, spec.guest, image, home_cpu(index, cpus), spec.params)
+        {
+            fail("scenario", format_args!("creating VM {id}: {error}"));
+        }
+    }
+    run::stage("scenario-vms-created");
+    // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
+    let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
+    if !guest::run_all(budget) {
+        fail(
+            "scenario",
+            format_args!(
+                "not every VM finished within {} s",
+                SCENARIO_BUDGET_MS / 1000
+            ),
+        );
+    }
+    let mut reports = [microvisor::summary::VmReport {
+        vm: 0,
+        guest: "",
+        verdict: "",
+        checksum: 0,
+        exits: 0,
+        hypercalls: 0,
+        retries: 0,
+        run_tsc: 0,
+        stop_reason: "",
+    }; guest::MAX_VMS];
+    let count = guest::reports(&mut reports);
+    if let Some(bad) = reports[..count]
+        .iter()
+        .find(|report| report.verdict != "passed")
+    {
+        fail(
+            "scenario",
+            format_args!("VM {} ({}) ended {}", bad.vm, bad.guest, bad.verdict),
+        );
+    }
+    log::info!("scenario {}: all {count} VMs passed", scenario.name);
+    run::stage("scenario");
+}
+
+/// How long (in TSC time) a scenario may run before it counts as stuck.
+const SCENARIO_BUDGET_MS: u64 = 60_000;
 
 /// `bench=hypercall`: a guest's null hypercall, answered in the core, then served by the
 /// hypercall domain (the VM exit becoming a message): the cost of putting a service in a domain.

@@ -5,7 +5,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use microvisor::cmdline::{DeliberateFault, FaultRequest};
 use microvisor::summary::{
-    BenchReport, DomainReport, Failure, Outcome, Summary, VmxReport, WorkloadReport,
+    BenchReport, DomainReport, Failure, Outcome, Summary, VmReport, VmxReport, WorkloadReport,
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
@@ -188,6 +188,10 @@ pub fn idle(index: usize) -> ! {
         {
             raise(fault);
         }
+        // Guests run on every CPU while a scenario is on.
+        if crate::guest::running() {
+            crate::guest::run_cpu(index);
+        }
         // An idle CPU wakes domains that have notifications pending.
         crate::domain::deliver_notifications();
         x86_64::instructions::hlt();
@@ -209,6 +213,12 @@ static BENCH: Mutex<([Option<BenchReport<'static>>; MAX_BENCH], usize)> =
     Mutex::new(([None; MAX_BENCH], 0));
 static WORKLOAD: Mutex<Option<WorkloadReport<'static>>> = Mutex::new(None);
 static VMX_UNAVAILABLE: Mutex<Option<&'static str>> = Mutex::new(None);
+static SCENARIO: Mutex<Option<&'static str>> = Mutex::new(None);
+
+/// Records the scenario being run, for the summary.
+pub fn record_scenario(name: &'static str) {
+    *SCENARIO.lock() = Some(name);
+}
 
 /// Records why VMX is not used (the first reason any CPU gave).
 pub fn record_vmx_unavailable(reason: &'static str) {
@@ -279,6 +289,18 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         failures: 0,
     }; crate::domain::MAX_DOMAINS];
     let domain_count = crate::domain::reports(&mut domains);
+    let mut vms = [VmReport {
+        vm: 0,
+        guest: "",
+        verdict: "",
+        checksum: 0,
+        exits: 0,
+        hypercalls: 0,
+        retries: 0,
+        run_tsc: 0,
+        stop_reason: "",
+    }; crate::guest::MAX_VMS];
+    let vm_count = crate::guest::reports(&mut vms);
     let summary = Summary {
         outcome: if failure.is_some() {
             Outcome::Failed
@@ -306,6 +328,8 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
             }
         },
         workload: WORKLOAD.try_lock().and_then(|workload| *workload),
+        scenario: SCENARIO.try_lock().and_then(|scenario| *scenario),
+        vms: &vms[..vm_count],
         bench: &bench_reports[..bench_count],
         failure,
     };

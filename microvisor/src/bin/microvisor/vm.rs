@@ -18,100 +18,113 @@ use x86_64::registers::model_specific::{GsBase, Msr};
 use crate::paging;
 
 // VMCS field encodings (SDM Vol. 3D, Appendix B).
-const GUEST_ES_SELECTOR: u64 = 0x800;
-const HOST_ES_SELECTOR: u64 = 0xc00;
-const HOST_CS_SELECTOR: u64 = 0xc02;
-const HOST_SS_SELECTOR: u64 = 0xc04;
-const HOST_DS_SELECTOR: u64 = 0xc06;
-const HOST_FS_SELECTOR: u64 = 0xc08;
-const HOST_GS_SELECTOR: u64 = 0xc0a;
-const HOST_TR_SELECTOR: u64 = 0xc0c;
-const EPT_POINTER: u64 = 0x201a;
-const VMCS_LINK_POINTER: u64 = 0x2800;
-const PIN_BASED_CONTROLS: u64 = 0x4000;
-const PROC_BASED_CONTROLS: u64 = 0x4002;
-const EXCEPTION_BITMAP: u64 = 0x4004;
-const EXIT_CONTROLS: u64 = 0x400c;
-const ENTRY_CONTROLS: u64 = 0x4012;
-const SECONDARY_CONTROLS: u64 = 0x401e;
-const VM_INSTRUCTION_ERROR: u64 = 0x4400;
-const EXIT_REASON: u64 = 0x4402;
-const EXIT_INSTRUCTION_LENGTH: u64 = 0x440c;
-const GUEST_ES_LIMIT: u64 = 0x4800;
-const GUEST_GDTR_LIMIT: u64 = 0x4810;
-const GUEST_IDTR_LIMIT: u64 = 0x4812;
-const GUEST_ES_ACCESS: u64 = 0x4814;
-const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
-const GUEST_ACTIVITY: u64 = 0x4826;
-const HOST_SYSENTER_CS: u64 = 0x4c00;
-const GUEST_CR0: u64 = 0x6800;
-const GUEST_CR3: u64 = 0x6802;
-const GUEST_CR4: u64 = 0x6804;
-const GUEST_ES_BASE: u64 = 0x6806;
-const GUEST_GDTR_BASE: u64 = 0x6816;
-const GUEST_IDTR_BASE: u64 = 0x6818;
-const GUEST_DR7: u64 = 0x681a;
-const GUEST_RSP: u64 = 0x681c;
-const GUEST_RIP: u64 = 0x681e;
-const GUEST_RFLAGS: u64 = 0x6820;
-const HOST_CR0: u64 = 0x6c00;
-const HOST_CR3: u64 = 0x6c02;
-const HOST_CR4: u64 = 0x6c04;
-const HOST_FS_BASE: u64 = 0x6c06;
-const HOST_GS_BASE: u64 = 0x6c08;
-const HOST_TR_BASE: u64 = 0x6c0a;
-const HOST_GDTR_BASE: u64 = 0x6c0c;
-const HOST_IDTR_BASE: u64 = 0x6c0e;
-const HOST_SYSENTER_ESP: u64 = 0x6c10;
-const HOST_SYSENTER_EIP: u64 = 0x6c12;
-const HOST_RIP: u64 = 0x6c16;
+pub(crate) const GUEST_ES_SELECTOR: u64 = 0x800;
+pub(crate) const HOST_ES_SELECTOR: u64 = 0xc00;
+pub(crate) const HOST_CS_SELECTOR: u64 = 0xc02;
+pub(crate) const HOST_SS_SELECTOR: u64 = 0xc04;
+pub(crate) const HOST_DS_SELECTOR: u64 = 0xc06;
+pub(crate) const HOST_FS_SELECTOR: u64 = 0xc08;
+pub(crate) const HOST_GS_SELECTOR: u64 = 0xc0a;
+pub(crate) const HOST_TR_SELECTOR: u64 = 0xc0c;
+pub(crate) const EPT_POINTER: u64 = 0x201a;
+pub(crate) const VMCS_LINK_POINTER: u64 = 0x2800;
+pub(crate) const PIN_BASED_CONTROLS: u64 = 0x4000;
+pub(crate) const PROC_BASED_CONTROLS: u64 = 0x4002;
+pub(crate) const EXCEPTION_BITMAP: u64 = 0x4004;
+pub(crate) const EXIT_CONTROLS: u64 = 0x400c;
+pub(crate) const ENTRY_CONTROLS: u64 = 0x4012;
+pub(crate) const SECONDARY_CONTROLS: u64 = 0x401e;
+pub(crate) const VM_INSTRUCTION_ERROR: u64 = 0x4400;
+pub(crate) const EXIT_REASON: u64 = 0x4402;
+pub(crate) const EXIT_INSTRUCTION_LENGTH: u64 = 0x440c;
+pub(crate) const GUEST_ES_LIMIT: u64 = 0x4800;
+pub(crate) const GUEST_GDTR_LIMIT: u64 = 0x4810;
+pub(crate) const GUEST_IDTR_LIMIT: u64 = 0x4812;
+pub(crate) const GUEST_ES_ACCESS: u64 = 0x4814;
+pub(crate) const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
+pub(crate) const GUEST_ACTIVITY: u64 = 0x4826;
+pub(crate) const HOST_SYSENTER_CS: u64 = 0x4c00;
+pub(crate) const GUEST_CR0: u64 = 0x6800;
+pub(crate) const GUEST_CR3: u64 = 0x6802;
+pub(crate) const GUEST_CR4: u64 = 0x6804;
+pub(crate) const GUEST_ES_BASE: u64 = 0x6806;
+pub(crate) const GUEST_GDTR_BASE: u64 = 0x6816;
+pub(crate) const GUEST_IDTR_BASE: u64 = 0x6818;
+pub(crate) const GUEST_DR7: u64 = 0x681a;
+pub(crate) const GUEST_RSP: u64 = 0x681c;
+pub(crate) const GUEST_RIP: u64 = 0x681e;
+pub(crate) const GUEST_RFLAGS: u64 = 0x6820;
+pub(crate) const HOST_CR0: u64 = 0x6c00;
+pub(crate) const HOST_CR3: u64 = 0x6c02;
+pub(crate) const HOST_CR4: u64 = 0x6c04;
+pub(crate) const HOST_FS_BASE: u64 = 0x6c06;
+pub(crate) const HOST_GS_BASE: u64 = 0x6c08;
+pub(crate) const HOST_TR_BASE: u64 = 0x6c0a;
+pub(crate) const HOST_GDTR_BASE: u64 = 0x6c0c;
+pub(crate) const HOST_IDTR_BASE: u64 = 0x6c0e;
+pub(crate) const HOST_SYSENTER_ESP: u64 = 0x6c10;
+pub(crate) const HOST_SYSENTER_EIP: u64 = 0x6c12;
+pub(crate) const HOST_RIP: u64 = 0x6c16;
 
 // Capability MSRs (SDM Vol. 3D, Appendix A).
-const IA32_VMX_BASIC: u32 = 0x480;
-const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48b;
-const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
-const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
-const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
-const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
-const IA32_VMX_CR0_FIXED0: u32 = 0x486;
-const IA32_VMX_CR0_FIXED1: u32 = 0x487;
-const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+pub(crate) const IA32_VMX_BASIC: u32 = 0x480;
+pub(crate) const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48b;
+pub(crate) const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
+pub(crate) const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
+pub(crate) const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
+pub(crate) const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
+pub(crate) const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+pub(crate) const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+pub(crate) const IA32_VMX_CR4_FIXED0: u32 = 0x488;
 
 /// Exit reasons used here (SDM Vol. 3D, Appendix C).
-const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
-const EXIT_HLT: u32 = 12;
-const EXIT_VMCALL: u32 = 18;
+pub(crate) const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
+pub(crate) const EXIT_HLT: u32 = 12;
+pub(crate) const EXIT_VMCALL: u32 = 18;
 
 /// The VM number the first guest has in the services (its memory owner).
-const GUEST_VM: u16 = 2;
+const GUEST_VM: u16 = 63;
 /// The hypercall domain's index (`ipc::DomainIndex::Hypercall`).
 const HYPERCALL_DOMAIN: u16 = 5;
 
 /// Guest-physical address the guest code starts at, and the guest memory size.
-const GUEST_ENTRY: u64 = 0x1000;
-const GUEST_PAGES: u64 = 16;
+pub(crate) const GUEST_ENTRY: u64 = 0x1000;
+pub(crate) const GUEST_PAGES: u64 = 16;
 
 /// The guest's general-purpose registers, saved on every VM exit (layout used by the stub).
 #[repr(C)]
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone, Copy)]
 pub struct GuestRegisters {
     /// RAX.
     pub rax: u64,
     /// RBX.
     pub rbx: u64,
-    rcx: u64,
-    rdx: u64,
-    rsi: u64,
-    rdi: u64,
-    rbp: u64,
-    r8: u64,
-    r9: u64,
-    r10: u64,
-    r11: u64,
-    r12: u64,
-    r13: u64,
-    r14: u64,
-    r15: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// RSI.
+    pub rsi: u64,
+    /// RDI.
+    pub rdi: u64,
+    /// RBP.
+    pub rbp: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
+    /// R12.
+    pub r12: u64,
+    /// R13.
+    pub r13: u64,
+    /// R14.
+    pub r14: u64,
+    /// R15.
+    pub r15: u64,
 }
 
 core::arch::global_asm!(
@@ -198,8 +211,8 @@ vmx_exit_stub:
 );
 
 unsafe extern "C" {
-    fn vmx_enter(registers: *mut GuestRegisters, resume: u64) -> u64;
-    fn vmx_exit_stub();
+    pub(crate) fn vmx_enter(registers: *mut GuestRegisters, resume: u64) -> u64;
+    pub(crate) fn vmx_exit_stub();
 }
 
 /// Why the first guest did not run as expected.
@@ -232,12 +245,12 @@ impl core::fmt::Display for GuestError {
     }
 }
 
-fn read_msr(index: u32) -> u64 {
+pub(crate) fn read_msr(index: u32) -> u64 {
     // SAFETY: only called in VMX root operation, where the VMX capability MSRs exist.
     unsafe { Msr::new(index).read() }
 }
 
-fn vmwrite(field: u64, value: u64) -> Result<(), GuestError> {
+pub(crate) fn vmwrite(field: u64, value: u64) -> Result<(), GuestError> {
     let failed: u8;
     // SAFETY: a VMCS is current (VMPTRLD succeeded); VMWRITE changes only that VMCS.
     unsafe {
@@ -251,7 +264,7 @@ fn vmwrite(field: u64, value: u64) -> Result<(), GuestError> {
     }
 }
 
-fn vmread(field: u64) -> u64 {
+pub(crate) fn vmread(field: u64) -> u64 {
     let value: u64;
     // SAFETY: a VMCS is current; VMREAD has no side effect.
     unsafe {
@@ -260,7 +273,7 @@ fn vmread(field: u64) -> u64 {
     value
 }
 
-fn allocate(pages: u64) -> Result<(u64, *mut u8), GuestError> {
+pub(crate) fn allocate(pages: u64) -> Result<(u64, *mut u8), GuestError> {
     let virt = paging::allocate_zeroed(pages).ok_or(GuestError::OutOfMemory)?;
     Ok((virt.as_u64() - paging::PHYS_OFFSET, virt.as_mut_ptr::<u8>()))
 }

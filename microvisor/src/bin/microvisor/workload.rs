@@ -321,5 +321,15 @@ fn steps(run: &mut Run) -> Result<(), WorkloadError> {
         fired >= 1,
         fired as i64,
     )?;
+    // The workload's vCPU leaves the scheduler, so guests that come later find it empty.
+    let destroyed = run.scheduler(
+        "destroy vCPU",
+        scheduler::Request::DestroyVcpu { vcpu: VCPU },
+    )?;
+    run.check(
+        "the workload's vCPU is removed",
+        destroyed == scheduler::Reply::Done,
+        0,
+    )?;
     Ok(())
 }

@@ -1,0 +1,196 @@
+//! The guest runtime: entry point, VMCALL stubs, console and guest-physical memory access for
+//! the guest kernels in `guests/`.
+//!
+//! A guest binary is `microvisor_guest_runtime::guest_entry!(main);` where
+//! `fn main(info: &StartInfo) -> Verdict`. The core enters `_start` in 64-bit mode with an
+//! identity map of the first 2 MiB (see `microvisor_abi::guest`); the runtime reads the start
+//! information, runs `main` and reports its verdict with the `VM_EXIT` hypercall. A panic is
+//! printed on the console and reported as a failed verdict.
+//!
+//! This crate, the core and the domain runtime are the only places allowed `unsafe`; the
+//! guest kernels that use it stay `#![forbid(unsafe_code)]`.
+#![no_std]
+
+use core::fmt::{self, Write};
+
+pub use ipc::hypercall as abi;
+pub use microvisor_abi::guest::{self as layout, StartInfo};
+// The memory functions `core` needs; linked for their symbols.
+use microvisor_freestanding as _;
+
+/// How a guest's work ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Every self-check passed.
+    pub passed: bool,
+    /// A checksum of what the guest did (reported in the summary).
+    pub checksum: u64,
+}
+
+/// Issues hypercall `number` with `args` (RDI, RSI, RDX, R10, R8, R9); returns RAX.
+#[inline]
+pub fn hypercall(number: u64, args: [u64; 6]) -> i64 {
+    let result: u64;
+    // SAFETY: VMCALL exits to the core, which changes only RAX (the result) and RIP of this
+    // vCPU; every other register is preserved (docs/hypercall-abi.md).
+    unsafe {
+        core::arch::asm!("vmcall", inlateout("rax") number => result, in("rdi") args[0],
+                         in("rsi") args[1], in("rdx") args[2], in("r10") args[3],
+                         in("r8") args[4], in("r9") args[5], options(nostack));
+    }
+    result as i64
+}
+
+/// A hypercall with two arguments.
+#[inline]
+pub fn call2(number: u64, arg0: u64, arg1: u64) -> i64 {
+    hypercall(number, [arg0, arg1, 0, 0, 0, 0])
+}
+
+/// Reads the time-stamp counter (under bochs: instructions executed).
+#[inline]
+pub fn tsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Reads the u64 at guest-physical `address` (identity-mapped; 8-byte aligned). An address
+/// outside the VM's memory is an EPT violation: the core stops the VM.
+#[inline]
+pub fn read_u64(address: u64) -> u64 {
+    // SAFETY: the first 2 MiB are identity-mapped in every guest; an address the VM has no
+    // memory at exits to the core (EPT violation) and is not a memory-safety problem of the
+    // guest kernel, which only names pages it mapped itself.
+    unsafe { core::ptr::read_volatile((address & !7) as *const u64) }
+}
+
+/// Writes the u64 at guest-physical `address` (see [`read_u64`]).
+#[inline]
+pub fn write_u64(address: u64, value: u64) {
+    // SAFETY: as in `read_u64`; guest kernels write only pages they mapped for this.
+    unsafe { core::ptr::write_volatile((address & !7) as *mut u64, value) }
+}
+
+/// The console: `CONSOLE_WRITE` in chunks of at most `CONSOLE_MAX` bytes, one line each.
+pub struct Console {
+    line: [u8; abi::CONSOLE_MAX],
+    length: usize,
+}
+
+impl Console {
+    /// An empty line.
+    pub const fn new() -> Console {
+        Console {
+            line: [0; abi::CONSOLE_MAX],
+            length: 0,
+        }
+    }
+
+    /// Sends the buffered line (if any).
+    pub fn flush(&mut self) {
+        if self.length > 0 {
+            let address = self.line.as_ptr() as u64;
+            // A retry after a recovery prints again; nothing else can fail here.
+            let _ = call2(abi::CONSOLE_WRITE, address, self.length as u64);
+            self.length = 0;
+        }
+    }
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Console::new()
+    }
+}
+
+impl Write for Console {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        for &byte in text.as_bytes() {
+            if byte == b'\n' {
+                self.flush();
+                continue;
+            }
+            if self.length == self.line.len() {
+                self.flush();
+            }
+            self.line[self.length] = byte;
+            self.length += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Prints one line on the console (`println!`-like).
+pub fn print(args: fmt::Arguments<'_>) {
+    let mut console = Console::new();
+    let _ = console.write_fmt(args);
+    console.flush();
+}
+
+/// Ends this vCPU with `verdict`; never returns.
+pub fn exit(verdict: Verdict) -> ! {
+    loop {
+        let _ = call2(abi::VM_EXIT, u64::from(!verdict.passed), verdict.checksum);
+        // The core never resumes an exited vCPU; should it, ask again.
+        core::hint::spin_loop();
+    }
+}
+
+/// Reads the start information the core wrote; `None` if it is missing or damaged.
+pub fn start_info(address: u64) -> Option<StartInfo> {
+    let mut words = [0u64; layout::start_info::WORDS];
+    for (index, word) in words.iter_mut().enumerate() {
+        *word = read_u64(address + index as u64 * 8);
+    }
+    StartInfo::from_words(&words)
+}
+
+/// Runs `main` for the entry point the macro defines.
+pub fn run(start_info_address: u64, main: fn(&StartInfo) -> Verdict) -> ! {
+    match start_info(start_info_address) {
+        Some(info) => exit(main(&info)),
+        None => {
+            print(format_args!(
+                "no start information at {start_info_address:#x}"
+            ));
+            exit(Verdict {
+                passed: false,
+                checksum: 0,
+            })
+        }
+    }
+}
+
+/// Reports a panic on the console and exits failed.
+pub fn report_panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    print(format_args!("panic: {}", info.message()));
+    if let Some(location) = info.location() {
+        print(format_args!("  at {}:{}", location.file(), location.line()));
+    }
+    exit(Verdict {
+        passed: false,
+        checksum: 0,
+    })
+}
+
+/// Defines `_start`, the panic handler and the unwinding stub of a guest kernel whose work is
+/// `fn main(&StartInfo) -> Verdict`.
+#[macro_export]
+macro_rules! guest_entry {
+    ($main:path) => {
+        /// Entry point: RDI = the start information's guest-physical address.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn _start(start_info: u64) -> ! {
+            $crate::run(start_info, $main)
+        }
+
+        #[panic_handler]
+        fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+            $crate::report_panic(info)
+        }
+
+        /// Never called (`panic = "abort"`), but the precompiled `core` references it.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn rust_eh_personality() {}
+    };
+}

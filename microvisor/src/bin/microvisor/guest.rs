@@ -1,0 +1,1240 @@
+//! Guest VMs: creation from a guest kernel image, EPT built only from frames the memory
+//! domain handed out and the core checked, and the per-CPU loop that runs the vCPUs the
+//! scheduler domain picks, turning their VM exits into messages.
+//!
+//! Mechanism, not policy: which vCPU runs next is the scheduler domain's answer to `PickNext`;
+//! what a hypercall does is the hypercall domain's; whether a VM may map a frame is the memory
+//! domain's (`MayMap`), checked again here against the pool's bounds before any EPT entry is
+//! written. The core keeps, per VM, the one record it must own: which host frame backs each
+//! guest frame (the EPT itself).
+//!
+//! vCPUs are pinned to a home CPU (their VMCS stays loaded there, built on that CPU at the
+//! first run); a CPU runs every vCPU the scheduler queues on it, so more vCPUs than CPUs work.
+//! A slice ends at a VMX-preemption-timer exit ([`QUANTUM_MS`]), a yield, a HLT or the
+//! vCPU's exit. The guest's FPU/SSE state is switched with FXSAVE/FXRSTOR around every entry.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use elf::ElfBytes;
+use elf::abi::PT_LOAD;
+use elf::endian::LittleEndian;
+use ipc::hypercall::{self as hc, HypercallError};
+use ipc::memory::{self, FrameNumber};
+use ipc::scheduler::{self, VcpuId};
+use microvisor_abi::guest::{self as layout, StartInfo};
+use spin::Mutex;
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+use x86_64::registers::model_specific::{GsBase, Msr};
+
+use crate::vm::{self, GuestRegisters, read_msr, vmread, vmwrite};
+use crate::{apic, domain, paging};
+
+/// VMs the core runs at once.
+pub const MAX_VMS: usize = 8;
+/// Guest frames the EPT covers: the identity-mapped first 2 MiB.
+const GUEST_FRAMES: usize = 512;
+/// Length of a vCPU's time slice.
+pub const QUANTUM_MS: u64 = 10;
+
+const SCHEDULER: u16 = 2;
+const MEMORY: u16 = 3;
+const HYPERCALL: u16 = 5;
+
+// VMCS fields beyond the ones `vm` names (SDM Vol. 3D, Appendix B).
+const GUEST_IA32_EFER: u64 = 0x2806;
+const HOST_IA32_EFER: u64 = 0x2c02;
+const GUEST_PREEMPTION_TIMER: u64 = 0x482e;
+const GUEST_PHYSICAL_ADDRESS: u64 = 0x2400;
+const EXIT_QUALIFICATION: u64 = 0x6400;
+const EXIT_INTERRUPTION_INFO: u64 = 0x4404;
+const IA32_VMX_MISC: u32 = 0x485;
+const IA32_EFER: u32 = 0xc000_0080;
+
+// Exit reasons (SDM Vol. 3D, Appendix C).
+const EXIT_EXCEPTION: u32 = 0;
+const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
+const EXIT_TRIPLE_FAULT: u32 = 2;
+const EXIT_CPUID: u32 = 10;
+const EXIT_HLT: u32 = 12;
+const EXIT_VMCALL: u32 = 18;
+const EXIT_IO: u32 = 30;
+const EXIT_RDMSR: u32 = 31;
+const EXIT_WRMSR: u32 = 32;
+const EXIT_EPT_VIOLATION: u32 = 48;
+const EXIT_PREEMPTION_TIMER: u32 = 52;
+
+/// How a guest's run ended, as the summary names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Still running (or never finished).
+    Unfinished,
+    /// The guest's own checks passed.
+    Passed,
+    /// The guest's own checks failed.
+    Failed,
+    /// The core stopped it (a fault, a forbidden exit).
+    Stopped,
+}
+
+impl Verdict {
+    fn name(self) -> &'static str {
+        match self {
+            Verdict::Unfinished => "unfinished",
+            Verdict::Passed => "passed",
+            Verdict::Failed => "failed",
+            Verdict::Stopped => "stopped",
+        }
+    }
+}
+
+/// One VM.
+struct Vm {
+    id: u16,
+    guest: &'static str,
+    /// Host frame number backing each guest frame (0 = not mapped).
+    frames: [u32; GUEST_FRAMES],
+    /// Guest frames mapped with MAP_GRANT (bit per frame).
+    granted: [u64; GUEST_FRAMES / 64],
+    /// Physical address of the EPT's page table for guest frames 0..512.
+    ept_table: u64,
+    ept_pointer: u64,
+    verdict: Verdict,
+    checksum: u64,
+    stop_reason: &'static str,
+    exits: u64,
+    hypercalls: u64,
+    retries: u64,
+    created_tsc: u64,
+    run_tsc: u64,
+    /// The vCPU (one per VM for now).
+    vcpu: Vcpu,
+}
+
+/// One vCPU: its VMCS and everything the core saves across its exits.
+#[derive(Clone, Copy)]
+struct Vcpu {
+    home_cpu: u8,
+    vmcs: u64,
+    /// VMLAUNCH done (the VMCS is built and active on the home CPU).
+    launched: bool,
+    registers: GuestRegisters,
+    fpu: FpuArea,
+    /// The multicall batch number (advanced when a batch completes).
+    batch: u32,
+    entry: u64,
+}
+
+/// An FXSAVE area.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct FpuArea([u8; 512]);
+
+impl FpuArea {
+    /// The state after FNINIT with SSE exceptions masked (MXCSR 0x1f80, FCW 0x37f).
+    const fn initial() -> FpuArea {
+        let mut bytes = [0u8; 512];
+        bytes[0] = 0x7f;
+        bytes[1] = 0x03;
+        bytes[24] = 0x80;
+        bytes[25] = 0x1f;
+        FpuArea(bytes)
+    }
+
+    fn save(&mut self) {
+        // SAFETY: FXSAVE writes 512 bytes into this 16-byte aligned area.
+        unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) self.0.as_mut_ptr(), options(nostack)) };
+    }
+
+    fn restore(&self) {
+        // SAFETY: the area holds a state FXSAVE wrote or `initial` (valid MXCSR).
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) self.0.as_ptr(), options(nostack)) };
+    }
+}
+
+/// The pool of frames guests get (placed in the memory domain by [`configure_pool`]).
+#[derive(Clone, Copy)]
+struct Pool {
+    base: u32,
+    frames: u32,
+}
+
+struct Table {
+    vms: [Option<Vm>; MAX_VMS],
+    pool: Option<Pool>,
+}
+
+static TABLE: Mutex<Table> = Mutex::new(Table {
+    vms: [const { None }; MAX_VMS],
+    pool: None,
+});
+/// Application processors run guests while this is set.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+/// The VMCS active on each CPU (physical address; 0 = none).
+static CURRENT_VMCS: [AtomicU64; crate::cpu::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; crate::cpu::MAX_CPUS];
+
+/// Why a VM could not be created.
+#[derive(Clone, Copy, Debug)]
+pub enum CreateError {
+    /// No VM slot or no pool.
+    NoSlot,
+    /// The memory domain did not give a frame the core could accept.
+    Memory(&'static str),
+    /// The guest image is not a loadable ELF for the guest layout.
+    Image(&'static str),
+    /// The scheduler refused the vCPU.
+    Scheduler,
+    /// Out of core memory for the VMCS or EPT.
+    OutOfMemory,
+}
+
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoSlot => f.write_str("no free VM slot (or no guest memory pool)"),
+            Self::Memory(why) => write!(f, "guest memory: {why}"),
+            Self::Image(why) => write!(f, "guest image: {why}"),
+            Self::Scheduler => f.write_str("the scheduler refused its vCPU"),
+            Self::OutOfMemory => f.write_str("out of core memory for the VMCS or EPT"),
+        }
+    }
+}
+
+fn call<R: serde::de::DeserializeOwned>(
+    target: u16,
+    request: &impl serde::Serialize,
+) -> Result<R, microvisor_abi::Status> {
+    let mut bytes = [0u8; ipc::MESSAGE_MAX];
+    let length =
+        ipc::encode(request, &mut bytes).map_err(|_| microvisor_abi::Status::BadArgument)?;
+    let mut reply = [0u8; ipc::MESSAGE_MAX];
+    let length = domain::core_call(target, &bytes[..length], &mut reply)?;
+    match ipc::decode::<ipc::Response<R>>(&reply[..length]) {
+        Ok(Ok(reply)) => Ok(reply),
+        _ => Err(microvisor_abi::Status::BadArgument),
+    }
+}
+
+fn memory_call(request: memory::Request) -> Result<memory::Reply, microvisor_abi::Status> {
+    call(MEMORY, &request)
+}
+
+fn scheduler_call(request: scheduler::Request) -> Result<scheduler::Reply, microvisor_abi::Status> {
+    call(SCHEDULER, &request)
+}
+
+/// Reserves the guest RAM pool (contiguous, 2 MiB aligned) and places the memory domain's
+/// frame table on it. Call once, after the domains are up and before anything allocates.
+pub fn configure_pool() -> Result<(), &'static str> {
+    let frames = ipc::limits::POOL_FRAMES as u64;
+    let virt = paging::allocate_zeroed(frames).ok_or("no room for the guest RAM pool")?;
+    let base = ((virt.as_u64() - paging::PHYS_OFFSET) >> 12) as u32;
+    let request = memory::Request::Configure {
+        base: FrameNumber(base),
+    };
+    match memory_call(request) {
+        Ok(memory::Reply::Done) => {
+            TABLE.lock().pool = Some(Pool {
+                base,
+                frames: frames as u32,
+            });
+            log::info!(
+                "guest RAM pool: {} frames at {:#x} placed in the memory domain",
+                frames,
+                u64::from(base) << 12
+            );
+            Ok(())
+        }
+        _ => Err("the memory domain refused the pool"),
+    }
+}
+
+/// Whether `frame` lies in the pool (a frame outside it is never mapped, whatever the memory
+/// domain says).
+pub fn in_pool(frame: u32) -> bool {
+    TABLE
+        .lock()
+        .pool
+        .is_some_and(|pool| frame >= pool.base && frame - pool.base < pool.frames)
+}
+
+/// The core's check before any EPT entry: the frame is in the pool and the memory domain says
+/// `vm` may map it.
+fn validate(vm: u16, frame: u32) -> Result<(), HypercallError> {
+    if !in_pool(frame) {
+        return Err(HypercallError::InvalidArgument);
+    }
+    match memory_call(memory::Request::MayMap {
+        frame: FrameNumber(frame),
+        vm,
+    }) {
+        Ok(memory::Reply::Done) => Ok(()),
+        Ok(_) => Err(HypercallError::PermissionDenied),
+        Err(_) => Err(HypercallError::Internal),
+    }
+}
+
+/// Takes a fresh frame for `vm` from the memory domain, checks it, scrubs it and marks it
+/// validated.
+fn new_frame(vm: u16) -> Result<u32, &'static str> {
+    let frame = match memory_call(memory::Request::Allocate { owner: vm }) {
+        Ok(memory::Reply::Allocated(frame)) => frame.0,
+        Ok(_) => return Err("the memory domain has no frame"),
+        Err(_) => return Err("the memory domain did not answer"),
+    };
+    validate(vm, frame).map_err(|_| "the memory domain answered a frame outside the pool")?;
+    scrub(frame);
+    let _ = memory_call(memory::Request::Validate {
+        frame: FrameNumber(frame),
+    });
+    Ok(frame)
+}
+
+fn frame_ptr(frame: u32) -> *mut u8 {
+    paging::phys_to_virt(u64::from(frame) << 12).as_mut_ptr::<u8>()
+}
+
+fn scrub(frame: u32) {
+    // SAFETY: a pool frame the memory domain just gave this VM: no EPT maps it yet and the
+    // direct map covers it.
+    unsafe { core::ptr::write_bytes(frame_ptr(frame), 0, 4096) };
+}
+
+/// Writes EPT entry `gfn` of `vm` (0 = unmap).
+fn set_ept(vm: &mut Vm, gfn: usize, frame: u32) {
+    const RWX: u64 = 0b111;
+    const WRITE_BACK: u64 = 6 << 3;
+    vm.frames[gfn] = frame;
+    let entry = if frame == 0 {
+        0
+    } else {
+        (u64::from(frame) << 12) | RWX | WRITE_BACK
+    };
+    let table = paging::phys_to_virt(vm.ept_table).as_mut_ptr::<u64>();
+    // SAFETY: the VM's EPT page table, 512 entries; `gfn` < 512.
+    unsafe { table.add(gfn).write_volatile(entry) };
+}
+
+/// Flushes EPT-derived translations on this CPU (after an unmap).
+fn invept() {
+    let descriptor = [0u64; 2];
+    // SAFETY: INVEPT all-context (type 2) in VMX root operation; the descriptor is ignored.
+    unsafe {
+        core::arch::asm!("invept {}, [{}]", in(reg) 2u64, in(reg) descriptor.as_ptr(),
+                         options(nostack));
+    }
+}
+
+/// Copies `bytes` to guest-physical `gpa` of `vm` (within mapped frames).
+fn write_guest(vm: &Vm, gpa: u64, bytes: &[u8]) -> Result<(), HypercallError> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let address = gpa
+            .checked_add(done as u64)
+            .ok_or(HypercallError::InvalidArgument)?;
+        let gfn = (address >> 12) as usize;
+        let frame = *vm.frames.get(gfn).ok_or(HypercallError::InvalidArgument)?;
+        if frame == 0 {
+            return Err(HypercallError::InvalidArgument);
+        }
+        let offset = (address & 0xfff) as usize;
+        let chunk = (4096 - offset).min(bytes.len() - done);
+        // SAFETY: `frame` backs guest frame `gfn` of this VM (checked when mapped); the copy
+        // stays inside it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes[done..].as_ptr(),
+                frame_ptr(frame).add(offset),
+                chunk,
+            )
+        };
+        done += chunk;
+    }
+    Ok(())
+}
+
+/// Copies guest-physical `gpa` of `vm` into `bytes` (within mapped frames).
+fn read_guest(vm: &Vm, gpa: u64, bytes: &mut [u8]) -> Result<(), HypercallError> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let address = gpa
+            .checked_add(done as u64)
+            .ok_or(HypercallError::InvalidArgument)?;
+        let gfn = (address >> 12) as usize;
+        let frame = *vm.frames.get(gfn).ok_or(HypercallError::InvalidArgument)?;
+        if frame == 0 {
+            return Err(HypercallError::InvalidArgument);
+        }
+        let offset = (address & 0xfff) as usize;
+        let chunk = (4096 - offset).min(bytes.len() - done);
+        // SAFETY: as in `write_guest`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                frame_ptr(frame).add(offset),
+                bytes[done..].as_mut_ptr(),
+                chunk,
+            )
+        };
+        done += chunk;
+    }
+    Ok(())
+}
+
+/// Creates VM `id` running `image` (a guest kernel ELF) with one vCPU homed on `home_cpu`.
+pub fn create_vm(
+    id: u16,
+    guest: &'static str,
+    image: &[u8],
+    home_cpu: u8,
+    params: [u64; layout::PARAMS],
+) -> Result<(), CreateError> {
+    let slot = {
+        let table = TABLE.lock();
+        if table.pool.is_none() {
+            return Err(CreateError::NoSlot);
+        }
+        table
+            .vms
+            .iter()
+            .position(Option::is_none)
+            .ok_or(CreateError::NoSlot)?
+    };
+    let elf = ElfBytes::<LittleEndian>::minimal_parse(image)
+        .map_err(|_| CreateError::Image("not an ELF file"))?;
+    let entry = elf.ehdr.e_entry;
+    if !(layout::IMAGE_BASE..layout::IMAGE_END).contains(&entry) {
+        return Err(CreateError::Image("entry point outside the image area"));
+    }
+    let segments = elf
+        .segments()
+        .ok_or(CreateError::Image("no program headers"))?;
+
+    // EPT: PML4 -> PDPT -> PD -> one page table for guest frames 0..512.
+    let (pml4, pml4_ptr) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    let (pdpt, pdpt_ptr) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    let (pd, pd_ptr) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    let (pt, _) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    let (vmcs, _) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    // SAFETY: fresh zeroed pages viewed as 512-entry tables.
+    unsafe {
+        *(pml4_ptr as *mut u64) = pdpt | 0b111;
+        *(pdpt_ptr as *mut u64) = pd | 0b111;
+        *(pd_ptr as *mut u64) = pt | 0b111;
+    }
+    let mut vm = Vm {
+        id,
+        guest,
+        frames: [0; GUEST_FRAMES],
+        granted: [0; GUEST_FRAMES / 64],
+        ept_table: pt,
+        // Write-back EPT structures, 4-level walk (SDM Vol. 3C, 24.6.11).
+        ept_pointer: pml4 | 6 | (3 << 3),
+        verdict: Verdict::Unfinished,
+        checksum: 0,
+        stop_reason: "",
+        exits: 0,
+        hypercalls: 0,
+        retries: 0,
+        created_tsc: apic::tsc(),
+        run_tsc: 0,
+        vcpu: Vcpu {
+            home_cpu,
+            vmcs,
+            launched: false,
+            registers: GuestRegisters {
+                rdi: layout::START_INFO,
+                ..GuestRegisters::default()
+            },
+            fpu: FpuArea::initial(),
+            batch: 0,
+            entry,
+        },
+    };
+    for gfn in 0..layout::RAM_PAGES as usize {
+        let frame = new_frame(id).map_err(CreateError::Memory)?;
+        set_ept(&mut vm, gfn, frame);
+    }
+    // Guest page tables: an identity map of the first 2 MiB with one large page.
+    let words = |address: u64, values: &[u64]| {
+        let mut bytes = [0u8; 64];
+        for (chunk, value) in bytes.chunks_exact_mut(8).zip(values) {
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+        write_guest(&vm, address, &bytes[..values.len() * 8])
+    };
+    let written = words(layout::PML4, &[(layout::PML4 + 0x1000) | 0x7])
+        .and(words(
+            layout::PML4 + 0x1000,
+            &[(layout::PML4 + 0x2000) | 0x7],
+        ))
+        .and(words(layout::PML4 + 0x2000, &[0x83]))
+        .and(words(
+            layout::GDT,
+            &[0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff],
+        ));
+    let info = StartInfo {
+        vm: id,
+        vcpu: 0,
+        ram_bytes: layout::RAM_PAGES * 4096,
+        cpus: crate::run::cpus_registered() as u64,
+        privileged: false,
+        params,
+    };
+    let start_words = info.to_words();
+    let mut start_bytes = [0u8; layout::start_info::WORDS * 8];
+    for (chunk, value) in start_bytes.chunks_exact_mut(8).zip(start_words) {
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    written
+        .and(write_guest(&vm, layout::START_INFO, &start_bytes))
+        .map_err(|_| CreateError::Image("cannot write the boot structures"))?;
+    for segment in segments.iter().filter(|segment| segment.p_type == PT_LOAD) {
+        let start = segment.p_paddr;
+        let end = start
+            .checked_add(segment.p_memsz)
+            .ok_or(CreateError::Image("segment size overflows"))?;
+        if start < layout::IMAGE_BASE || end > layout::IMAGE_END {
+            return Err(CreateError::Image("a segment lies outside the image area"));
+        }
+        let data = elf
+            .segment_data(&segment)
+            .map_err(|_| CreateError::Image("segment data out of the file"))?;
+        if data.len() as u64 > segment.p_memsz {
+            return Err(CreateError::Image(
+                "segment file size exceeds its memory size",
+            ));
+        }
+        write_guest(&vm, start, data).map_err(|_| CreateError::Image("cannot copy a segment"))?;
+    }
+    let vcpu = VcpuId { vm: id, vcpu: 0 };
+    match scheduler_call(scheduler::Request::CreateVcpu { vcpu, home_cpu }) {
+        Ok(scheduler::Reply::Done) => {}
+        _ => return Err(CreateError::Scheduler),
+    }
+    log::info!(
+        "VM {id} created: guest {guest}, {} KiB RAM from the memory domain, vCPU 0 homed on CPU {home_cpu}",
+        layout::RAM_PAGES * 4
+    );
+    TABLE.lock().vms[slot] = Some(vm);
+    Ok(())
+}
+
+/// Builds the VMCS of a vCPU on its home CPU (host state is this CPU's).
+fn build_vmcs(vcpu: &Vcpu, ept_pointer: u64) -> Result<(), vm::GuestError> {
+    use microvisor::vmx::{VmxBasic, adjust_controls};
+    use vm::GuestError::Unsupported;
+    let basic = VmxBasic::from_msr(read_msr(vm::IA32_VMX_BASIC));
+    // Secondary: EPT (bit 1).
+    let secondary = adjust_controls(1 << 1, read_msr(vm::IA32_VMX_PROCBASED_CTLS2))
+        .map_err(|_| Unsupported("EPT"))?;
+    // Pin-based: external-interrupt exiting (bit 0), VMX-preemption timer (bit 6).
+    let pin = adjust_controls(1 | (1 << 6), read_msr(vm::IA32_VMX_TRUE_PINBASED_CTLS))
+        .map_err(|_| Unsupported("the VMX-preemption timer"))?;
+    // Primary: HLT exiting (7), unconditional I/O exiting (24), secondary controls (31).
+    // MSR bitmaps are off, so every RDMSR/WRMSR exits.
+    let primary = adjust_controls(
+        (1 << 7) | (1 << 24) | (1 << 31),
+        read_msr(vm::IA32_VMX_TRUE_PROCBASED_CTLS),
+    )
+    .map_err(|_| Unsupported("HLT and I/O exiting"))?;
+    // Exit: 64-bit host (9), load IA32_EFER (21).
+    let exit = adjust_controls((1 << 9) | (1 << 21), read_msr(vm::IA32_VMX_TRUE_EXIT_CTLS))
+        .map_err(|_| Unsupported("loading EFER on exit"))?;
+    // Entry: IA-32e mode guest (9), load IA32_EFER (15).
+    let entry = adjust_controls((1 << 9) | (1 << 15), read_msr(vm::IA32_VMX_TRUE_ENTRY_CTLS))
+        .map_err(|_| Unsupported("64-bit guests"))?;
+
+    // SAFETY: the VMCS page is this vCPU's, zeroed at creation; its first 4 bytes take the
+    // revision identifier before VMCLEAR.
+    unsafe {
+        (paging::phys_to_virt(vcpu.vmcs).as_mut_ptr::<u32>()).write(basic.revision);
+    }
+    let failed: u8;
+    // SAFETY: VMCLEAR then VMPTRLD of the vCPU's VMCS region; VMX root operation.
+    unsafe {
+        core::arch::asm!("vmclear [{address}]", "vmptrld [{address}]", "setna {failed}",
+                         address = in(reg) &vcpu.vmcs, failed = out(reg_byte) failed,
+                         options(nostack));
+    }
+    if failed != 0 {
+        return Err(vm::GuestError::VmcsAccess(0));
+    }
+    vmwrite(vm::PIN_BASED_CONTROLS, u64::from(pin))?;
+    vmwrite(vm::PROC_BASED_CONTROLS, u64::from(primary))?;
+    vmwrite(vm::SECONDARY_CONTROLS, u64::from(secondary))?;
+    vmwrite(vm::EXIT_CONTROLS, u64::from(exit))?;
+    vmwrite(vm::ENTRY_CONTROLS, u64::from(entry))?;
+    // Every guest exception exits: the core stops a guest that faults.
+    vmwrite(vm::EXCEPTION_BITMAP, 0xffff_ffff)?;
+    vmwrite(vm::EPT_POINTER, ept_pointer)?;
+    vmwrite(vm::VMCS_LINK_POINTER, u64::MAX)?;
+
+    // Host state: this CPU.
+    let (gdtr, idtr) = (
+        x86_64::instructions::tables::sgdt(),
+        x86_64::instructions::tables::sidt(),
+    );
+    vmwrite(vm::HOST_CR0, Cr0::read_raw())?;
+    vmwrite(vm::HOST_CR3, Cr3::read().0.start_address().as_u64())?;
+    vmwrite(vm::HOST_CR4, Cr4::read_raw())?;
+    vmwrite(vm::HOST_CS_SELECTOR, 0x08)?;
+    vmwrite(vm::HOST_SS_SELECTOR, 0x10)?;
+    vmwrite(vm::HOST_DS_SELECTOR, 0x10)?;
+    vmwrite(vm::HOST_ES_SELECTOR, 0x10)?;
+    vmwrite(vm::HOST_FS_SELECTOR, 0)?;
+    vmwrite(vm::HOST_GS_SELECTOR, 0)?;
+    vmwrite(vm::HOST_TR_SELECTOR, 0x28)?;
+    vmwrite(vm::HOST_FS_BASE, 0)?;
+    vmwrite(vm::HOST_GS_BASE, GsBase::read().as_u64())?;
+    vmwrite(vm::HOST_TR_BASE, crate::cpu::tss_base())?;
+    vmwrite(vm::HOST_GDTR_BASE, gdtr.base.as_u64())?;
+    vmwrite(vm::HOST_IDTR_BASE, idtr.base.as_u64())?;
+    vmwrite(vm::HOST_SYSENTER_CS, 0)?;
+    vmwrite(vm::HOST_SYSENTER_ESP, 0)?;
+    vmwrite(vm::HOST_SYSENTER_EIP, 0)?;
+    // SAFETY: IA32_EFER exists on every x86-64 CPU.
+    vmwrite(HOST_IA32_EFER, unsafe { Msr::new(IA32_EFER).read() })?;
+    vmwrite(vm::HOST_RIP, vm::vmx_exit_stub as *const () as u64)?;
+
+    // Guest state: 64-bit mode, paging on the guest's identity map, interrupts off.
+    let fixed0 = read_msr(vm::IA32_VMX_CR0_FIXED0);
+    let fixed1 = read_msr(vm::IA32_VMX_CR0_FIXED1);
+    // PE, MP, ET, NE, WP, PG.
+    let cr0 = (fixed0 | 0x8001_0033) & fixed1;
+    vmwrite(vm::GUEST_CR0, cr0)?;
+    vmwrite(vm::GUEST_CR3, layout::PML4)?;
+    // PAE, OSFXSR, OSXMMEXCPT, plus the fixed bits (VMXE).
+    vmwrite(vm::GUEST_CR4, read_msr(vm::IA32_VMX_CR4_FIXED0) | 0x620)?;
+    // LME, LMA.
+    vmwrite(GUEST_IA32_EFER, 0x500)?;
+    for segment in 0..8u64 {
+        // ES, CS, SS, DS, FS, GS, LDTR, TR.
+        let (selector, limit, access) = match segment {
+            1 => (0x08, 0xffff_ffff, 0xa09b), // CS: 64-bit code, present, accessed
+            6 => (0, 0, 0x1_0000),            // LDTR: unusable
+            7 => (0x18, 0x67, 0x8b),          // TR: present, busy 64-bit TSS
+            _ => (0x10, 0xffff_ffff, 0xc093), // data: present, read-write, accessed
+        };
+        vmwrite(vm::GUEST_ES_SELECTOR + segment * 2, selector)?;
+        vmwrite(vm::GUEST_ES_BASE + segment * 2, 0)?;
+        vmwrite(vm::GUEST_ES_LIMIT + segment * 2, limit)?;
+        vmwrite(vm::GUEST_ES_ACCESS + segment * 2, access)?;
+    }
+    vmwrite(vm::GUEST_GDTR_BASE, layout::GDT)?;
+    vmwrite(vm::GUEST_GDTR_LIMIT, 23)?;
+    vmwrite(vm::GUEST_IDTR_BASE, 0)?;
+    vmwrite(vm::GUEST_IDTR_LIMIT, 0)?;
+    vmwrite(vm::GUEST_DR7, 0x400)?;
+    // As if `_start` had been called: RSP + 8 is 16-byte aligned (System V ABI).
+    vmwrite(vm::GUEST_RSP, layout::STACK_TOP - 8)?;
+    vmwrite(vm::GUEST_RIP, vcpu.entry)?;
+    vmwrite(vm::GUEST_RFLAGS, 0x2)?;
+    vmwrite(vm::GUEST_INTERRUPTIBILITY, 0)?;
+    vmwrite(vm::GUEST_ACTIVITY, 0)?;
+    Ok(())
+}
+
+/// What the exit handler wants next.
+enum Next {
+    /// Enter the same vCPU again.
+    Resume,
+    /// End the slice; ask the scheduler what runs next.
+    Deschedule,
+    /// The vCPU is finished (its verdict is recorded); end the slice.
+    Finished,
+}
+
+/// The preemption timer's rate: it counts TSC >> IA32_VMX_MISC[4:0].
+fn preemption_shift() -> u64 {
+    read_msr(IA32_VMX_MISC) & 0x1f
+}
+
+/// Finds VM `id`'s slot.
+fn slot_of(table: &Table, id: u16) -> Option<usize> {
+    table
+        .vms
+        .iter()
+        .position(|vm| vm.as_ref().is_some_and(|vm| vm.id == id))
+}
+
+/// Runs one slice of vCPU `vcpu` on this CPU.
+fn run_slice(cpu: usize, vcpu: VcpuId) {
+    let (slot, mut state, ept_pointer) = {
+        let table = TABLE.lock();
+        let Some(slot) = slot_of(&table, vcpu.vm) else {
+            drop(table);
+            log::error!("the scheduler picked vCPU {vcpu:?} of no VM: removing it");
+            let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+            return;
+        };
+        let vm = table.vms[slot].as_ref().expect("slot found above");
+        (slot, vm.vcpu, vm.ept_pointer)
+    };
+    if usize::from(state.home_cpu) != cpu {
+        log::error!(
+            "the scheduler picked vCPU {vcpu:?} on CPU {cpu}, its VMCS lives on CPU {}",
+            state.home_cpu
+        );
+        stop(slot, vcpu, "picked on a CPU other than its home");
+        return;
+    }
+    if !state.launched {
+        if let Err(error) = build_vmcs(&state, ept_pointer) {
+            log::error!("VM {}: cannot build its VMCS: {error}", vcpu.vm);
+            stop(slot, vcpu, "its VMCS could not be built");
+            return;
+        }
+        CURRENT_VMCS[cpu].store(state.vmcs, Ordering::Relaxed);
+    } else if CURRENT_VMCS[cpu].load(Ordering::Relaxed) != state.vmcs {
+        let failed: u8;
+        // SAFETY: VMPTRLD of this vCPU's VMCS, launched on this CPU before.
+        unsafe {
+            core::arch::asm!("vmptrld [{address}]", "setna {failed}",
+                             address = in(reg) &state.vmcs, failed = out(reg_byte) failed,
+                             options(nostack));
+        }
+        if failed != 0 {
+            stop(slot, vcpu, "VMPTRLD failed");
+            return;
+        }
+        CURRENT_VMCS[cpu].store(state.vmcs, Ordering::Relaxed);
+    }
+    let quantum = (apic::tsc_khz() * QUANTUM_MS).max(1);
+    let shift = preemption_shift();
+    let mut exits = 0u64;
+    let started = apic::tsc();
+    let next = loop {
+        // What is left of the quantum, whatever the exits in between took.
+        let left = quantum.saturating_sub(apic::tsc() - started);
+        if left == 0 {
+            break Ok(Next::Deschedule);
+        }
+        let ticks = (left >> shift).clamp(1, u64::from(u32::MAX));
+        if vmwrite(GUEST_PREEMPTION_TIMER, ticks).is_err() {
+            break Err("the preemption timer cannot be set");
+        }
+        let mut host_fpu = FpuArea::initial();
+        let entry_failed = x86_64::instructions::interrupts::without_interrupts(|| {
+            host_fpu.save();
+            state.fpu.restore();
+            // SAFETY: the vCPU's VMCS is current and complete; `vmx_enter` saves and restores
+            // the host's callee-saved registers and returns after the next VM exit.
+            let failed = unsafe { vm::vmx_enter(&mut state.registers, u64::from(state.launched)) };
+            state.fpu.save();
+            host_fpu.restore();
+            failed
+        });
+        if entry_failed != 0 {
+            log::error!(
+                "VM {}: VM entry failed, VM-instruction error {}",
+                vcpu.vm,
+                vmread(vm::VM_INSTRUCTION_ERROR)
+            );
+            break Err("VM entry failed");
+        }
+        state.launched = true;
+        exits += 1;
+        let reason = (vmread(vm::EXIT_REASON) & 0xffff) as u32;
+        let handled = match reason {
+            EXIT_EXTERNAL_INTERRUPT => Ok(Next::Resume),
+            EXIT_PREEMPTION_TIMER => Ok(Next::Deschedule),
+            EXIT_HLT => {
+                advance_rip();
+                // HLT as a message to the scheduler: the vCPU gives its CPU up.
+                let _ = scheduler_call(scheduler::Request::Yield { cpu: cpu as u8 });
+                Ok(Next::Deschedule)
+            }
+            EXIT_VMCALL => handle_vmcall(cpu, slot, vcpu, &mut state),
+            EXIT_EPT_VIOLATION => {
+                log::warn!(
+                    "VM {}: EPT violation at guest-physical {:#x} (qualification {:#x}, RIP {:#x})",
+                    vcpu.vm,
+                    vmread(GUEST_PHYSICAL_ADDRESS),
+                    vmread(EXIT_QUALIFICATION),
+                    vmread(vm::GUEST_RIP)
+                );
+                Err("it touched guest-physical memory it has not got (EPT violation)")
+            }
+            EXIT_EXCEPTION => {
+                log::warn!(
+                    "VM {}: exception {} at RIP {:#x}",
+                    vcpu.vm,
+                    vmread(EXIT_INTERRUPTION_INFO) & 0xff,
+                    vmread(vm::GUEST_RIP)
+                );
+                Err("it raised an exception")
+            }
+            EXIT_TRIPLE_FAULT => Err("triple fault"),
+            EXIT_CPUID | EXIT_IO | EXIT_RDMSR | EXIT_WRMSR => {
+                log::warn!(
+                    "VM {}: exit {reason} at RIP {:#x} is not served yet",
+                    vcpu.vm,
+                    vmread(vm::GUEST_RIP)
+                );
+                Err("CPUID, port I/O and MSR exits are not served yet")
+            }
+            _ => {
+                log::warn!("VM {}: unexpected VM exit {reason}", vcpu.vm);
+                Err("unexpected VM exit")
+            }
+        };
+        match handled {
+            Ok(Next::Resume) => {}
+            other => break other,
+        }
+    };
+    let used = apic::tsc() - started;
+    {
+        let mut table = TABLE.lock();
+        if let Some(vm) = table.vms[slot].as_mut() {
+            vm.vcpu = state;
+            vm.exits += exits;
+        }
+    }
+    match next {
+        Ok(Next::Deschedule) | Ok(Next::Resume) => {
+            let _ = scheduler_call(scheduler::Request::Account {
+                cpu: cpu as u8,
+                ticks: used,
+            });
+        }
+        Ok(Next::Finished) => {}
+        Err(reason) => stop(slot, vcpu, reason),
+    }
+}
+
+fn advance_rip() {
+    let rip = vmread(vm::GUEST_RIP) + vmread(vm::EXIT_INSTRUCTION_LENGTH);
+    let _ = vmwrite(vm::GUEST_RIP, rip);
+}
+
+/// Stops a VM the core will not run again, and removes its vCPU from the scheduler.
+fn stop(slot: usize, vcpu: VcpuId, reason: &'static str) {
+    log::warn!("VM {} stopped by the core: {reason}", vcpu.vm);
+    let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+    let mut table = TABLE.lock();
+    if let Some(vm) = table.vms[slot].as_mut() {
+        vm.verdict = Verdict::Stopped;
+        vm.stop_reason = reason;
+        vm.run_tsc = apic::tsc() - vm.created_tsc;
+    }
+    drop(table);
+    release_memory(slot);
+}
+
+/// Returns a finished VM's frames to the memory domain and clears its EPT.
+fn release_memory(slot: usize) {
+    for gfn in 0..GUEST_FRAMES {
+        let (id, frame, granted) = {
+            let mut table = TABLE.lock();
+            let Some(vm) = table.vms[slot].as_mut() else {
+                return;
+            };
+            let frame = vm.frames[gfn];
+            if frame == 0 {
+                continue;
+            }
+            let granted = vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0;
+            vm.granted[gfn / 64] &= !(1 << (gfn % 64));
+            set_ept(vm, gfn, 0);
+            (vm.id, frame, granted)
+        };
+        if !granted {
+            // A frame still shared with another VM stays allocated (StillShared).
+            let _ = memory_call(memory::Request::Free {
+                frame: FrameNumber(frame),
+                owner: id,
+            });
+        }
+    }
+}
+
+/// Sends a request to the hypercall domain; `None` when it must be retried (a service
+/// restarted under it).
+fn forward(request: &hc::Request) -> Option<hc::Reply> {
+    match call::<hc::Reply>(HYPERCALL, request) {
+        Ok(hc::Reply::Incomplete) => None,
+        Ok(reply) => Some(reply),
+        Err(microvisor_abi::Status::PeerRestarted) => None,
+        Err(_) => Some(hc::Reply::Error(HypercallError::Internal)),
+    }
+}
+
+/// The guest frame an EPT-changing call names, checked: inside the window and unmapped.
+fn free_window_gfn(slot: usize, gfn: u64) -> Result<usize, HypercallError> {
+    let window = layout::WINDOW_FIRST_GFN..layout::WINDOW_FIRST_GFN + layout::WINDOW_PAGES;
+    if !window.contains(&gfn) {
+        return Err(HypercallError::InvalidArgument);
+    }
+    let table = TABLE.lock();
+    let vm = table.vms[slot].as_ref().ok_or(HypercallError::BadVcpu)?;
+    if vm.frames[gfn as usize] != 0 {
+        return Err(HypercallError::InUse);
+    }
+    Ok(gfn as usize)
+}
+
+/// Maps `frame` at `gfn` of the VM in `slot` after the core's own check.
+fn map(slot: usize, vm_id: u16, gfn: usize, frame: u32, grant: bool) -> Result<(), HypercallError> {
+    validate(vm_id, frame)?;
+    let mut table = TABLE.lock();
+    let vm = table.vms[slot].as_mut().ok_or(HypercallError::BadVcpu)?;
+    if vm.frames[gfn] != 0 {
+        return Err(HypercallError::InUse);
+    }
+    set_ept(vm, gfn, frame);
+    if grant {
+        vm.granted[gfn / 64] |= 1 << (gfn % 64);
+    }
+    Ok(())
+}
+
+/// Serves a VMCALL: the result goes into RAX and RIP advances only when the call completed.
+fn handle_vmcall(
+    cpu: usize,
+    slot: usize,
+    vcpu: VcpuId,
+    state: &mut Vcpu,
+) -> Result<Next, &'static str> {
+    let registers = state.registers;
+    let number = registers.rax;
+    let args = [
+        registers.rdi,
+        registers.rsi,
+        registers.rdx,
+        registers.r10,
+        registers.r8,
+        registers.r9,
+    ];
+    let plain = hc::Request::Hypercall {
+        cpu: cpu as u8,
+        vm: vcpu.vm,
+        vcpu: vcpu.vcpu,
+        number,
+        args,
+    };
+    let outcome: Option<(i64, Next)> = match number {
+        hc::CONSOLE_WRITE => console(cpu, slot, vcpu, &args),
+        hc::MULTICALL => multicall(cpu, slot, vcpu, state, &args),
+        hc::MEMORY_POPULATE => match free_window_gfn(slot, args[0]) {
+            Err(error) => Some((error.guest_code(), Next::Resume)),
+            Ok(gfn) => forward(&plain).map(|reply| match reply {
+                hc::Reply::Complete { value } => {
+                    let frame = value as u32;
+                    match map(slot, vcpu.vm, gfn, frame, false) {
+                        Ok(()) => {
+                            scrub(frame);
+                            let _ = memory_call(memory::Request::Validate {
+                                frame: FrameNumber(frame),
+                            });
+                            (value, Next::Resume)
+                        }
+                        Err(error) => {
+                            log::error!(
+                                "VM {}: populate answered frame {frame:#x}, which fails the core's check",
+                                vcpu.vm
+                            );
+                            (error.guest_code(), Next::Resume)
+                        }
+                    }
+                }
+                other => reply_value(other),
+            }),
+        },
+        hc::MEMORY_RELEASE => {
+            // Unmap first, so the guest cannot touch the frame once it is free; put it back
+            // if the release is refused.
+            let unmapped = {
+                let mut table = TABLE.lock();
+                table.vms[slot].as_mut().and_then(|vm| {
+                    let gfn = (0..GUEST_FRAMES).find(|&gfn| {
+                        vm.frames[gfn] != 0
+                            && u64::from(vm.frames[gfn]) == args[0]
+                            && vm.granted[gfn / 64] & (1 << (gfn % 64)) == 0
+                    })?;
+                    set_ept(vm, gfn, 0);
+                    Some(gfn)
+                })
+            };
+            if unmapped.is_some() {
+                invept();
+            }
+            let result = forward(&plain).map(reply_value);
+            let released = matches!(result, Some((0, _)));
+            if let (Some(gfn), false) = (unmapped, released) {
+                let mut table = TABLE.lock();
+                if let Some(vm) = table.vms[slot].as_mut() {
+                    set_ept(vm, gfn, args[0] as u32);
+                }
+            }
+            result
+        }
+        hc::MAP_GRANT => match free_window_gfn(slot, args[1]) {
+            Err(error) => Some((error.guest_code(), Next::Resume)),
+            Ok(gfn) => forward(&plain).map(|reply| match reply {
+                hc::Reply::Complete { .. } => match map(slot, vcpu.vm, gfn, args[0] as u32, true)
+                {
+                    Ok(()) => (0, Next::Resume),
+                    Err(error) => (error.guest_code(), Next::Resume),
+                },
+                other => reply_value(other),
+            }),
+        },
+        hc::UNMAP_GRANT => {
+            let mapped = {
+                let table = TABLE.lock();
+                table.vms[slot].as_ref().is_some_and(|vm| {
+                    let gfn = args[0] as usize;
+                    args[0] < GUEST_FRAMES as u64
+                        && vm.frames[gfn] != 0
+                        && vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0
+                })
+            };
+            if !mapped {
+                Some((HypercallError::NotFound.guest_code(), Next::Resume))
+            } else {
+                forward(&plain).map(|reply| match reply {
+                    hc::Reply::Complete { .. } => {
+                        let mut table = TABLE.lock();
+                        if let Some(vm) = table.vms[slot].as_mut() {
+                            let gfn = args[0] as usize;
+                            vm.granted[gfn / 64] &= !(1 << (gfn % 64));
+                            set_ept(vm, gfn, 0);
+                        }
+                        drop(table);
+                        invept();
+                        (0, Next::Resume)
+                    }
+                    other => reply_value(other),
+                })
+            }
+        }
+        hc::VM_EXIT => forward(&plain).map(|reply| match reply {
+            hc::Reply::Blocked => {
+                let mut table = TABLE.lock();
+                if let Some(vm) = table.vms[slot].as_mut() {
+                    vm.verdict = if args[0] == 0 {
+                        Verdict::Passed
+                    } else {
+                        Verdict::Failed
+                    };
+                    vm.checksum = args[1];
+                    vm.run_tsc = apic::tsc() - vm.created_tsc;
+                    log::info!(
+                        "VM {} ({}) exited: {}, checksum {:#018x}",
+                        vm.id,
+                        vm.guest,
+                        vm.verdict.name(),
+                        vm.checksum
+                    );
+                }
+                drop(table);
+                release_memory(slot);
+                (0, Next::Finished)
+            }
+            other => reply_value(other),
+        }),
+        _ => forward(&plain).map(reply_value),
+    };
+    let mut table = TABLE.lock();
+    let vm = table.vms[slot].as_mut().ok_or("its VM vanished")?;
+    match outcome {
+        Some((value, next)) => {
+            vm.hypercalls += 1;
+            drop(table);
+            state.registers.rax = value as u64;
+            advance_rip();
+            Ok(next)
+        }
+        None => {
+            // Not completed: RIP stays on the VMCALL, the guest issues it again.
+            vm.retries += 1;
+            Ok(Next::Resume)
+        }
+    }
+}
+
+/// RAX and what comes next for a reply to a single hypercall.
+fn reply_value(reply: hc::Reply) -> (i64, Next) {
+    match reply {
+        hc::Reply::Complete { value } => (value, Next::Resume),
+        hc::Reply::Error(error) => (error.guest_code(), Next::Resume),
+        hc::Reply::Blocked => (0, Next::Deschedule),
+        // Not an answer to a single hypercall: the hypercall domain misbehaved.
+        hc::Reply::Incomplete | hc::Reply::Multicall(_) => {
+            (HypercallError::Internal.guest_code(), Next::Resume)
+        }
+    }
+}
+
+fn console(cpu: usize, slot: usize, vcpu: VcpuId, args: &[u64; 6]) -> Option<(i64, Next)> {
+    let refuse = |error: HypercallError| Some((error.guest_code(), Next::Resume));
+    let length = args[1] as usize;
+    if args[2..].iter().any(|&arg| arg != 0) || length == 0 || length > hc::CONSOLE_MAX {
+        return refuse(HypercallError::InvalidArgument);
+    }
+    let mut bytes = [0u8; hc::CONSOLE_MAX];
+    {
+        let table = TABLE.lock();
+        let Some(vm) = table.vms[slot].as_ref() else {
+            return refuse(HypercallError::BadVcpu);
+        };
+        if let Err(error) = read_guest(vm, args[0], &mut bytes[..length]) {
+            return refuse(error);
+        }
+    }
+    let request = hc::Request::Console {
+        cpu: cpu as u8,
+        vm: vcpu.vm,
+        vcpu: vcpu.vcpu,
+        text: heapless::Vec::from_slice(&bytes[..length]).unwrap_or_default(),
+    };
+    forward(&request).map(reply_value)
+}
+
+/// MULTICALL: arg0 = guest-physical address of the entries (number, arg0, arg1: three u64
+/// each), arg1 = count (1 to `MULTICALL_MAX`), arg2 = where the per-entry results go (one i64
+/// each: the value, or the error code).
+fn multicall(
+    cpu: usize,
+    slot: usize,
+    vcpu: VcpuId,
+    state: &mut Vcpu,
+    args: &[u64; 6],
+) -> Option<(i64, Next)> {
+    let refuse = |error: HypercallError| Some((error.guest_code(), Next::Resume));
+    let count = args[1] as usize;
+    if args[3..].iter().any(|&arg| arg != 0) || count == 0 || count > hc::MULTICALL_MAX {
+        return refuse(HypercallError::InvalidArgument);
+    }
+    let mut raw = [0u8; hc::MULTICALL_MAX * 24];
+    {
+        let table = TABLE.lock();
+        let Some(vm) = table.vms[slot].as_ref() else {
+            return refuse(HypercallError::BadVcpu);
+        };
+        if let Err(error) = read_guest(vm, args[0], &mut raw[..count * 24]) {
+            return refuse(error);
+        }
+        // The results must be writable before anything runs.
+        let mut probe = [0u8; hc::MULTICALL_MAX * 8];
+        if let Err(error) = read_guest(vm, args[2], &mut probe[..count * 8]) {
+            return refuse(error);
+        }
+    }
+    let word = |index: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&raw[index * 8..index * 8 + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let mut entries = heapless::Vec::<hc::MulticallEntry, { hc::MULTICALL_MAX }>::new();
+    for index in 0..count {
+        let number = word(index * 3);
+        let _ = entries.push(hc::MulticallEntry {
+            // An out-of-range number stays out of range (refused as BadNumber).
+            number: u16::try_from(number).unwrap_or(u16::MAX),
+            args: [word(index * 3 + 1), word(index * 3 + 2)],
+        });
+    }
+    let request = hc::Request::Multicall {
+        cpu: cpu as u8,
+        vm: vcpu.vm,
+        vcpu: vcpu.vcpu,
+        batch: state.batch,
+        entries,
+    };
+    match forward(&request)? {
+        hc::Reply::Multicall(outcomes) => {
+            let mut results = [0u8; hc::MULTICALL_MAX * 8];
+            for (chunk, outcome) in results.chunks_exact_mut(8).zip(outcomes.iter()) {
+                let value = match outcome {
+                    hc::EntryOutcome::Complete(value) => *value,
+                    hc::EntryOutcome::Error(error) => error.guest_code(),
+                };
+                chunk.copy_from_slice(&value.to_le_bytes());
+            }
+            state.batch = state.batch.wrapping_add(1);
+            let table = TABLE.lock();
+            let written = table.vms[slot]
+                .as_ref()
+                .map(|vm| write_guest(vm, args[2], &results[..count * 8]));
+            match written {
+                Some(Ok(())) => Some((0, Next::Resume)),
+                _ => refuse(HypercallError::InvalidArgument),
+            }
+        }
+        other => Some(reply_value(other)),
+    }
+}
+
+/// Whether every VM has ended.
+pub fn all_finished() -> bool {
+    TABLE
+        .lock()
+        .vms
+        .iter()
+        .flatten()
+        .all(|vm| vm.verdict != Verdict::Unfinished)
+}
+
+/// Asks the scheduler what runs on `cpu` and runs one slice of it.
+fn step(cpu: usize) {
+    let picked = scheduler_call(scheduler::Request::PickNext { cpu: cpu as u8 });
+    match picked {
+        Ok(scheduler::Reply::Current(Some(vcpu))) => run_slice(cpu, vcpu),
+        // Nothing to run here (or the scheduler is being recovered): wait for a tick.
+        _ => {
+            domain::deliver_notifications();
+            x86_64::instructions::hlt();
+        }
+    }
+}
+
+/// An application processor's guest loop: run what the scheduler picks until the scenario
+/// ends.
+pub fn run_cpu(cpu: usize) {
+    while RUNNING.load(Ordering::Acquire) {
+        step(cpu);
+    }
+}
+
+/// Whether application processors should enter [`run_cpu`].
+pub fn running() -> bool {
+    RUNNING.load(Ordering::Acquire)
+}
+
+/// Runs the created VMs on every CPU until all have ended or `budget_tsc` has passed; the
+/// bootstrap processor takes part. Returns whether all ended.
+pub fn run_all(budget_tsc: u64) -> bool {
+    let start = apic::tsc();
+    RUNNING.store(true, Ordering::Release);
+    let cpu = crate::cpu::current_index();
+    while !all_finished() && apic::tsc() - start < budget_tsc {
+        step(cpu);
+    }
+    RUNNING.store(false, Ordering::Release);
+    all_finished()
+}
+
+/// Fills `reports` with the VMs' outcomes; returns how many.
+pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>]) -> usize {
+    let Some(table) = TABLE.try_lock() else {
+        return 0;
+    };
+    let mut count = 0;
+    for (vm, report) in table.vms.iter().flatten().zip(reports.iter_mut()) {
+        *report = microvisor::summary::VmReport {
+            vm: vm.id,
+            guest: vm.guest,
+            verdict: vm.verdict.name(),
+            checksum: vm.checksum,
+            exits: vm.exits,
+            hypercalls: vm.hypercalls,
+            retries: vm.retries,
+            run_tsc: vm.run_tsc,
+            stop_reason: vm.stop_reason,
+        };
+        count += 1;
+    }
+    count
+}
