@@ -69,6 +69,7 @@ pub fn bring_up(
     mode: RecoveryMode,
     inject: Option<InjectedFault<'_>>,
     bench: Option<Benchmark>,
+    scenario: bool,
 ) {
     domain::set_recovery_mode(mode);
     let Some(module) = boot.modules().first() else {
@@ -224,6 +225,9 @@ pub fn bring_up(
             run::stage("inject-failstop");
             run_workload(None);
         }
+        // With a scenario, a service's fail-stop strikes while the guests run (see
+        // `inject_into_scenario`).
+        Some(InjectedFault::Failstop { domain: _ }) if scenario => run_workload(None),
         Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
         None => run_workload(None),
     }
@@ -375,6 +379,32 @@ fn bench_ipc(probe: u16) {
 }
 
 /// The index of domain `name`, or the run fails.
+/// Arms a fail-stop of service `target` to strike after `skip` more requests, for a scenario;
+/// returns its index and failure count so far (for [`check_injection`]).
+pub fn inject_into_scenario(target: &str, skip: u32) -> (u16, u32) {
+    let index = index_of(target);
+    let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+    domain::arm_failstop(index, skip);
+    log::info!(
+        "fail-stop armed in {target}: it strikes on its request {}",
+        skip + 1
+    );
+    (index, failures)
+}
+
+/// Ends the run failed unless domain `index` failed exactly once more than `before`.
+pub fn check_injection(target: &str, index: u16, before: u32) {
+    let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+    if failures != before + 1 {
+        crate::fail(
+            "inject-failstop",
+            format_args!("{target} failed {before} -> {failures} times: the fail-stop was not hit"),
+        );
+    }
+    log::info!("fail-stop injected into {target} under running guests: detected, recovered");
+    run::stage("inject-failstop");
+}
+
 fn index_of(name: &str) -> u16 {
     match domain::find(name) {
         Some(index) => index,

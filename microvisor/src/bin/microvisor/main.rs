@@ -198,7 +198,13 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
     run::stage("timer-all-cpus");
 
-    domains::bring_up(&boot, options.recovery, options.inject, options.bench);
+    domains::bring_up(
+        &boot,
+        options.recovery,
+        options.inject,
+        options.bench,
+        options.scenario.is_some(),
+    );
 
     // The first VMX guest, once the domains that serve its hypercalls are up.
     if vmx::status().0 > 0 && domain::find("hypercall").is_some() {
@@ -236,7 +242,15 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
 
     if let Some(scenario) = options.scenario {
-        run_scenario(scenario);
+        let target = match options.inject {
+            Some(cmdline::InjectedFault::Failstop { domain })
+                if ["scheduler", "memory", "timer", "hypercall"].contains(&domain) =>
+            {
+                Some(domain)
+            }
+            _ => None,
+        };
+        run_scenario(scenario, target);
     }
 
     if let Some(request) = options.fault {
@@ -256,7 +270,7 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
 
 /// Creates the scenario's VMs and runs them on every CPU until each has a verdict; ends the
 /// run failed if one is not `passed`.
-fn run_scenario(scenario: &'static microvisor::scenario::Scenario) {
+fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Option<&str>) {
     use microvisor::scenario::{FIRST_VM, home_cpu};
     if vmx::status().0 == 0 {
         fail(
@@ -285,6 +299,9 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario) {
         }
     }
     run::stage("scenario-vms-created");
+    // An injected fail-stop strikes a while into the run, with every VM going.
+    let injected =
+        inject.map(|target| (target, domains::inject_into_scenario(target, INJECT_AFTER)));
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
     if !guest::run_all(budget) {
@@ -319,7 +336,13 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario) {
     }
     log::info!("scenario {}: all {count} VMs passed", scenario.name);
     run::stage("scenario");
+    if let Some((target, (index, before))) = injected {
+        domains::check_injection(target, index, before);
+    }
 }
+
+/// Requests the target of an injected fail-stop serves in a scenario before it strikes.
+const INJECT_AFTER: u32 = 20;
 
 /// How long (in TSC time) a scenario may run before it counts as stuck.
 const SCENARIO_BUDGET_MS: u64 = 60_000;
