@@ -78,6 +78,8 @@ pub struct Expect {
     /// `"vmx.cpus_in_root"` must equal the CPU count and the first VMX guest must have run
     /// (stage `vmx-guest`): bochs emulates VMX; QEMU's TCG has none, so QEMU cases do not check.
     pub vmx_root: bool,
+    /// `Some(n)`: `"vms"` lists `n` VMs of a scenario, every one with verdict `"passed"`.
+    pub vms_passed: Option<usize>,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -147,8 +149,41 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             workload_ok: true,
             decided_by: Some("recovery-manager"),
             vmx_root: emulator == Emulator::Bochs,
+            vms_passed: None,
         },
     }
+}
+
+/// A scenario (`scenario=NAME`) of `vms` guest VMs under bochs: every VM must pass its own
+/// checks.
+fn scenario(name: &'static str, cpus: u32, cmdline: &'static str, vms: usize) -> BootCase {
+    let mut case = healthy(name, Emulator::Bochs, Boot::Iso, cpus);
+    case.cmdline = cmdline;
+    case.expect.stages = SCENARIO_STAGES;
+    case.expect.vms_passed = Some(vms);
+    case
+}
+
+/// Stages a scenario boot must run, beyond bring-up.
+pub const SCENARIO_STAGES: &[&str] = &["workload", "vmx-guest", "scenario-vms-created", "scenario"];
+
+/// Stages a scenario boot with an injected service fail-stop must run.
+pub const SCENARIO_INJECT_STAGES: &[&str] = &[
+    "workload",
+    "vmx-guest",
+    "scenario-vms-created",
+    "scenario",
+    "inject-failstop",
+];
+
+/// A scenario under which service `service` fail-stops while the guests run and is recovered
+/// by microreset; every VM must still pass.
+fn scenario_fault(name: &'static str, service: &'static str, cmdline: &'static str) -> BootCase {
+    let mut case = scenario(name, 2, cmdline, 5);
+    case.expect.stages = SCENARIO_INJECT_STAGES;
+    case.expect.recovery_mode = Some("microreset");
+    case.expect.recovered_domain = Some(service);
+    case
 }
 
 /// A boot that injects a fail-stop into the recovery manager as it decides the probe's
@@ -259,6 +294,30 @@ pub fn catalogue() -> Vec<BootCase> {
     const PF: ExpectedFailure = ExpectedFailure { vector: 14, cpu: 0 };
     const GP_ON_1: ExpectedFailure = ExpectedFailure { vector: 13, cpu: 1 };
     vec![
+        scenario_fault(
+            "bochs-5vm-unixbench-failstop-scheduler",
+            "scheduler",
+            "scenario=5vm-unixbench inject=failstop:scheduler recovery=microreset",
+        ),
+        scenario_fault(
+            "bochs-5vm-unixbench-failstop-memory",
+            "memory",
+            "scenario=5vm-unixbench inject=failstop:memory recovery=microreset",
+        ),
+        scenario_fault(
+            "bochs-5vm-unixbench-failstop-timer",
+            "timer",
+            "scenario=5vm-unixbench inject=failstop:timer recovery=microreset",
+        ),
+        scenario_fault(
+            "bochs-5vm-unixbench-failstop-hypercall",
+            "hypercall",
+            "scenario=5vm-unixbench inject=failstop:hypercall recovery=microreset",
+        ),
+        scenario("bochs-5vm-unixbench-4cpu", 4, "scenario=5vm-unixbench", 5),
+        scenario("bochs-5vm-unixbench-2cpu", 2, "scenario=5vm-unixbench", 5),
+        scenario("bochs-1vm-unixbench-4cpu", 4, "scenario=1vm-unixbench", 1),
+        scenario("bochs-1vm-unixbench-2cpu", 2, "scenario=1vm-unixbench", 1),
         manager_fault(
             "bochs-failstop-recovery-manager",
             "inject=failstop:recovery-manager",

@@ -186,6 +186,28 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         }
     }
 
+    if let Some(count) = expect.vms_passed {
+        let vms = summary.get("vms").and_then(Value::as_array);
+        match vms {
+            Some(vms) if vms.len() == count => {
+                for vm in vms {
+                    if vm["verdict"] != "passed" {
+                        reasons.push(format!(
+                            "VM {} ({}) ended {}, expected passed",
+                            show(vm.get("vm")),
+                            show(vm.get("guest")),
+                            show(vm.get("verdict"))
+                        ));
+                    }
+                }
+            }
+            _ => reasons.push(format!(
+                "summary.vms is {}, expected {count} VMs",
+                show(summary.get("vms"))
+            )),
+        }
+    }
+
     if let Some(failures) = expect.probe_failures {
         let probe = summary
             .get("domains")

@@ -76,6 +76,26 @@ pub fn account(summary: &Value) -> Vec<String> {
             workload["checks"]
         ));
     }
+    if let Some(name) = summary["scenario"].as_str() {
+        lines.push(format!("scenario {name}:"));
+        for vm in summary["vms"].as_array().into_iter().flatten() {
+            let mut line = format!(
+                "  VM {} ({}): {}, checksum {}, {} hypercalls ({} retried after a recovery), {} VM exits, ran {} TSC",
+                vm["vm"],
+                text(&vm["guest"]),
+                text(&vm["verdict"]),
+                text(&vm["checksum"]),
+                vm["hypercalls"],
+                vm["retries"],
+                vm["exits"],
+                vm["run_tsc"]
+            );
+            if let Some(reason) = vm["stop_reason"].as_str().filter(|r| !r.is_empty()) {
+                line.push_str(&format!(" (stopped: {reason})"));
+            }
+            lines.push(line);
+        }
+    }
     if summary["failure"].is_object() {
         lines.push(format!("failure: {}", summary["failure"]));
     }

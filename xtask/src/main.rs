@@ -103,6 +103,25 @@ struct RunArgs {
     /// How the core recovers a failed domain (adds `recovery=...` to the command line).
     #[arg(long, value_enum)]
     recovery: Option<RecoveryArg>,
+    /// Boot guest VMs: a named scenario (adds `scenario=...`): 1vm-unixbench, 5vm-unixbench.
+    /// Needs VMX (bochs here).
+    #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
+    scenario: Option<String>,
+}
+
+/// Accepts the name of a scenario the core knows.
+fn parse_scenario(value: &str) -> Result<String, String> {
+    match microvisor::scenario::find(value) {
+        Some(scenario) => Ok(scenario.name.to_string()),
+        None => Err(format!(
+            "{value:?} is not a scenario; known: {}",
+            microvisor::scenario::SCENARIOS
+                .iter()
+                .map(|scenario| scenario.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,6 +159,9 @@ impl RunArgs {
             .collect();
         if let Some(inject) = &self.inject {
             words.push(format!("inject={inject}"));
+        }
+        if let Some(scenario) = &self.scenario {
+            words.push(format!("scenario={scenario}"));
         }
         match self.recovery {
             Some(RecoveryArg::Microreset) => words.push("recovery=microreset".to_string()),
@@ -459,5 +481,7 @@ mod tests {
             );
         }
         assert!(Cli::try_parse_from(["xtask", "run", "--recovery", "reboot"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "run", "--scenario", "9vm-nothing"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "run", "--scenario", "5vm-unixbench"]).is_ok());
     }
 }
