@@ -14,7 +14,7 @@ use crate::apic;
 use crate::console::Console;
 use crate::cpu::MAX_CPUS;
 
-const MAX_STAGES: usize = 16;
+const MAX_STAGES: usize = 32;
 
 struct Stages {
     names: [&'static str; MAX_STAGES],
@@ -42,6 +42,8 @@ pub fn stage(name: &'static str) {
         let count = stages.count;
         stages.names[count] = name;
         stages.count += 1;
+    } else {
+        log::warn!("stage {name} not recorded: more than {MAX_STAGES} stages");
     }
     drop(stages);
     log::info!("stage done: {name}");
