@@ -207,6 +207,21 @@ pub struct VmReport<'a> {
     pub stop_reason: &'a str,
 }
 
+impl VmReport<'_> {
+    /// A blank report, to fill arrays with.
+    pub const EMPTY: VmReport<'static> = VmReport {
+        vm: 0,
+        guest: "",
+        verdict: "",
+        checksum: 0,
+        exits: 0,
+        hypercalls: 0,
+        retries: 0,
+        run_tsc: 0,
+        stop_reason: "",
+    };
+}
+
 impl Display for VmReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(

@@ -325,59 +325,50 @@ fn invept() {
     }
 }
 
-/// Copies `bytes` to guest-physical `gpa` of `vm` (within mapped frames).
-fn write_guest(vm: &Vm, gpa: u64, bytes: &[u8]) -> Result<(), HypercallError> {
+/// Walks guest-physical `gpa..gpa + length` of `vm` page by page (within mapped frames),
+/// calling `copy(host pointer, offset into the range, chunk length)` for each piece.
+fn walk_guest(
+    vm: &Vm,
+    gpa: u64,
+    length: usize,
+    mut copy: impl FnMut(*mut u8, usize, usize),
+) -> Result<(), HypercallError> {
     let mut done = 0;
-    while done < bytes.len() {
+    while done < length {
         let address = gpa
             .checked_add(done as u64)
             .ok_or(HypercallError::InvalidArgument)?;
-        let gfn = (address >> 12) as usize;
-        let frame = *vm.frames.get(gfn).ok_or(HypercallError::InvalidArgument)?;
+        let frame = *vm
+            .frames
+            .get((address >> 12) as usize)
+            .ok_or(HypercallError::InvalidArgument)?;
         if frame == 0 {
             return Err(HypercallError::InvalidArgument);
         }
         let offset = (address & 0xfff) as usize;
-        let chunk = (4096 - offset).min(bytes.len() - done);
-        // SAFETY: `frame` backs guest frame `gfn` of this VM (checked when mapped); the copy
-        // stays inside it.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                bytes[done..].as_ptr(),
-                frame_ptr(frame).add(offset),
-                chunk,
-            )
-        };
+        let chunk = (4096 - offset).min(length - done);
+        // SAFETY: `frame` backs this guest frame of the VM (checked when it was mapped);
+        // `offset + chunk` stays inside it.
+        copy(unsafe { frame_ptr(frame).add(offset) }, done, chunk);
         done += chunk;
     }
     Ok(())
 }
 
-/// Copies guest-physical `gpa` of `vm` into `bytes` (within mapped frames).
+/// Copies `bytes` to guest-physical `gpa` of `vm`.
+fn write_guest(vm: &Vm, gpa: u64, bytes: &[u8]) -> Result<(), HypercallError> {
+    walk_guest(vm, gpa, bytes.len(), |host, done, chunk| {
+        // SAFETY: `host` has `chunk` bytes of a guest frame; the source is `bytes`.
+        unsafe { core::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), host, chunk) }
+    })
+}
+
+/// Copies guest-physical `gpa` of `vm` into `bytes`.
 fn read_guest(vm: &Vm, gpa: u64, bytes: &mut [u8]) -> Result<(), HypercallError> {
-    let mut done = 0;
-    while done < bytes.len() {
-        let address = gpa
-            .checked_add(done as u64)
-            .ok_or(HypercallError::InvalidArgument)?;
-        let gfn = (address >> 12) as usize;
-        let frame = *vm.frames.get(gfn).ok_or(HypercallError::InvalidArgument)?;
-        if frame == 0 {
-            return Err(HypercallError::InvalidArgument);
-        }
-        let offset = (address & 0xfff) as usize;
-        let chunk = (4096 - offset).min(bytes.len() - done);
-        // SAFETY: as in `write_guest`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                frame_ptr(frame).add(offset),
-                bytes[done..].as_mut_ptr(),
-                chunk,
-            )
-        };
-        done += chunk;
-    }
-    Ok(())
+    walk_guest(vm, gpa, bytes.len(), |host, done, chunk| {
+        // SAFETY: as in `write_guest`, the other way round.
+        unsafe { core::ptr::copy_nonoverlapping(host, bytes[done..].as_mut_ptr(), chunk) }
+    })
 }
 
 /// Creates VM `id` running `image` (a guest kernel ELF) with one vCPU homed on `home_cpu`.

@@ -313,17 +313,7 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
             ),
         );
     }
-    let mut reports = [microvisor::summary::VmReport {
-        vm: 0,
-        guest: "",
-        verdict: "",
-        checksum: 0,
-        exits: 0,
-        hypercalls: 0,
-        retries: 0,
-        run_tsc: 0,
-        stop_reason: "",
-    }; guest::MAX_VMS];
+    let mut reports = [microvisor::summary::VmReport::EMPTY; guest::MAX_VMS];
     let count = guest::reports(&mut reports);
     if let Some(bad) = reports[..count]
         .iter()

@@ -291,17 +291,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         failures: 0,
     }; crate::domain::MAX_DOMAINS];
     let domain_count = crate::domain::reports(&mut domains);
-    let mut vms = [VmReport {
-        vm: 0,
-        guest: "",
-        verdict: "",
-        checksum: 0,
-        exits: 0,
-        hypercalls: 0,
-        retries: 0,
-        run_tsc: 0,
-        stop_reason: "",
-    }; crate::guest::MAX_VMS];
+    let mut vms = [VmReport::EMPTY; crate::guest::MAX_VMS];
     let vm_count = crate::guest::reports(&mut vms);
     let summary = Summary {
         outcome: if failure.is_some() {
