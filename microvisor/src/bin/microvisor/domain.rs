@@ -580,6 +580,29 @@ pub fn describe(index: u16) -> Option<(&'static str, u32, u32)> {
         .map(|domain| (domain.name, domain.generation, domain.failures))
 }
 
+/// Why a typed call from the core got no decoded answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TypedCallError {
+    /// The request does not encode within `ipc::MESSAGE_MAX`.
+    Encode,
+    /// The call failed with this status.
+    Status(Status),
+    /// The reply is not a valid `ipc::Response<R>`.
+    Decode,
+}
+
+/// Calls domain `target` from the core with a typed `ipc` request and decodes its response.
+pub fn typed_call<R: serde::de::DeserializeOwned>(
+    target: u16,
+    request: &impl serde::Serialize,
+) -> Result<ipc::Response<R>, TypedCallError> {
+    let mut bytes = [0u8; ipc::MESSAGE_MAX];
+    let length = ipc::encode(request, &mut bytes).map_err(|_| TypedCallError::Encode)?;
+    let mut reply = [0u8; ipc::MESSAGE_MAX];
+    let length = core_call(target, &bytes[..length], &mut reply).map_err(TypedCallError::Status)?;
+    ipc::decode(&reply[..length]).map_err(|_| TypedCallError::Decode)
+}
+
 /// Calls domain `target` from the core on this CPU: `request` in, reply into `reply`.
 /// Returns the reply length, or the status the call failed with.
 pub fn core_call(target: u16, request: &[u8], reply: &mut [u8]) -> Result<usize, Status> {

@@ -495,16 +495,8 @@ fn configure_recovery_manager(mode: RecoveryMode) {
         escalation_window_tsc: 0,
         max_in_window: 0,
     };
-    let mut bytes = [0u8; ipc::MESSAGE_MAX];
-    let mut reply = [0u8; ipc::MESSAGE_MAX];
-    let answer = ipc::encode(&request, &mut bytes)
-        .ok()
-        .and_then(|length| {
-            domain::core_call(domain::RECOVERY_MANAGER, &bytes[..length], &mut reply).ok()
-        })
-        .and_then(|length| {
-            ipc::decode::<ipc::Response<ipc::recovery::Reply>>(&reply[..length]).ok()
-        });
+    let answer =
+        domain::typed_call::<ipc::recovery::Reply>(domain::RECOVERY_MANAGER, &request).ok();
     if answer != Some(Ok(ipc::recovery::Reply::Acknowledged)) {
         crate::fail(
             "domains",

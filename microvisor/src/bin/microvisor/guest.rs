@@ -204,13 +204,9 @@ fn call<R: serde::de::DeserializeOwned>(
     target: u16,
     request: &impl serde::Serialize,
 ) -> Result<R, microvisor_abi::Status> {
-    let mut bytes = [0u8; ipc::MESSAGE_MAX];
-    let length =
-        ipc::encode(request, &mut bytes).map_err(|_| microvisor_abi::Status::BadArgument)?;
-    let mut reply = [0u8; ipc::MESSAGE_MAX];
-    let length = domain::core_call(target, &bytes[..length], &mut reply)?;
-    match ipc::decode::<ipc::Response<R>>(&reply[..length]) {
+    match domain::typed_call::<R>(target, request) {
         Ok(Ok(reply)) => Ok(reply),
+        Err(domain::TypedCallError::Status(status)) => Err(status),
         _ => Err(microvisor_abi::Status::BadArgument),
     }
 }

@@ -525,16 +525,18 @@ fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestErr
             registers.r9,
         ],
     };
-    let mut bytes = [0u8; ipc::MESSAGE_MAX];
-    let length = ipc::encode(&request, &mut bytes)
-        .map_err(|_| GuestError::Hypercall("request does not encode"))?;
-    let mut reply = [0u8; ipc::MESSAGE_MAX];
-    let answer = match crate::domain::core_call(HYPERCALL_DOMAIN, &bytes[..length], &mut reply) {
-        Ok(length) => ipc::decode::<ipc::Response<Reply>>(&reply[..length])
-            .map_err(|_| GuestError::Hypercall("reply does not decode"))?,
+    use crate::domain::TypedCallError;
+    let answer = match crate::domain::typed_call::<Reply>(HYPERCALL_DOMAIN, &request) {
+        Ok(answer) => answer,
+        Err(TypedCallError::Encode) => {
+            return Err(GuestError::Hypercall("request does not encode"));
+        }
+        Err(TypedCallError::Decode) => return Err(GuestError::Hypercall("reply does not decode")),
         // The hypercall domain restarted under the call: the guest runs its VMCALL again.
-        Err(microvisor_abi::Status::PeerRestarted) => return Ok(None),
-        Err(_) => return Err(GuestError::Hypercall("hypercall domain unreachable")),
+        Err(TypedCallError::Status(microvisor_abi::Status::PeerRestarted)) => return Ok(None),
+        Err(TypedCallError::Status(_)) => {
+            return Err(GuestError::Hypercall("hypercall domain unreachable"));
+        }
     };
     Ok(match answer {
         Ok(Reply::Complete { value }) => Some(value),
