@@ -7,6 +7,11 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod blockfs;
+pub mod control;
+pub mod hostile;
+pub mod netbench;
+pub mod ring;
 pub mod unixbench;
 
 /// FNV-1a over 64-bit words: the checksum guests report.

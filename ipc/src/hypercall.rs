@@ -17,8 +17,9 @@ pub const NULL: u64 = 0;
 /// The calling vCPU gives up its CPU (scheduler `Yield`); answers `Blocked` so the core asks
 /// the scheduler what runs next. The caller must be the CPU's current vCPU. Non-idempotent.
 pub const YIELD: u64 = 1;
-/// Arms a one-shot timer on the calling CPU: arg0 = deadline (TSC), arg1 = cookie (< 2^32)
-/// delivered as the timer notification. Answers the timer id. Non-idempotent.
+/// Arms a one-shot timer for the calling vCPU: arg0 = deadline (TSC), arg1 = the interrupt
+/// vector ([`VECTOR_MIN`]..=255) the core injects into the vCPU when it expires (and wakes it
+/// if it is blocked). Answers the timer id. Non-idempotent.
 pub const TIMER_ONESHOT: u64 = 2;
 /// Gives the calling VM one more frame of RAM. Answers the frame number. Non-idempotent.
 pub const MEMORY_POPULATE: u64 = 3;
@@ -54,6 +55,70 @@ pub const MAP_GRANT: u64 = 10;
 /// Unmaps a page mapped with [`MAP_GRANT`]: arg0 = guest frame number. The core refuses a
 /// page that is not so mapped (`NotFound`, e.g. a double unmap). Answers 0. Idempotent.
 pub const UNMAP_GRANT: u64 = 11;
+
+/// Allocates an unbound event-channel port of the calling VM that VM arg0 may bind to.
+/// Answers the port (1..[`EVENT_PORTS`]). Non-idempotent.
+pub const EVTCHN_ALLOC: u64 = 12;
+/// Binds a new port of the calling VM to port arg1 of VM arg0, which that VM allocated for
+/// the caller with [`EVTCHN_ALLOC`]. Answers the caller's new port. Non-idempotent.
+pub const EVTCHN_BIND: u64 = 13;
+/// Signals the peer of the caller's bound port arg0: the peer VM's pending bit for its end
+/// is set and its vCPU woken if it waits in [`EVENT_WAIT`]. Answers 0. Idempotent (pending
+/// bits are level, not counted).
+pub const EVTCHN_SEND: u64 = 14;
+/// Closes the caller's port arg0 (both ends of a bound channel); pending bits of the channel
+/// are dropped. Answers 0. Non-idempotent.
+pub const EVTCHN_CLOSE: u64 = 15;
+/// Block until an event: answers the calling VM's pending-port mask (bit *p* = port *p*) and
+/// clears it; with nothing pending the vCPU blocks and the call answers 0 once it is woken (by
+/// an event, or by a virtual interrupt such as its timer). Non-idempotent.
+pub const EVENT_WAIT: u64 = 16;
+/// Ends the sharing of the caller's frame arg0 with VM arg1 (reference count - 1). Refused
+/// with `InUse` while VM arg1 still maps it. Answers 0. Non-idempotent.
+pub const GRANT_REVOKE: u64 = 17;
+/// Control VM only: builds a new VM from the ELF image at guest-physical arg0, arg1 bytes
+/// long, named by arg2 (up to 8 ASCII bytes, little-endian), its vCPU homed on CPU arg3. The
+/// VM does not run until [`VM_START`]. Answers the new VM's number. Served by the core (it
+/// owns VMX); other VMs get `PermissionDenied`. Non-idempotent.
+pub const VM_CREATE: u64 = 18;
+/// Control VM only: starts VM arg0 (created, not started) with the eight start parameters at
+/// guest-physical arg1 (0: all zero). Answers 0. Served by the core. Non-idempotent.
+pub const VM_START: u64 = 19;
+/// Control VM only: VM arg0's state (see [`vm_status`]). Served by the core. Idempotent.
+pub const VM_STATUS: u64 = 20;
+/// Control VM only: removes VM arg0, which must not be running (created or ended); its
+/// memory is returned. Answers 0. Served by the core. Non-idempotent.
+pub const VM_DESTROY: u64 = 21;
+
+/// The lowest vector a timer may inject (0..32 are exceptions).
+pub const VECTOR_MIN: u64 = 32;
+/// Event-channel ports per VM: 1..EVENT_PORTS (port 0 is never allocated, and bit 63 is kept
+/// clear so a pending mask is never negative).
+pub const EVENT_PORTS: u16 = 63;
+
+/// What [`VM_STATUS`] answers.
+pub mod vm_status {
+    /// Created, not started.
+    pub const CREATED: i64 = 0;
+    /// Running (or runnable, or blocked).
+    pub const RUNNING: i64 = 1;
+    /// Exited with a passing verdict.
+    pub const PASSED: i64 = 2;
+    /// Exited with a failing verdict.
+    pub const FAILED: i64 = 3;
+    /// Stopped by the core (a fault or a forbidden exit).
+    pub const STOPPED: i64 = 4;
+}
+
+/// The timer-domain cookie of a guest timer: who gets which vector when it expires.
+pub const fn timer_cookie(vm: u16, vcpu: u8, vector: u8) -> u32 {
+    ((vm as u32) << 16) | ((vcpu as u32) << 8) | vector as u32
+}
+
+/// The (vm, vcpu, vector) of a guest timer's cookie.
+pub const fn timer_target(cookie: u32) -> (u16, u8, u8) {
+    ((cookie >> 16) as u16, (cookie >> 8) as u8, cookie as u8)
+}
 
 /// The most entries one multicall batch carries.
 pub const MULTICALL_MAX: usize = 8;
@@ -220,7 +285,9 @@ impl Request {
     pub const fn idempotence(&self) -> Idempotence {
         match self {
             Request::Hypercall { number, .. } => match *number {
-                NULL | QUERY_FRAME | MAP_GRANT | UNMAP_GRANT => Idempotence::Idempotent,
+                NULL | QUERY_FRAME | MAP_GRANT | UNMAP_GRANT | EVTCHN_SEND | VM_STATUS => {
+                    Idempotence::Idempotent
+                }
                 _ => Idempotence::NonIdempotent,
             },
             Request::Multicall { .. } => Idempotence::NonIdempotent,
@@ -384,10 +451,32 @@ mod tests {
                 CONSOLE_WRITE,
                 VM_EXIT,
                 MAP_GRANT,
-                UNMAP_GRANT
+                UNMAP_GRANT,
+                EVTCHN_ALLOC,
+                EVTCHN_BIND,
+                EVTCHN_SEND,
+                EVTCHN_CLOSE,
+                EVENT_WAIT,
+                GRANT_REVOKE,
+                VM_CREATE,
+                VM_START,
+                VM_STATUS,
+                VM_DESTROY
             ],
-            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+            [
+                0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21
+            ]
         );
+    }
+
+    #[test]
+    fn timer_cookies_round_trip() {
+        assert_eq!(timer_target(timer_cookie(7, 1, 0x20)), (7, 1, 0x20));
+        assert_eq!(
+            timer_target(timer_cookie(u16::MAX, u8::MAX, u8::MAX)),
+            (u16::MAX, 255, 255)
+        );
+        assert_ne!(timer_cookie(1, 0, 0x20), timer_cookie(0, 1, 0x20));
     }
 
     #[test]

@@ -6,8 +6,15 @@
 //! vCPU is homed on CPU `i % cpus`, so a scenario with more VMs than CPUs runs more vCPUs than
 //! CPUs (the scheduler domain time-slices them).
 
-/// The number of a scenario's first VM (0 is reserved; 1 is the control VM's).
+/// The number of a scenario's first VM (0 is reserved; 1 is the control VM's). VMs the
+/// control VM creates are numbered from here too, never reusing a number within a run.
 pub const FIRST_VM: u16 = 2;
+
+/// The control VM's number.
+pub const CONTROL_VM: u16 = 1;
+
+/// The guest kernels every boot bundle carries (`guests/src/bin/`), by name.
+pub const GUEST_KERNELS: &[&str] = &["unixbench", "control", "blkbench", "netbench", "hostile"];
 
 /// One VM of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +23,63 @@ pub struct VmSpec {
     pub guest: &'static str,
     /// Its start parameters (see the guest's documentation; 0 = its default).
     pub params: [u64; 8],
+    /// The privileged control VM (number [`CONTROL_VM`]; may create and destroy VMs).
+    pub privileged: bool,
+    /// Guest kernels copied into its RAM as boot modules (the images it creates VMs from).
+    pub modules: &'static [&'static str],
+    /// The core must stop this VM (it attacks the system); every other VM must pass.
+    pub expect_stopped: bool,
+}
+
+impl VmSpec {
+    /// An unprivileged VM running `guest` with `params`.
+    pub const fn app(guest: &'static str, params: [u64; 8]) -> VmSpec {
+        VmSpec {
+            guest,
+            params,
+            privileged: false,
+            modules: &[],
+            expect_stopped: false,
+        }
+    }
+
+    /// An unprivileged VM running `guest` with `params` that the core must stop.
+    pub const fn stopped(guest: &'static str, params: [u64; 8]) -> VmSpec {
+        VmSpec {
+            expect_stopped: true,
+            ..VmSpec::app(guest, params)
+        }
+    }
+
+    /// The verdict this VM must end with.
+    pub const fn expected_verdict(&self) -> &'static str {
+        if self.expect_stopped {
+            "stopped"
+        } else {
+            "passed"
+        }
+    }
+
+    /// The control VM holding `modules`: it starts the first `at_boot` of them as AppVMs,
+    /// the rest `later_ms` of guest time after its start (see `guests::control`).
+    pub const fn control(modules: &'static [&'static str], at_boot: u64, later_ms: u64) -> VmSpec {
+        VmSpec {
+            guest: "control",
+            params: [at_boot, later_ms, 0, 0, 0, 0, 0, 0],
+            privileged: true,
+            modules,
+            expect_stopped: false,
+        }
+    }
+}
+
+/// The guest-kernel name a VM_CREATE name word stands for (`"image"` if none).
+pub fn guest_name(word: u64) -> &'static str {
+    GUEST_KERNELS
+        .iter()
+        .find(|name| microvisor_abi::guest::name_word(name) == word)
+        .copied()
+        .unwrap_or("image")
 }
 
 /// A named scenario.
@@ -29,13 +93,47 @@ pub struct Scenario {
     pub vms: &'static [VmSpec],
 }
 
-const UNIXBENCH: VmSpec = VmSpec {
-    guest: "unixbench",
-    params: [0; 8],
-};
+const UNIXBENCH: VmSpec = VmSpec::app("unixbench", [0; 8]);
+
+/// When the control VM of `3appvm` creates its third AppVM (ms of guest time after it starts).
+pub const THIRD_APPVM_MS: u64 = 400;
 
 /// Every scenario the core knows.
 pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "3appvm",
+        about: "control VM + AppVM(netbench) + AppVM(unixbench); the control VM creates a \
+                third AppVM (blkbench) later, which must complete",
+        // netbench first: it gets CPU 1 to itself on two CPUs (the control VM keeps CPU 0).
+        vms: &[VmSpec::control(
+            &["netbench", "unixbench", "blkbench"],
+            2,
+            THIRD_APPVM_MS,
+        )],
+    },
+    Scenario {
+        name: "1appvm-unixbench",
+        about: "control VM + one AppVM running the UnixBench-like workload",
+        vms: &[VmSpec::control(&["unixbench"], 1, 0)],
+    },
+    Scenario {
+        name: "1appvm-blkbench",
+        about: "control VM + one AppVM running the BlkBench-like workload on the control VM's \
+                shared-ring block device",
+        vms: &[VmSpec::control(&["blkbench"], 1, 0)],
+    },
+    Scenario {
+        name: "isolation",
+        about: "two malicious VMs (bad pointers, foreign frames, double unmaps, privileged \
+                calls, random hypercalls; one then writes outside its memory and must be \
+                stopped alone) beside two UnixBench-like VMs that must pass",
+        vms: &[
+            VmSpec::app("hostile", [0; 8]),
+            VmSpec::stopped("hostile", [1, 0, 0, 0, 0, 0, 0, 0]),
+            UNIXBENCH,
+            UNIXBENCH,
+        ],
+    },
     Scenario {
         name: "1vm-unixbench",
         about: "one AppVM running the UnixBench-like workload",
@@ -72,8 +170,27 @@ mod tests {
                     .all(|other| other.name != scenario.name)
             );
             assert!(!scenario.vms.is_empty());
+            for vm in scenario.vms {
+                assert!(GUEST_KERNELS.contains(&vm.guest));
+                assert!(
+                    vm.modules
+                        .iter()
+                        .all(|module| GUEST_KERNELS.contains(module))
+                );
+                assert!(vm.modules.len() <= microvisor_abi::guest::MAX_MODULES);
+                assert!(vm.privileged || vm.modules.is_empty());
+            }
+            assert!(scenario.vms.iter().filter(|vm| vm.privileged).count() <= 1);
         }
         assert_eq!(find("nope"), None);
+    }
+
+    #[test]
+    fn name_words_map_back_to_guest_kernels() {
+        for name in GUEST_KERNELS {
+            assert_eq!(guest_name(microvisor_abi::guest::name_word(name)), *name);
+        }
+        assert_eq!(guest_name(0), "image");
     }
 
     #[test]

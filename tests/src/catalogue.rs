@@ -80,6 +80,8 @@ pub struct Expect {
     pub vmx_root: bool,
     /// `Some(n)`: `"vms"` lists `n` VMs of a scenario, every one with verdict `"passed"`.
     pub vms_passed: Option<usize>,
+    /// Of those VMs, how many must instead end `"stopped"` (by the core, for attacking).
+    pub vms_stopped: usize,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -150,6 +152,7 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             decided_by: Some("recovery-manager"),
             vmx_root: emulator == Emulator::Bochs,
             vms_passed: None,
+            vms_stopped: 0,
         },
     }
 }
@@ -161,6 +164,14 @@ fn scenario(name: &'static str, cpus: u32, cmdline: &'static str, vms: usize) ->
     case.cmdline = cmdline;
     case.expect.stages = SCENARIO_STAGES;
     case.expect.vms_passed = Some(vms);
+    case
+}
+
+/// The isolation scenario: two malicious VMs, one of which the core must stop, beside two
+/// that must pass.
+fn isolation(name: &'static str, cpus: u32) -> BootCase {
+    let mut case = scenario(name, cpus, "scenario=isolation", 4);
+    case.expect.vms_stopped = 1;
     case
 }
 
@@ -178,8 +189,13 @@ pub const SCENARIO_INJECT_STAGES: &[&str] = &[
 
 /// A scenario under which service `service` fail-stops while the guests run and is recovered
 /// by microreset; every VM must still pass.
-fn scenario_fault(name: &'static str, service: &'static str, cmdline: &'static str) -> BootCase {
-    let mut case = scenario(name, 2, cmdline, 5);
+fn scenario_fault(
+    name: &'static str,
+    service: &'static str,
+    cmdline: &'static str,
+    vms: usize,
+) -> BootCase {
+    let mut case = scenario(name, 2, cmdline, vms);
     case.expect.stages = SCENARIO_INJECT_STAGES;
     case.expect.recovery_mode = Some("microreset");
     case.expect.recovered_domain = Some(service);
@@ -298,22 +314,78 @@ pub fn catalogue() -> Vec<BootCase> {
             "bochs-5vm-unixbench-failstop-scheduler",
             "scheduler",
             "scenario=5vm-unixbench inject=failstop:scheduler recovery=microreset",
+            5,
         ),
         scenario_fault(
             "bochs-5vm-unixbench-failstop-memory",
             "memory",
             "scenario=5vm-unixbench inject=failstop:memory recovery=microreset",
+            5,
         ),
         scenario_fault(
             "bochs-5vm-unixbench-failstop-timer",
             "timer",
             "scenario=5vm-unixbench inject=failstop:timer recovery=microreset",
+            5,
         ),
         scenario_fault(
             "bochs-5vm-unixbench-failstop-hypercall",
             "hypercall",
             "scenario=5vm-unixbench inject=failstop:hypercall recovery=microreset",
+            5,
         ),
+        scenario_fault(
+            "bochs-3appvm-failstop-scheduler",
+            "scheduler",
+            "scenario=3appvm inject=failstop:scheduler recovery=microreset",
+            4,
+        ),
+        scenario_fault(
+            "bochs-3appvm-failstop-memory",
+            "memory",
+            "scenario=3appvm inject=failstop:memory recovery=microreset",
+            4,
+        ),
+        scenario_fault(
+            "bochs-3appvm-failstop-timer",
+            "timer",
+            "scenario=3appvm inject=failstop:timer recovery=microreset",
+            4,
+        ),
+        scenario_fault(
+            "bochs-3appvm-failstop-hypercall",
+            "hypercall",
+            "scenario=3appvm inject=failstop:hypercall recovery=microreset",
+            4,
+        ),
+        scenario("bochs-3appvm-2cpu", 2, "scenario=3appvm", 4),
+        scenario("bochs-3appvm-4cpu", 4, "scenario=3appvm", 4),
+        scenario(
+            "bochs-1appvm-blkbench-2cpu",
+            2,
+            "scenario=1appvm-blkbench",
+            2,
+        ),
+        scenario(
+            "bochs-1appvm-blkbench-4cpu",
+            4,
+            "scenario=1appvm-blkbench",
+            2,
+        ),
+        scenario(
+            "bochs-1appvm-unixbench-2cpu",
+            2,
+            "scenario=1appvm-unixbench",
+            2,
+        ),
+        scenario(
+            "bochs-1appvm-unixbench-4cpu",
+            4,
+            "scenario=1appvm-unixbench",
+            2,
+        ),
+        isolation("bochs-isolation-2cpu", 2),
+        isolation("bochs-isolation-4cpu", 4),
         scenario("bochs-5vm-unixbench-4cpu", 4, "scenario=5vm-unixbench", 5),
         scenario("bochs-5vm-unixbench-2cpu", 2, "scenario=5vm-unixbench", 5),
         scenario("bochs-1vm-unixbench-4cpu", 4, "scenario=1vm-unixbench", 1),

@@ -190,8 +190,15 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
         let vms = summary.get("vms").and_then(Value::as_array);
         match vms {
             Some(vms) if vms.len() == count => {
+                let stopped = vms.iter().filter(|vm| vm["verdict"] == "stopped").count();
+                if stopped != expect.vms_stopped {
+                    reasons.push(format!(
+                        "{stopped} VMs were stopped by the core, expected {}",
+                        expect.vms_stopped
+                    ));
+                }
                 for vm in vms {
-                    if vm["verdict"] != "passed" {
+                    if vm["verdict"] != "passed" && vm["verdict"] != "stopped" {
                         reasons.push(format!(
                             "VM {} ({}) ended {}, expected passed",
                             show(vm.get("vm")),

@@ -100,6 +100,7 @@ fn boot_bench_with_rate(elf: &Path, kind: EmulatorKind) -> Result<(Vec<Value>, f
         image,
         cpus: 1,
         timeout: Duration::from_secs(300),
+        ips: emulator::bochs_ips(BENCH_CMDLINE),
     };
     let result = emulator::boot(&spec, &run_dir, &mut |_, _| {})?;
     let summary = result

@@ -83,7 +83,29 @@ pub struct BootSpec {
     pub cpus: u32,
     /// Wall-clock limit.
     pub timeout: Duration,
+    /// bochs only: emulated instructions per second of emulated time ([`bochs_ips`]).
+    pub ips: u64,
 }
+
+/// bochs' `ips` for a boot with kernel command line `cmdline`: [`BOOT_IPS`] keeps boots and
+/// fault-injection runs fast (every wait in a boot is emulated time); scenarios with guests
+/// run at [`SCENARIO_IPS`], so that a millisecond of guest time is enough instructions for
+/// what guests do in one (a ping's round trip through the control VM takes ~20k).
+pub fn bochs_ips(cmdline: &str) -> u64 {
+    if cmdline
+        .split_whitespace()
+        .any(|word| word.starts_with("scenario="))
+    {
+        SCENARIO_IPS
+    } else {
+        BOOT_IPS
+    }
+}
+
+/// bochs' instructions per emulated second for boots without guests.
+pub const BOOT_IPS: u64 = 4_000_000;
+/// bochs' instructions per emulated second for scenarios (see `docs/guests.md`).
+pub const SCENARIO_IPS: u64 = 50_000_000;
 
 /// What a boot produced.
 #[derive(Clone, Debug)]
@@ -142,12 +164,12 @@ pub fn qemu_args(kvm: bool, image: &Image, cpus: u32, serial: &Path) -> Vec<Stri
 }
 
 /// The bochsrc for booting `iso` with `cpus` CPUs, files going into `run_dir`.
-pub fn bochsrc(cpus: u32, iso: &Path, run_dir: &Path) -> String {
+pub fn bochsrc(cpus: u32, ips: u64, iso: &Path, run_dir: &Path) -> String {
     let iso = iso.display();
     let dir = run_dir.display();
     format!(
         "megs: 256\n\
-         cpu: model=corei7_skylake_x, count={cpus}, ips=4000000, reset_on_triple_fault=0\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
          romimage: file={BOCHS_BIOS}\n\
          vgaromimage: file={VGA_BIOS}\n\
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
@@ -388,7 +410,7 @@ fn emulator_command(spec: &BootSpec, run_dir: &Path, serial: &Path) -> Result<Co
             let Image::Iso(iso) = &spec.image else {
                 return Err("bochs boots only a GRUB ISO".into());
             };
-            let rc = write("bochsrc", bochsrc(spec.cpus, iso, run_dir))?;
+            let rc = write("bochsrc", bochsrc(spec.cpus, spec.ips, iso, run_dir))?;
             let debugger_rc = write("bochs.rc", "c\nquit\n".into())?;
             let mut cmd = Command::new("bochs");
             cmd.arg("-q")
@@ -503,7 +525,7 @@ mod tests {
 
     #[test]
     fn bochsrc_has_the_expected_options() {
-        let rc = bochsrc(4, Path::new("/t/x.iso"), Path::new("/t/run"));
+        let rc = bochsrc(4, BOOT_IPS, Path::new("/t/x.iso"), Path::new("/t/run"));
         for line in [
             "megs: 256",
             "cpu: model=corei7_skylake_x, count=4, ips=4000000, reset_on_triple_fault=0",

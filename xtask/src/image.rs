@@ -175,7 +175,7 @@ fn build_domain_bundle(elf: &Path, release: bool, capture: bool) -> Result<PathB
 }
 
 /// The guest kernels (binaries of the `guests` package) every bundle carries.
-pub const GUEST_KERNELS: &[&str] = &["unixbench"];
+pub const GUEST_KERNELS: &[&str] = microvisor::scenario::GUEST_KERNELS;
 
 /// The guest kernels' own target directory (relative to the workspace root).
 pub const GUEST_TARGET_DIR: &str = "target/guests";
@@ -199,7 +199,11 @@ fn build_guest(name: &str, capture: bool) -> Result<Vec<u8>, String> {
     .args(["--target", KERNEL_TARGET, "--target-dir", GUEST_TARGET_DIR])
     .env(
         "RUSTFLAGS",
-        format!("{DOMAIN_RUSTFLAGS} -C link-arg=-T{}", script.display()),
+        // No red zone: guests take virtual interrupts on their own stack.
+        format!(
+            "{DOMAIN_RUSTFLAGS} -C no-redzone=yes -C link-arg=-T{}",
+            script.display()
+        ),
     )
     .env_remove("CARGO_ENCODED_RUSTFLAGS");
     run_cargo(cmd, &format!("guest {name}"), capture)?;

@@ -103,14 +103,24 @@ struct RunArgs {
     /// How the core recovers a failed domain (adds `recovery=...` to the command line).
     #[arg(long, value_enum)]
     recovery: Option<RecoveryArg>,
-    /// Boot guest VMs: a named scenario (adds `scenario=...`): 1vm-unixbench, 5vm-unixbench.
-    /// Needs VMX (bochs here).
+    /// Boot guest VMs: a named scenario (adds `scenario=...`; see docs/guests.md), or `none`.
+    /// Needs VMX (bochs here). Without this, `--cmdline` and `--inject`, the run is the
+    /// system's main job: `3appvm` with a fail-stop injected into the hypercall domain and
+    /// recovered by microreset.
     #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
     scenario: Option<String>,
 }
 
+/// The scenario of a plain `cargo xtask run`.
+const DEFAULT_SCENARIO: &str = "3appvm";
+/// The fault a plain `cargo xtask run` injects into it.
+const DEFAULT_INJECT: &str = "failstop:hypercall";
+
 /// Accepts the name of a scenario the core knows.
 fn parse_scenario(value: &str) -> Result<String, String> {
+    if value == "none" {
+        return Ok(value.to_string());
+    }
     match microvisor::scenario::find(value) {
         Some(scenario) => Ok(scenario.name.to_string()),
         None => Err(format!(
@@ -157,10 +167,18 @@ impl RunArgs {
             .split_whitespace()
             .map(str::to_string)
             .collect();
+        let main_job = self.scenario.is_none() && self.inject.is_none() && words.is_empty();
+        if main_job {
+            words.push(format!("scenario={DEFAULT_SCENARIO}"));
+            words.push(format!("inject={DEFAULT_INJECT}"));
+            if self.recovery.is_none() {
+                words.push("recovery=microreset".to_string());
+            }
+        }
         if let Some(inject) = &self.inject {
             words.push(format!("inject={inject}"));
         }
-        if let Some(scenario) = &self.scenario {
+        if let Some(scenario) = self.scenario.as_ref().filter(|name| *name != "none") {
             words.push(format!("scenario={scenario}"));
         }
         match self.recovery {
@@ -336,6 +354,7 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
         image,
         cpus: args.cpus,
         timeout: Duration::from_secs(args.timeout),
+        ips: emulator::bochs_ips(&cmdline),
     };
     eprintln!(
         "xtask: booting {} with {} CPU(s), {} boot, command line {:?}, timeout {} s; files in {}",
@@ -483,5 +502,28 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "run", "--recovery", "reboot"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "run", "--scenario", "9vm-nothing"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "run", "--scenario", "5vm-unixbench"]).is_ok());
+    }
+
+    #[test]
+    fn a_plain_run_is_the_main_job_and_none_boots_without_guests() {
+        let cmdline = |argv: &[&str]| {
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.kernel_cmdline()
+        };
+        assert_eq!(
+            cmdline(&["xtask", "run"]),
+            "scenario=3appvm inject=failstop:hypercall recovery=microreset"
+        );
+        assert_eq!(cmdline(&["xtask", "run", "--scenario", "none"]), "");
+        assert_eq!(
+            cmdline(&["xtask", "run", "--scenario", "3appvm"]),
+            "scenario=3appvm"
+        );
+        assert_eq!(
+            cmdline(&["xtask", "run", "--recovery", "microreboot"]),
+            "scenario=3appvm inject=failstop:hypercall recovery=microreboot"
+        );
     }
 }

@@ -331,6 +331,7 @@ fn run_case(case: &BootCase, elf: &Path, kvm: bool) -> CaseResult {
         image,
         cpus: case.cpus,
         timeout: case.timeout,
+        ips: emulator::bochs_ips(case.cmdline),
     };
     match emulator::boot(&spec, &run_dir, &mut |_, _| {}) {
         Ok(result) => {

@@ -15,19 +15,28 @@
 //!   the state region: a retried batch (same vCPU, batch number and entries) skips the entries
 //!   already completed, whether the batch stopped because a service failed or because this
 //!   domain failed and was recovered (NiLiHype's multicall repair).
+//! - Event channels live in [`HypercallState`] too: a channel table, a pending-port mask per
+//!   VM and a byte per VM of vCPUs blocked in `EVENT_WAIT`. Pending bits are levels, not
+//!   counts, so a send that stopped half-way (a wake failed) can be repeated; a send wakes the
+//!   waiters before it sets the pending bit, so a refused send leaves no event behind.
 //!
 //! Invariants: log slots are free, in progress or done; a log's completion mask covers only its
 //! entries, a done log's covers all of them; each vCPU has at most one log; stored outcomes
-//! are valid.
+//! are valid. Channel records are free, unbound or bound; a live record's ends name VMs below
+//! `MAX_VMS`, two different ones; the allocating end's port is in `1..EVENT_PORTS`, the
+//! peer's too once bound and 0 while unbound; no two live ends share (VM, port); a VM's
+//! pending mask has bits only at the ports of its live ends (so bits 0 and 63 are clear);
+//! a VM's waiting byte has bits only below `MAX_VCPUS_PER_VM`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 use heapless::Vec;
 use ipc::CallError;
 use ipc::hypercall::{
-    CONSOLE_MAX, EntryOutcome, GFN_LIMIT, GRANT, HypercallError, MAP_GRANT, MEMORY_POPULATE,
+    CONSOLE_MAX, EVENT_PORTS, EVENT_WAIT, EVTCHN_ALLOC, EVTCHN_BIND, EVTCHN_CLOSE, EVTCHN_SEND,
+    EntryOutcome, GFN_LIMIT, GRANT, GRANT_REVOKE, HypercallError, MAP_GRANT, MEMORY_POPULATE,
     MEMORY_RELEASE, MULTICALL, MULTICALL_MAX, MulticallEntry, NULL, QUERY_FRAME, Reply, Request,
-    TIMER_ONESHOT, UNMAP_GRANT, VM_EXIT, YIELD,
+    TIMER_ONESHOT, UNMAP_GRANT, VECTOR_MIN, VM_EXIT, YIELD, timer_cookie,
 };
 use ipc::limits::{MAX_CPUS, MAX_VCPUS, MAX_VCPUS_PER_VM, MAX_VMS};
 use ipc::memory::{self, FrameNumber};
@@ -37,6 +46,21 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Multicall logs: one per vCPU the system can hold.
 pub const MAX_LOGS: usize = MAX_VCPUS;
+
+/// Event-channel records: the most channels open at once, over all VMs.
+pub const MAX_CHANNELS: usize = 64;
+
+/// The vCPU bits a VM's waiting byte may use.
+const WAITING_MASK: u8 = ((1u16 << MAX_VCPUS_PER_VM) - 1) as u8;
+
+/// The bits a pending mask may ever use: ports `1..EVENT_PORTS`.
+const PORTS_MASK: u64 = ((1u64 << EVENT_PORTS) - 1) & !1;
+
+// A VM's waiting vCPUs are one byte; slots, channels and VMs are named by a byte in
+// `StateError::code`; a pending mask is one u64 that must stay positive as an i64.
+const _: () = assert!(MAX_VCPUS_PER_VM <= 8);
+const _: () = assert!(MAX_LOGS <= 256 && MAX_CHANNELS <= 256 && MAX_VMS <= 256);
+const _: () = assert!(EVENT_PORTS <= 63);
 
 /// The other domains, as the dispatcher sees them.
 pub trait Services {
@@ -138,7 +162,103 @@ impl MulticallLog {
     }
 }
 
-/// The hypercall domain's whole state (3080 bytes), as it lies in the state region.
+/// The state of an event-channel record, stored as a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChannelState {
+    /// Unused.
+    Free = 0,
+    /// Allocated by its owner; the peer VM may bind to it.
+    Unbound = 1,
+    /// Both ends hold a port; either may signal the other.
+    Bound = 2,
+}
+
+impl ChannelState {
+    /// Decodes a stored byte.
+    pub const fn from_u8(value: u8) -> Option<ChannelState> {
+        match value {
+            0 => Some(ChannelState::Free),
+            1 => Some(ChannelState::Unbound),
+            2 => Some(ChannelState::Bound),
+            _ => None,
+        }
+    }
+}
+
+/// One end of an event channel: a VM and its port (4 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct ChannelEnd {
+    /// The VM.
+    pub vm: u16,
+    /// Its port, `1..EVENT_PORTS` (0: none yet).
+    pub port: u16,
+}
+
+/// An event channel between two VMs (12 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct EventChannel {
+    /// A [`ChannelState`] byte.
+    pub state: u8,
+    /// Zero.
+    pub reserved: u8,
+    /// Zero.
+    pub reserved_2: u16,
+    /// The end of the VM that allocated the channel (`EVTCHN_ALLOC`).
+    pub owner: ChannelEnd,
+    /// The end of the VM allowed to bind (`EVTCHN_BIND`); its port is 0 until it binds.
+    pub peer: ChannelEnd,
+}
+
+impl EventChannel {
+    const FREE: EventChannel = EventChannel {
+        state: ChannelState::Free as u8,
+        reserved: 0,
+        reserved_2: 0,
+        owner: ChannelEnd { vm: 0, port: 0 },
+        peer: ChannelEnd { vm: 0, port: 0 },
+    };
+
+    /// The ends that hold a port: the owner's while unbound, both once bound, none when free
+    /// (or when the state byte is invalid).
+    fn live_ends(&self) -> [Option<ChannelEnd>; 2] {
+        match ChannelState::from_u8(self.state) {
+            Some(ChannelState::Unbound) => [Some(self.owner), None],
+            Some(ChannelState::Bound) => [Some(self.owner), Some(self.peer)],
+            Some(ChannelState::Free) | None => [None, None],
+        }
+    }
+
+    fn holds(&self, end: ChannelEnd) -> bool {
+        self.live_ends().contains(&Some(end))
+    }
+
+    /// Whether VM `vm` is at either end, bound or not (an unbound record names its peer).
+    fn involves(&self, vm: u16) -> bool {
+        ChannelState::from_u8(self.state).is_some_and(|state| state != ChannelState::Free)
+            && (self.owner.vm == vm || self.peer.vm == vm)
+    }
+}
+
+/// The pending-mask bit of `port` (none for a port out of range).
+fn port_bit(port: u16) -> u64 {
+    if (1..EVENT_PORTS).contains(&port) {
+        1 << port
+    } else {
+        0
+    }
+}
+
+/// The bits of a waiting byte that name no vCPU (none while `MAX_VCPUS_PER_VM` is 8, but the
+/// check stays for smaller limits).
+fn stray_waiting(byte: u8) -> u8 {
+    byte & !WAITING_MASK
+}
+
+/// The hypercall domain's whole state (4424 bytes: two pages of state region), as it lies in
+/// the state region.
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct HypercallState {
@@ -148,6 +268,13 @@ pub struct HypercallState {
     pub reserved: u32,
     /// Multicall completion logs.
     pub logs: [MulticallLog; MAX_LOGS],
+    /// Event-channel records.
+    pub channels: [EventChannel; MAX_CHANNELS],
+    /// Per VM: bit `p` set = an event is pending on its port `p`.
+    pub pending: [u64; MAX_VMS as usize],
+    /// Per VM: bit `v` set = its vCPU `v` blocked in `EVENT_WAIT` and is woken by the next
+    /// event sent to the VM.
+    pub waiting: [u8; MAX_VMS as usize],
 }
 
 /// A broken invariant found by [`HypercallState::validate`].
@@ -179,11 +306,37 @@ pub enum StateError {
         /// The log slot.
         slot: u8,
     },
+    /// A channel record's state byte is invalid.
+    BadChannelState {
+        /// The channel record.
+        channel: u8,
+    },
+    /// A live channel's end names a VM out of range or a port out of range, its two ends name
+    /// the same VM, or an unbound channel's peer port is not 0.
+    BadChannelEnd {
+        /// The channel record.
+        channel: u8,
+    },
+    /// A live channel end has the same (VM, port) as an end of an earlier record.
+    DuplicatePort {
+        /// The channel record (the later one).
+        channel: u8,
+    },
+    /// A VM's pending mask has a bit that is not a port of one of its live channel ends.
+    BadPending {
+        /// The VM.
+        vm: u8,
+    },
+    /// A VM's waiting byte names a vCPU at or over `MAX_VCPUS_PER_VM`.
+    BadWaiting {
+        /// The VM.
+        vm: u8,
+    },
 }
 
 impl StateError {
     /// A stable number for logs and `ipc::lifecycle::Reply::Invalid`: the check number in the
-    /// high byte, the slot in the low byte.
+    /// high byte, the log slot, channel record or VM in the low byte.
     pub const fn code(self) -> u16 {
         let (check, slot) = match self {
             StateError::BadLogState { slot } => (1, slot),
@@ -191,6 +344,11 @@ impl StateError {
             StateError::BadOutcome { slot } => (3, slot),
             StateError::BadCaller { slot } => (4, slot),
             StateError::DuplicateCaller { slot } => (5, slot),
+            StateError::BadChannelState { channel } => (6, channel),
+            StateError::BadChannelEnd { channel } => (7, channel),
+            StateError::DuplicatePort { channel } => (8, channel),
+            StateError::BadPending { vm } => (9, vm),
+            StateError::BadWaiting { vm } => (10, vm),
         };
         (check << 8) | slot as u16
     }
@@ -203,12 +361,19 @@ pub struct RepairReport {
     pub logs_dropped: u32,
     /// Batches in progress whose logs were kept, so their retries skip completed entries.
     pub batches_in_progress: u32,
+    /// Channel records freed because they broke an invariant (their ports answer `NotFound`
+    /// from then on).
+    pub channels_freed: u32,
+    /// VMs whose pending mask lost bits that named no live port of theirs.
+    pub pending_masked: u32,
+    /// VMs whose waiting byte lost bits that named no vCPU.
+    pub waiting_masked: u32,
 }
 
 impl RepairReport {
     /// Number of fixes (kept batches are not fixes).
     pub fn fixes(&self) -> u32 {
-        self.logs_dropped
+        self.logs_dropped + self.channels_freed + self.pending_masked + self.waiting_masked
     }
 }
 
@@ -217,7 +382,7 @@ impl RepairReport {
 enum Call {
     Null,
     Yield,
-    TimerOneShot { deadline: u64, cookie: u32 },
+    TimerOneShot { deadline: u64, vector: u8 },
     MemoryPopulate,
     MemoryRelease { frame: FrameNumber },
     VmExit,
@@ -225,6 +390,12 @@ enum Call {
     UnmapGrant,
     Grant { frame: FrameNumber, with: u16 },
     QueryFrame { frame: FrameNumber },
+    EventChannelAlloc { remote: u16 },
+    EventChannelBind { remote: u16, port: u16 },
+    EventChannelSend { port: u16 },
+    EventChannelClose { port: u16 },
+    EventWait,
+    GrantRevoke { frame: FrameNumber, peer: u16 },
 }
 
 /// How one call ended.
@@ -253,13 +424,17 @@ fn caller(cpu: u8, vm: u16, vcpu: u16) -> Result<Caller, HypercallError> {
     }
 }
 
-/// Checks a call's number and arguments; unused arguments must be 0.
-fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
+/// Checks a call's number and arguments; unused arguments must be 0. Needs no state: what a
+/// call names in the state (a port, a channel) is checked when it runs, still before any
+/// service is asked.
+fn check(caller: Caller, number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
     let used = match number {
-        NULL | YIELD => 0,
-        MEMORY_RELEASE | QUERY_FRAME | MEMORY_POPULATE | UNMAP_GRANT => 1,
-        TIMER_ONESHOT | GRANT | VM_EXIT | MAP_GRANT => 2,
+        NULL | YIELD | EVENT_WAIT => 0,
+        MEMORY_RELEASE | QUERY_FRAME | MEMORY_POPULATE | UNMAP_GRANT | EVTCHN_ALLOC
+        | EVTCHN_SEND | EVTCHN_CLOSE => 1,
+        TIMER_ONESHOT | GRANT | VM_EXIT | MAP_GRANT | EVTCHN_BIND | GRANT_REVOKE => 2,
         // MULTICALL included: a batch travels as `Request::Multicall`, never as one call.
+        // CONSOLE_WRITE and the VM_* control calls are served by the core itself.
         _ => return Err(HypercallError::BadNumber),
     };
     if args[used..].iter().any(|&arg| arg != 0) {
@@ -277,6 +452,19 @@ fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
         } else {
             Err(HypercallError::InvalidArgument)
         }
+    };
+    // Another VM than the caller.
+    let other_vm = |arg: u64| {
+        u16::try_from(arg)
+            .ok()
+            .filter(|&vm| vm < MAX_VMS && vm != caller.vm)
+            .ok_or(HypercallError::InvalidArgument)
+    };
+    let port = |arg: u64| {
+        u16::try_from(arg)
+            .ok()
+            .filter(|port| (1..EVENT_PORTS).contains(port))
+            .ok_or(HypercallError::InvalidArgument)
     };
     Ok(match number {
         NULL => Call::Null,
@@ -304,9 +492,12 @@ fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
         QUERY_FRAME => Call::QueryFrame { frame: frame()? },
         TIMER_ONESHOT => Call::TimerOneShot {
             deadline: args[0],
-            cookie: u32::try_from(args[1]).map_err(|_| HypercallError::InvalidArgument)?,
+            vector: u8::try_from(args[1])
+                .ok()
+                .filter(|&vector| u64::from(vector) >= VECTOR_MIN)
+                .ok_or(HypercallError::InvalidArgument)?,
         },
-        _ => {
+        GRANT => {
             let with = u16::try_from(args[1])
                 .ok()
                 .filter(|&with| with < MAX_VMS)
@@ -316,6 +507,25 @@ fn check(number: u64, args: &[u64; 6]) -> Result<Call, HypercallError> {
                 with,
             }
         }
+        GRANT_REVOKE => Call::GrantRevoke {
+            frame: frame()?,
+            peer: other_vm(args[1])?,
+        },
+        EVTCHN_ALLOC => Call::EventChannelAlloc {
+            remote: other_vm(args[0])?,
+        },
+        EVTCHN_BIND => Call::EventChannelBind {
+            remote: other_vm(args[0])?,
+            port: port(args[1])?,
+        },
+        EVTCHN_SEND => Call::EventChannelSend {
+            port: port(args[0])?,
+        },
+        EVTCHN_CLOSE => Call::EventChannelClose {
+            port: port(args[0])?,
+        },
+        EVENT_WAIT => Call::EventWait,
+        _ => return Err(HypercallError::BadNumber),
     })
 }
 
@@ -385,81 +595,13 @@ fn memory_outcome(reply: Result<memory::Reply, CallError>) -> Outcome {
     }
 }
 
-/// Runs one checked call against the services.
-fn perform(call: Call, caller: Caller, services: &mut impl Services) -> Outcome {
-    match call {
-        Call::Null => Outcome::Value(0),
-        Call::MemoryPopulate => {
-            memory_outcome(services.memory(memory::Request::Allocate { owner: caller.vm }))
-        }
-        Call::MemoryRelease { frame } => memory_outcome(services.memory(memory::Request::Free {
-            frame,
-            owner: caller.vm,
-        })),
-        Call::Grant { frame, with } => memory_outcome(services.memory(memory::Request::Share {
-            frame,
-            owner: caller.vm,
-            with,
-        })),
-        Call::QueryFrame { frame } => {
-            memory_outcome(services.memory(memory::Request::Query { frame }))
-        }
-        Call::MapGrant { frame } => memory_outcome(services.memory(memory::Request::MayMap {
-            frame,
-            vm: caller.vm,
-        })),
-        // The core owns the EPT: it refuses a page that is not mapped before asking.
-        Call::UnmapGrant => Outcome::Value(0),
-        Call::VmExit => {
-            let vcpu = VcpuId {
-                vm: caller.vm,
-                vcpu: caller.vcpu,
-            };
-            match services.scheduler(scheduler::Request::DestroyVcpu { vcpu }) {
-                Err(error) => transport(error),
-                // Gone already: a retried exit after a lost reply.
-                Ok(scheduler::Reply::Done)
-                | Ok(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)) => Outcome::Yielded,
-                Ok(scheduler::Reply::Error(error)) => Outcome::Refused(scheduler_error(error)),
-                Ok(scheduler::Reply::Current(_)) => Outcome::Refused(HypercallError::Internal),
-            }
-        }
-        Call::TimerOneShot { deadline, cookie } => {
-            let request = timer::Request::SetOneShot {
-                cpu: caller.cpu,
-                deadline,
-                cookie,
-            };
-            match services.timer(request) {
-                Err(error) => transport(error),
-                Ok(timer::Reply::Armed(id)) => Outcome::Value(i64::from(id.0)),
-                Ok(timer::Reply::Error(error)) => Outcome::Refused(timer_error(error)),
-                Ok(_) => Outcome::Refused(HypercallError::Internal),
-            }
-        }
-        Call::Yield => {
-            let me = VcpuId {
-                vm: caller.vm,
-                vcpu: caller.vcpu,
-            };
-            match services.scheduler(scheduler::Request::Current { cpu: caller.cpu }) {
-                Err(error) => return transport(error),
-                Ok(scheduler::Reply::Current(Some(current))) if current == me => {}
-                Ok(scheduler::Reply::Current(_)) => {
-                    return Outcome::Refused(HypercallError::BadVcpu);
-                }
-                Ok(scheduler::Reply::Error(error)) => {
-                    return Outcome::Refused(scheduler_error(error));
-                }
-                Ok(scheduler::Reply::Done) => return Outcome::Refused(HypercallError::Internal),
-            }
-            match services.scheduler(scheduler::Request::Yield { cpu: caller.cpu }) {
-                Err(error) => transport(error),
-                Ok(scheduler::Reply::Done) => Outcome::Yielded,
-                Ok(scheduler::Reply::Error(error)) => Outcome::Refused(scheduler_error(error)),
-                Ok(scheduler::Reply::Current(_)) => Outcome::Refused(HypercallError::Internal),
-            }
-        }
+/// What a memory reply that should be `Done` means for the guest.
+fn memory_done(reply: Result<memory::Reply, CallError>) -> Outcome {
+    match reply {
+        Err(error) => transport(error),
+        Ok(memory::Reply::Done) => Outcome::Value(0),
+        Ok(memory::Reply::Error(error)) => Outcome::Refused(memory_error(error)),
+        Ok(_) => Outcome::Refused(HypercallError::Internal),
     }
 }
 
@@ -477,11 +619,15 @@ fn digest(entries: &[MulticallEntry]) -> u32 {
 }
 
 impl HypercallState {
-    /// Initialises (at boot, and as a microreboot's last resort): no multicall logs.
+    /// Initialises (at boot, and as a microreboot's last resort): no multicall logs, no event
+    /// channels, nothing pending, nobody waiting.
     pub fn init(&mut self) {
         self.next_stamp = 0;
         self.reserved = 0;
         self.logs = [MulticallLog::FREE; MAX_LOGS];
+        self.channels = [EventChannel::FREE; MAX_CHANNELS];
+        self.pending = [0; MAX_VMS as usize];
+        self.waiting = [0; MAX_VMS as usize];
     }
 
     /// Serves one request. Never panics; a refused call changes nothing.
@@ -494,11 +640,11 @@ impl HypercallState {
                 number,
                 args,
             } => {
-                let checked =
-                    caller(cpu, vm, vcpu).and_then(|caller| Ok((caller, check(number, &args)?)));
+                let checked = caller(cpu, vm, vcpu)
+                    .and_then(|caller| Ok((caller, check(caller, number, &args)?)));
                 match checked {
                     Err(error) => Reply::Error(error),
-                    Ok((caller, call)) => match perform(call, caller, services) {
+                    Ok((caller, call)) => match self.perform(call, caller, services) {
                         Outcome::Value(value) => Reply::Complete { value },
                         Outcome::Yielded => Reply::Blocked,
                         Outcome::Refused(error) => Reply::Error(error),
@@ -540,6 +686,295 @@ impl HypercallState {
                     }
                 }
             },
+        }
+    }
+
+    /// Runs one checked call against this domain's state and the services.
+    fn perform(&mut self, call: Call, caller: Caller, services: &mut impl Services) -> Outcome {
+        match call {
+            Call::Null => Outcome::Value(0),
+            Call::MemoryPopulate => {
+                memory_outcome(services.memory(memory::Request::Allocate { owner: caller.vm }))
+            }
+            Call::MemoryRelease { frame } => {
+                memory_outcome(services.memory(memory::Request::Free {
+                    frame,
+                    owner: caller.vm,
+                }))
+            }
+            Call::Grant { frame, with } => {
+                memory_outcome(services.memory(memory::Request::Share {
+                    frame,
+                    owner: caller.vm,
+                    with,
+                }))
+            }
+            Call::QueryFrame { frame } => {
+                memory_outcome(services.memory(memory::Request::Query { frame }))
+            }
+            Call::MapGrant { frame } => memory_outcome(services.memory(memory::Request::MayMap {
+                frame,
+                vm: caller.vm,
+            })),
+            // The core owns the EPT: it refuses a page that is not mapped before asking.
+            Call::UnmapGrant => Outcome::Value(0),
+            Call::GrantRevoke { frame, peer } => {
+                // Only the owner may end a share: the memory domain's `Unshare` does not check
+                // who asks.
+                match services.memory(memory::Request::Query { frame }) {
+                    Err(error) => return transport(error),
+                    Ok(memory::Reply::Frame(info)) => match info.owner {
+                        Some(owner) if owner == caller.vm => {}
+                        Some(_) => return Outcome::Refused(HypercallError::PermissionDenied),
+                        None => return Outcome::Refused(HypercallError::NotFound),
+                    },
+                    Ok(memory::Reply::Error(error)) => {
+                        return Outcome::Refused(memory_error(error));
+                    }
+                    Ok(_) => return Outcome::Refused(HypercallError::Internal),
+                }
+                memory_done(services.memory(memory::Request::Unshare { frame, from: peer }))
+            }
+            Call::VmExit => {
+                let vcpu = VcpuId {
+                    vm: caller.vm,
+                    vcpu: caller.vcpu,
+                };
+                match services.scheduler(scheduler::Request::DestroyVcpu { vcpu }) {
+                    Err(error) => transport(error),
+                    // Gone already: a retried exit after a lost reply.
+                    Ok(scheduler::Reply::Done)
+                    | Ok(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)) => {
+                        self.release_vm(caller.vm);
+                        Outcome::Yielded
+                    }
+                    Ok(scheduler::Reply::Error(error)) => Outcome::Refused(scheduler_error(error)),
+                    Ok(scheduler::Reply::Current(_)) => Outcome::Refused(HypercallError::Internal),
+                }
+            }
+            Call::TimerOneShot { deadline, vector } => {
+                // vcpu < MAX_VCPUS_PER_VM <= 8 (checked in `caller`), so it fits the cookie's byte.
+                let request = timer::Request::SetOneShot {
+                    cpu: caller.cpu,
+                    deadline,
+                    cookie: timer_cookie(caller.vm, caller.vcpu as u8, vector),
+                };
+                match services.timer(request) {
+                    Err(error) => transport(error),
+                    Ok(timer::Reply::Armed(id)) => Outcome::Value(i64::from(id.0)),
+                    Ok(timer::Reply::Error(error)) => Outcome::Refused(timer_error(error)),
+                    Ok(_) => Outcome::Refused(HypercallError::Internal),
+                }
+            }
+            Call::Yield => {
+                let me = VcpuId {
+                    vm: caller.vm,
+                    vcpu: caller.vcpu,
+                };
+                match services.scheduler(scheduler::Request::Current { cpu: caller.cpu }) {
+                    Err(error) => return transport(error),
+                    Ok(scheduler::Reply::Current(Some(current))) if current == me => {}
+                    Ok(scheduler::Reply::Current(_)) => {
+                        return Outcome::Refused(HypercallError::BadVcpu);
+                    }
+                    Ok(scheduler::Reply::Error(error)) => {
+                        return Outcome::Refused(scheduler_error(error));
+                    }
+                    Ok(scheduler::Reply::Done) => {
+                        return Outcome::Refused(HypercallError::Internal);
+                    }
+                }
+                match services.scheduler(scheduler::Request::Yield { cpu: caller.cpu }) {
+                    Err(error) => transport(error),
+                    Ok(scheduler::Reply::Done) => Outcome::Yielded,
+                    Ok(scheduler::Reply::Error(error)) => Outcome::Refused(scheduler_error(error)),
+                    Ok(scheduler::Reply::Current(_)) => Outcome::Refused(HypercallError::Internal),
+                }
+            }
+            Call::EventChannelAlloc { remote } => self.channel_alloc(caller, remote),
+            Call::EventChannelBind { remote, port } => self.channel_bind(caller, remote, port),
+            Call::EventChannelSend { port } => self.channel_send(caller, port, services),
+            Call::EventChannelClose { port } => self.channel_close(caller, port),
+            Call::EventWait => self.event_wait(caller, services),
+        }
+    }
+
+    /// The ports of VM `vm`'s live channel ends, as a pending-mask.
+    fn live_ports(&self, vm: u16) -> u64 {
+        self.channels
+            .iter()
+            .flat_map(EventChannel::live_ends)
+            .flatten()
+            .filter(|end| end.vm == vm)
+            .fold(0, |mask, end| mask | port_bit(end.port))
+    }
+
+    /// VM `vm`'s lowest port that no live end holds.
+    fn free_port(&self, vm: u16) -> Option<u16> {
+        let used = self.live_ports(vm);
+        (1..EVENT_PORTS).find(|&port| used & port_bit(port) == 0)
+    }
+
+    /// The live channel record with this end.
+    fn channel_of(&self, end: ChannelEnd) -> Option<usize> {
+        self.channels.iter().position(|channel| channel.holds(end))
+    }
+
+    /// Frees a channel record and drops the pending bits of both its ends.
+    fn close_channel(&mut self, index: usize) {
+        for end in self.channels[index].live_ends().into_iter().flatten() {
+            if let Some(pending) = self.pending.get_mut(usize::from(end.vm)) {
+                *pending &= !port_bit(end.port);
+            }
+        }
+        self.channels[index] = EventChannel::FREE;
+    }
+
+    fn channel_alloc(&mut self, caller: Caller, remote: u16) -> Outcome {
+        let free = self
+            .channels
+            .iter()
+            .position(|channel| channel.state == ChannelState::Free as u8);
+        let (Some(index), Some(port)) = (free, self.free_port(caller.vm)) else {
+            return Outcome::Refused(HypercallError::NoResources);
+        };
+        self.channels[index] = EventChannel {
+            state: ChannelState::Unbound as u8,
+            owner: ChannelEnd {
+                vm: caller.vm,
+                port,
+            },
+            peer: ChannelEnd {
+                vm: remote,
+                port: 0,
+            },
+            ..EventChannel::FREE
+        };
+        Outcome::Value(i64::from(port))
+    }
+
+    fn channel_bind(&mut self, caller: Caller, remote: u16, remote_port: u16) -> Outcome {
+        let offered = ChannelEnd {
+            vm: remote,
+            port: remote_port,
+        };
+        let Some(index) = self.channels.iter().position(|channel| {
+            channel.state == ChannelState::Unbound as u8
+                && channel.owner == offered
+                && channel.peer.vm == caller.vm
+        }) else {
+            return Outcome::Refused(HypercallError::NotFound);
+        };
+        let Some(port) = self.free_port(caller.vm) else {
+            return Outcome::Refused(HypercallError::NoResources);
+        };
+        let channel = &mut self.channels[index];
+        channel.peer.port = port;
+        channel.state = ChannelState::Bound as u8;
+        Outcome::Value(i64::from(port))
+    }
+
+    /// Wakes the peer's waiting vCPUs, then marks the event pending: a send refused or cut
+    /// short by a failed wake leaves no event behind, and its retry wakes the vCPUs not yet
+    /// woken (a woken vCPU cannot look at its pending mask before this call ends: it needs
+    /// this domain, which serves one request at a time).
+    fn channel_send(&mut self, caller: Caller, port: u16, services: &mut impl Services) -> Outcome {
+        let me = ChannelEnd {
+            vm: caller.vm,
+            port,
+        };
+        let Some(channel) = self
+            .channel_of(me)
+            .map(|index| self.channels[index])
+            .filter(|channel| channel.state == ChannelState::Bound as u8)
+        else {
+            return Outcome::Refused(HypercallError::NotFound);
+        };
+        let peer = if channel.owner == me {
+            channel.peer
+        } else {
+            channel.owner
+        };
+        let vm = usize::from(peer.vm);
+        if vm >= usize::from(MAX_VMS) {
+            // Only a state that failed validation names such a VM.
+            return Outcome::Refused(HypercallError::Internal);
+        }
+        for vcpu in 0..MAX_VCPUS_PER_VM {
+            let bit = 1u8 << vcpu;
+            if self.waiting[vm] & bit == 0 {
+                continue;
+            }
+            let vcpu = VcpuId { vm: peer.vm, vcpu };
+            match services.scheduler(scheduler::Request::Wake { vcpu }) {
+                Err(error) => return transport(error),
+                // A vCPU that is gone (its VM stopped) waits no more either.
+                Ok(scheduler::Reply::Done)
+                | Ok(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)) => {
+                    self.waiting[vm] &= !bit;
+                }
+                Ok(_) => return Outcome::Refused(HypercallError::Internal),
+            }
+        }
+        self.pending[vm] |= port_bit(peer.port);
+        Outcome::Value(0)
+    }
+
+    fn channel_close(&mut self, caller: Caller, port: u16) -> Outcome {
+        match self.channel_of(ChannelEnd {
+            vm: caller.vm,
+            port,
+        }) {
+            Some(index) => {
+                self.close_channel(index);
+                Outcome::Value(0)
+            }
+            None => Outcome::Refused(HypercallError::NotFound),
+        }
+    }
+
+    fn event_wait(&mut self, caller: Caller, services: &mut impl Services) -> Outcome {
+        let vm = usize::from(caller.vm);
+        let bit = 1u8 << caller.vcpu;
+        let pending = self.pending[vm] & PORTS_MASK;
+        if pending != 0 {
+            self.pending[vm] = 0;
+            self.waiting[vm] &= !bit;
+            // Bit 63 is never a port, so the mask is positive.
+            return Outcome::Value(pending as i64);
+        }
+        // The waiting bit goes in before the block: if the reply is lost the vCPU may be
+        // blocked, and a stale bit costs at most one spurious wake.
+        self.waiting[vm] |= bit;
+        let vcpu = VcpuId {
+            vm: caller.vm,
+            vcpu: caller.vcpu,
+        };
+        let refused = match services.scheduler(scheduler::Request::Block { vcpu }) {
+            Err(error) => return transport(error),
+            Ok(scheduler::Reply::Done) => return Outcome::Yielded,
+            Ok(scheduler::Reply::Error(error)) => scheduler_error(error),
+            Ok(scheduler::Reply::Current(_)) => HypercallError::Internal,
+        };
+        self.waiting[vm] &= !bit;
+        Outcome::Refused(refused)
+    }
+
+    /// Forgets VM `vm`'s event state: closes every channel with an end in it (bound or
+    /// offered to it) and clears its pending and waiting bits, so a later VM with the same
+    /// number inherits nothing. Runs on `VM_EXIT`; whoever ends a VM otherwise (the core
+    /// stopping or destroying it) must have it run too.
+    pub fn release_vm(&mut self, vm: u16) {
+        for index in 0..MAX_CHANNELS {
+            if self.channels[index].involves(vm) {
+                self.close_channel(index);
+            }
+        }
+        if let Some(pending) = self.pending.get_mut(usize::from(vm)) {
+            *pending = 0;
+        }
+        if let Some(waiting) = self.waiting.get_mut(usize::from(vm)) {
+            *waiting = 0;
         }
     }
 
@@ -601,16 +1036,20 @@ impl HypercallState {
                 continue;
             }
             let args = [entry.args[0], entry.args[1], 0, 0, 0, 0];
-            let outcome = match check(u64::from(entry.number), &args) {
+            let outcome = match check(caller, u64::from(entry.number), &args) {
                 _ if u64::from(entry.number) == MULTICALL => {
                     Outcome::Refused(HypercallError::NestedMulticall)
                 }
-                // A yield or an exit deschedules the caller, and mapping changes the EPT the
-                // core owns: they have no place inside a batch.
-                Ok(Call::Yield | Call::VmExit | Call::MapGrant { .. } | Call::UnmapGrant) => {
-                    Outcome::Refused(HypercallError::InvalidArgument)
-                }
-                Ok(call) => perform(call, caller, services),
+                // A yield, a wait or an exit deschedules the caller, and mapping changes the
+                // EPT the core owns: they have no place inside a batch.
+                Ok(
+                    Call::Yield
+                    | Call::EventWait
+                    | Call::VmExit
+                    | Call::MapGrant { .. }
+                    | Call::UnmapGrant,
+                ) => Outcome::Refused(HypercallError::InvalidArgument),
+                Ok(call) => self.perform(call, caller, services),
                 Err(error) => Outcome::Refused(error),
             };
             let log = &mut self.logs[slot];
@@ -684,14 +1123,60 @@ impl HypercallState {
         Ok(())
     }
 
-    /// Checks every invariant; the first broken one is returned.
-    pub fn validate(&self) -> Result<(), StateError> {
-        (0..MAX_LOGS).try_for_each(|slot| self.check_log(slot))
+    /// Checks channel record `index` against itself and the records before it.
+    fn check_channel(&self, index: usize) -> Result<(), StateError> {
+        let channel = &self.channels[index];
+        let number = index as u8;
+        let state = ChannelState::from_u8(channel.state)
+            .ok_or(StateError::BadChannelState { channel: number })?;
+        let peer_port_ok = match state {
+            ChannelState::Free => return Ok(()),
+            ChannelState::Unbound => channel.peer.port == 0,
+            ChannelState::Bound => port_bit(channel.peer.port) != 0,
+        };
+        if channel.owner.vm >= MAX_VMS
+            || channel.peer.vm >= MAX_VMS
+            || channel.owner.vm == channel.peer.vm
+            || port_bit(channel.owner.port) == 0
+            || !peer_port_ok
+        {
+            return Err(StateError::BadChannelEnd { channel: number });
+        }
+        let duplicate = channel.live_ends().into_iter().flatten().any(|end| {
+            self.channels[..index]
+                .iter()
+                .any(|earlier| earlier.holds(end))
+        });
+        if duplicate {
+            return Err(StateError::DuplicatePort { channel: number });
+        }
+        Ok(())
     }
 
-    /// The repair routine after a microreset or microreboot: frees logs that break an
-    /// invariant and keeps every valid log, in progress or done, so retried batches skip
-    /// their completed entries. After a repair [`validate`](Self::validate) succeeds.
+    /// Checks VM `vm`'s pending mask and waiting byte (against valid channel records).
+    fn check_events(&self, vm: u16) -> Result<(), StateError> {
+        let index = usize::from(vm);
+        if self.pending[index] & !self.live_ports(vm) != 0 {
+            return Err(StateError::BadPending { vm: vm as u8 });
+        }
+        if stray_waiting(self.waiting[index]) != 0 {
+            return Err(StateError::BadWaiting { vm: vm as u8 });
+        }
+        Ok(())
+    }
+
+    /// Checks every invariant; the first broken one is returned.
+    pub fn validate(&self) -> Result<(), StateError> {
+        (0..MAX_LOGS).try_for_each(|slot| self.check_log(slot))?;
+        (0..MAX_CHANNELS).try_for_each(|index| self.check_channel(index))?;
+        (0..MAX_VMS).try_for_each(|vm| self.check_events(vm))
+    }
+
+    /// The repair routine after a microreset or microreboot: frees logs and channel records
+    /// that break an invariant and keeps every valid one (logs in progress or done, so retried
+    /// batches skip their completed entries; channels unbound or bound); then drops pending
+    /// bits that name no live port (such as those of a freed channel) and waiting bits that
+    /// name no vCPU. After a repair [`validate`](Self::validate) succeeds.
     pub fn repair(&mut self) -> RepairReport {
         let mut report = RepairReport::default();
         for slot in 0..MAX_LOGS {
@@ -700,6 +1185,26 @@ impl HypercallState {
                 report.logs_dropped += 1;
             } else if self.logs[slot].state == LogState::InProgress as u8 {
                 report.batches_in_progress += 1;
+            }
+        }
+        // In record order: a record is checked against the earlier ones, which are valid or
+        // freed by then, so of two records sharing an end the later one goes.
+        for index in 0..MAX_CHANNELS {
+            if self.check_channel(index).is_err() {
+                self.channels[index] = EventChannel::FREE;
+                report.channels_freed += 1;
+            }
+        }
+        for vm in 0..MAX_VMS {
+            let index = usize::from(vm);
+            let live = self.live_ports(vm);
+            if self.pending[index] & !live != 0 {
+                self.pending[index] &= live;
+                report.pending_masked += 1;
+            }
+            if stray_waiting(self.waiting[index]) != 0 {
+                self.waiting[index] &= WAITING_MASK;
+                report.waiting_masked += 1;
             }
         }
         report

@@ -1,14 +1,17 @@
 //! Host tests of the dispatcher, with fake services.
 
 use super::*;
-use ipc::hypercall::CONSOLE_WRITE;
+use ipc::hypercall::{CONSOLE_WRITE, VM_CREATE, VM_DESTROY, VM_START, VM_STATUS, timer_target};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use zerocopy::FromZeros;
 
-/// Fake services: a memory domain handing out frames from 100 up, a timer domain handing out
-/// ids from 1 up, a scheduler whose CPU 0 runs VM 1 vCPU 0. Every call is recorded; a call can
-/// be made to fail (`fail_at`: the n-th call, counted from 0) with a status, or to panic (as if
-/// the hypercall domain itself failed while waiting).
+/// Fake services: a memory domain handing out frames from 100 up (every frame owned by VM 1
+/// when queried), a timer domain handing out ids from 1 up, a scheduler whose CPU 0 runs VM 1
+/// vCPU 0. Every call is recorded; a call can be made to fail (`fail_at`: the n-th call,
+/// counted from 0) with a status, or to panic (as if the hypercall domain itself failed while
+/// waiting); answers can be overridden (`memory_answer` for every memory request,
+/// `query_answer` / `unshare_answer` for one kind, `scheduler_answer` for every scheduler
+/// request but `Current`).
 #[derive(Default)]
 struct Fake {
     calls: std::vec::Vec<String>,
@@ -16,6 +19,9 @@ struct Fake {
     next_timer: u32,
     fail_at: Option<(usize, Option<CallError>)>,
     memory_answer: Option<memory::Reply>,
+    query_answer: Option<memory::Reply>,
+    unshare_answer: Option<memory::Reply>,
+    scheduler_answer: Option<scheduler::Reply>,
 }
 
 impl Fake {
@@ -38,7 +44,7 @@ impl Services for Fake {
                 scheduler::Reply::Current(Some(VcpuId { vm: 1, vcpu: 0 }))
             }
             scheduler::Request::Current { .. } => scheduler::Reply::Current(None),
-            _ => scheduler::Reply::Done,
+            _ => self.scheduler_answer.unwrap_or(scheduler::Reply::Done),
         })
     }
 
@@ -48,6 +54,12 @@ impl Services for Fake {
             return Ok(answer);
         }
         Ok(match request {
+            memory::Request::Query { .. } if self.query_answer.is_some() => {
+                self.query_answer.unwrap_or(memory::Reply::Done)
+            }
+            memory::Request::Unshare { .. } if self.unshare_answer.is_some() => {
+                self.unshare_answer.unwrap_or(memory::Reply::Done)
+            }
             memory::Request::Allocate { .. } => {
                 self.next_frame += 1;
                 memory::Reply::Allocated(FrameNumber(99 + self.next_frame))
@@ -113,10 +125,46 @@ fn outcomes(reply: Reply) -> std::vec::Vec<EntryOutcome> {
     }
 }
 
+/// A hypercall with two arguments from vCPU `vcpu` of VM `vm` (on CPU 0).
+fn call_as(vm: u16, vcpu: u16, number: u64, arg0: u64, arg1: u64) -> Request {
+    Request::Hypercall {
+        cpu: 0,
+        vm,
+        vcpu,
+        number,
+        args: [arg0, arg1, 0, 0, 0, 0],
+    }
+}
+
+/// The value of a completed call.
+fn value(reply: Reply) -> i64 {
+    match reply {
+        Reply::Complete { value } => value,
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
 #[test]
 fn state_layout_is_fixed() {
     assert_eq!(core::mem::size_of::<MulticallLog>(), 96);
-    assert_eq!(core::mem::size_of::<HypercallState>(), 3080);
+    assert_eq!(core::mem::size_of::<ChannelEnd>(), 4);
+    assert_eq!(core::mem::size_of::<EventChannel>(), 12);
+    assert_eq!(core::mem::size_of::<HypercallState>(), 4424);
+}
+
+#[test]
+fn the_state_fits_the_manifests_state_region() {
+    let manifest = include_str!("../../../system.toml");
+    let entry = manifest
+        .split("[[domain]]")
+        .find(|entry| entry.contains("name = \"hypercall\""))
+        .expect("the manifest lists the hypercall domain");
+    let pages: usize = entry
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("state_pages = "))
+        .and_then(|pages| pages.trim().parse().ok())
+        .expect("the hypercall domain has state_pages");
+    assert!(core::mem::size_of::<HypercallState>() <= pages * 4096);
 }
 
 #[test]
@@ -138,7 +186,7 @@ fn each_hypercall_reaches_its_service() {
             Reply::Complete { value: 0 },
         ),
         (
-            hypercall(TIMER_ONESHOT, [5000, 9, 0, 0, 0, 0]),
+            hypercall(TIMER_ONESHOT, [5000, 0x20, 0, 0, 0, 0]),
             Reply::Complete { value: 1 },
         ),
         (
@@ -162,7 +210,7 @@ fn each_hypercall_reaches_its_service() {
             "Allocate { owner: 1 }",
             "Free { frame: FrameNumber(100), owner: 1 }",
             "Share { frame: FrameNumber(100), owner: 1, with: 2 }",
-            "SetOneShot { cpu: 0, deadline: 5000, cookie: 9 }",
+            "SetOneShot { cpu: 0, deadline: 5000, cookie: 65568 }",
             "Query { frame: FrameNumber(100) }",
             "Current { cpu: 0 }",
             "Yield { cpu: 0 }",
@@ -184,9 +232,26 @@ fn bad_calls_are_refused_before_any_service_is_asked() {
         args: [0; 6],
     };
     let cases = [
-        (hypercall(12, [0; 6]), HypercallError::BadNumber),
+        (hypercall(22, [0; 6]), HypercallError::BadNumber),
         (
             hypercall(CONSOLE_WRITE, [0x5000, 4, 0, 0, 0, 0]),
+            HypercallError::BadNumber,
+        ),
+        // The VM control calls are the core's: they never reach this domain as hypercalls.
+        (
+            hypercall(VM_CREATE, [0x5000, 4096, 0x61, 0, 0, 0]),
+            HypercallError::BadNumber,
+        ),
+        (
+            hypercall(VM_START, [2, 0, 0, 0, 0, 0]),
+            HypercallError::BadNumber,
+        ),
+        (
+            hypercall(VM_STATUS, [2, 0, 0, 0, 0, 0]),
+            HypercallError::BadNumber,
+        ),
+        (
+            hypercall(VM_DESTROY, [2, 0, 0, 0, 0, 0]),
             HypercallError::BadNumber,
         ),
         (hypercall(u64::MAX, [0; 6]), HypercallError::BadNumber),
@@ -236,6 +301,83 @@ fn bad_calls_are_refused_before_any_service_is_asked() {
         ),
         (
             hypercall(TIMER_ONESHOT, [5, 1 << 32, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(TIMER_ONESHOT, [5, VECTOR_MIN - 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(TIMER_ONESHOT, [5, 256, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(TIMER_ONESHOT, [5, 0x20, 1, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        // Event channels: the remote VM must be another VM in range, ports 1..EVENT_PORTS.
+        (
+            hypercall(EVTCHN_ALLOC, [1, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_ALLOC, [u64::from(MAX_VMS), 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_ALLOC, [2, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_BIND, [2, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_BIND, [2, u64::from(EVENT_PORTS), 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_BIND, [1, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_BIND, [1 << 16, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_SEND, [0, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_SEND, [(1 << 16) + 1, 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_SEND, [1, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVTCHN_CLOSE, [u64::from(EVENT_PORTS), 0, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(EVENT_WAIT, [0, 0, 0, 0, 1, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(GRANT_REVOKE, [1 << 32, 2, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(GRANT_REVOKE, [100, 1, 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(GRANT_REVOKE, [100, u64::from(MAX_VMS), 0, 0, 0, 0]),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            hypercall(GRANT_REVOKE, [100, 2, 1, 0, 0, 0]),
             HypercallError::InvalidArgument,
         ),
         (
@@ -342,7 +484,7 @@ fn a_failed_service_makes_the_call_incomplete() {
             fail_at: Some((0, Some(error))),
             ..Fake::default()
         };
-        let reply = state.dispatch(hypercall(TIMER_ONESHOT, [1, 1, 0, 0, 0, 0]), &mut fake);
+        let reply = state.dispatch(hypercall(TIMER_ONESHOT, [1, 0x20, 0, 0, 0, 0]), &mut fake);
         assert_eq!(reply, expected, "{error:?}");
     }
 }
@@ -360,7 +502,7 @@ fn multicall_runs_every_entry_with_its_own_status() {
         entry(99, 0, 0),
         entry(MULTICALL, 0, 0),
         entry(YIELD, 0, 0),
-        entry(TIMER_ONESHOT, 10, 3),
+        entry(TIMER_ONESHOT, 10, 0x30),
         entry(GRANT, 100, 1 << 20),
     ];
     let reply = state.dispatch(multicall(0, 7, &batch), &mut fake);
@@ -438,8 +580,8 @@ fn a_retried_batch_skips_entries_completed_before_the_domain_itself_failed() {
     assert_eq!(
         report,
         RepairReport {
-            logs_dropped: 0,
-            batches_in_progress: 1
+            batches_in_progress: 1,
+            ..RepairReport::default()
         }
     );
     assert_eq!(state.validate(), Ok(()));
@@ -523,7 +665,9 @@ fn logs_are_per_vcpu_and_bounded() {
     assert_eq!(state.validate(), Ok(()));
 }
 
-type Corruption = (&'static str, fn(&mut HypercallState), StateError);
+/// What a corruption breaks, what `validate` says, and what `repair` fixes for it: logs
+/// dropped, channels freed, pending masks and waiting bytes cut.
+type Corruption = (&'static str, fn(&mut HypercallState), StateError, [u32; 4]);
 
 fn corruptions() -> std::vec::Vec<Corruption> {
     vec![
@@ -531,46 +675,139 @@ fn corruptions() -> std::vec::Vec<Corruption> {
             "state byte",
             |s| s.logs[0].state = 3,
             StateError::BadLogState { slot: 0 },
+            [1, 0, 0, 0],
         ),
         (
             "count",
             |s| s.logs[0].count = 9,
             StateError::BadCompletion { slot: 0 },
+            [1, 0, 0, 0],
         ),
         (
             "mask beyond count",
             |s| s.logs[0].completed = 0b1_0000,
             StateError::BadCompletion { slot: 0 },
+            [1, 0, 0, 0],
         ),
         (
             "done but incomplete",
             |s| s.logs[1].completed = 0b0111,
             StateError::BadCompletion { slot: 1 },
+            [1, 0, 0, 0],
         ),
         (
             "outcome",
             |s| s.logs[1].outcomes[2] = 200,
             StateError::BadOutcome { slot: 1 },
+            [1, 0, 0, 0],
         ),
         (
             "vm",
             |s| s.logs[0].vm = MAX_VMS,
             StateError::BadCaller { slot: 0 },
+            [1, 0, 0, 0],
         ),
         (
             "vcpu",
             |s| s.logs[1].vcpu = 100,
             StateError::BadCaller { slot: 1 },
+            [1, 0, 0, 0],
         ),
         (
             "duplicate caller",
             |s| s.logs[1].vcpu = 0,
             StateError::DuplicateCaller { slot: 1 },
+            [1, 0, 0, 0],
+        ),
+        // Channel 0 is bound with an event pending at VM 2's end, so freeing it also drops
+        // that pending bit; channel 1 is unbound.
+        (
+            "channel state byte",
+            |s| s.channels[0].state = 3,
+            StateError::BadChannelState { channel: 0 },
+            [0, 1, 1, 0],
+        ),
+        (
+            "owner vm",
+            |s| s.channels[1].owner.vm = MAX_VMS,
+            StateError::BadChannelEnd { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "owner port 0",
+            |s| s.channels[1].owner.port = 0,
+            StateError::BadChannelEnd { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "owner port 63",
+            |s| s.channels[0].owner.port = EVENT_PORTS,
+            StateError::BadChannelEnd { channel: 0 },
+            [0, 1, 1, 0],
+        ),
+        (
+            "peer vm",
+            |s| s.channels[0].peer.vm = MAX_VMS + 1,
+            StateError::BadChannelEnd { channel: 0 },
+            [0, 1, 1, 0],
+        ),
+        (
+            "both ends in one vm",
+            |s| s.channels[1].peer.vm = 1,
+            StateError::BadChannelEnd { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "bound peer port",
+            |s| s.channels[0].peer.port = 100,
+            StateError::BadChannelEnd { channel: 0 },
+            [0, 1, 1, 0],
+        ),
+        (
+            "unbound peer port",
+            |s| s.channels[1].peer.port = 4,
+            StateError::BadChannelEnd { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "duplicate owner port",
+            |s| s.channels[1].owner.port = 1,
+            StateError::DuplicatePort { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "duplicate peer port",
+            |s| {
+                s.channels[1].state = ChannelState::Bound as u8;
+                s.channels[1].peer = ChannelEnd { vm: 2, port: 1 };
+            },
+            StateError::DuplicatePort { channel: 1 },
+            [0, 1, 0, 0],
+        ),
+        (
+            "pending bit 0",
+            |s| s.pending[2] |= 1,
+            StateError::BadPending { vm: 2 },
+            [0, 0, 1, 0],
+        ),
+        (
+            "pending bit 63",
+            |s| s.pending[5] = 1 << 63,
+            StateError::BadPending { vm: 5 },
+            [0, 0, 1, 0],
+        ),
+        (
+            "pending on a port nobody holds",
+            |s| s.pending[2] |= 1 << 7,
+            StateError::BadPending { vm: 2 },
+            [0, 0, 1, 0],
         ),
     ]
 }
 
-/// Log 0: vCPU 0's batch stopped after two entries; log 1: vCPU 1's batch done.
+/// Log 0: vCPU 0's batch stopped after two entries; log 1: vCPU 1's batch done. Channel 0:
+/// VM 1 port 1 bound to VM 2 port 1, an event pending at VM 2; channel 1: VM 1 port 2 offered
+/// to VM 3, whose vCPU 0 waits for an event.
 fn busy() -> Box<HypercallState> {
     let mut state = fresh();
     let mut failing = Fake {
@@ -579,41 +816,122 @@ fn busy() -> Box<HypercallState> {
     };
     state.dispatch(multicall(0, 1, &populate_batch()), &mut failing);
     state.dispatch(multicall(1, 1, &populate_batch()), &mut Fake::default());
+    let mut fake = Fake::default();
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 2, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_BIND, 1, 1), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 3, 0), &mut fake)),
+        2
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 1, 0), &mut fake)),
+        0
+    );
+    assert_eq!(
+        state.dispatch(call_as(3, 0, EVENT_WAIT, 0, 0), &mut fake),
+        Reply::Blocked
+    );
+    assert_eq!((state.pending[2], state.waiting[3]), (1 << 1, 1));
     assert_eq!(state.validate(), Ok(()));
     state
 }
 
+/// Live logs and channels.
+fn live_records(state: &HypercallState) -> usize {
+    let logs = state
+        .logs
+        .iter()
+        .filter(|log| log.state != LogState::Free as u8)
+        .count();
+    let channels = state
+        .channels
+        .iter()
+        .filter(|channel| channel.state != ChannelState::Free as u8)
+        .count();
+    logs + channels
+}
+
 #[test]
 fn validate_catches_corruption() {
-    for (name, corrupt, error) in corruptions() {
+    let mut codes = std::collections::HashSet::new();
+    for (name, corrupt, error, _) in corruptions() {
         let mut state = busy();
         corrupt(&mut state);
         assert_eq!(state.validate(), Err(error), "{name}");
         assert!(error.code() >> 8 != 0);
+        codes.insert(error.code() >> 8);
+    }
+    assert_eq!(
+        codes.len(),
+        9,
+        "every check but the waiting byte's is exercised"
+    );
+}
+
+#[test]
+fn repair_drops_only_what_is_broken() {
+    for (name, corrupt, _, [logs, channels, pending, waiting]) in corruptions() {
+        let mut state = busy();
+        let before = live_records(&state);
+        corrupt(&mut state);
+        let report = state.repair();
+        assert_eq!(
+            (
+                report.logs_dropped,
+                report.channels_freed,
+                report.pending_masked,
+                report.waiting_masked
+            ),
+            (logs, channels, pending, waiting),
+            "{name}"
+        );
+        assert_eq!(
+            report.fixes(),
+            logs + channels + pending + waiting,
+            "{name}"
+        );
+        assert_eq!(state.validate(), Ok(()), "{name}");
+        assert_eq!(
+            live_records(&state),
+            before - (logs + channels) as usize,
+            "{name}: kept the good logs and channels"
+        );
+        assert_eq!(state.waiting[3], 1, "{name}: kept the waiter");
+        assert_eq!(state.repair().fixes(), 0, "{name}");
     }
 }
 
 #[test]
-fn repair_drops_only_broken_logs() {
-    for (name, corrupt, error) in corruptions() {
+fn waiting_bytes_name_only_vcpus() {
+    for bit in 0..8u16 {
         let mut state = busy();
-        corrupt(&mut state);
-        let report = state.repair();
-        assert_eq!(report.logs_dropped, 1, "{name}");
-        assert_eq!(state.validate(), Ok(()), "{name}");
-        let (StateError::BadLogState { slot }
-        | StateError::BadCompletion { slot }
-        | StateError::BadOutcome { slot }
-        | StateError::BadCaller { slot }
-        | StateError::DuplicateCaller { slot }) = error;
-        let other = 1 - usize::from(slot);
-        assert_ne!(
-            state.logs[other].state,
-            LogState::Free as u8,
-            "{name}: kept the good log"
-        );
-        assert_eq!(state.repair().fixes(), 0, "{name}");
+        state.waiting[9] = 1 << bit;
+        if bit < MAX_VCPUS_PER_VM {
+            assert_eq!(state.validate(), Ok(()));
+        } else {
+            assert_eq!(state.validate(), Err(StateError::BadWaiting { vm: 9 }));
+            assert_eq!(state.repair().waiting_masked, 1);
+            assert_eq!(state.waiting[9], 0);
+        }
     }
+    let codes: std::vec::Vec<u16> = [
+        StateError::BadChannelState { channel: 3 },
+        StateError::BadChannelEnd { channel: 3 },
+        StateError::DuplicatePort { channel: 3 },
+        StateError::BadPending { vm: 3 },
+        StateError::BadWaiting { vm: 3 },
+    ]
+    .iter()
+    .map(|error| error.code())
+    .collect();
+    assert_eq!(codes, [0x603, 0x703, 0x803, 0x903, 0xa03]);
+    assert_eq!(StateError::DuplicateCaller { slot: 1 }.code(), 0x501);
 }
 
 struct XorShift(u64);
@@ -646,6 +964,21 @@ fn random_bit_patterns_never_panic_and_always_repair() {
         let mut damaged = state.clone();
         for vcpu in 0..3 {
             let _ = damaged.dispatch(multicall(vcpu, 1, &populate_batch()), &mut Fake::default());
+        }
+        // Every event call on the damaged state, too: none may panic.
+        for vm in 0..4 {
+            for (number, arg0, arg1) in [
+                (EVTCHN_ALLOC, (vm + 1) % 4, 0),
+                (EVTCHN_BIND, (vm + 1) % 4, 1),
+                (EVTCHN_SEND, 1, 0),
+                (EVTCHN_SEND, 2, 0),
+                (EVENT_WAIT, 0, 0),
+                (EVTCHN_CLOSE, 1, 0),
+            ] {
+                let request = call_as(vm, 0, number, arg0.into(), arg1);
+                let _ = damaged.dispatch(request, &mut Fake::default());
+            }
+            damaged.release_vm(vm);
         }
         let _ = state.validate();
         state.repair();
@@ -726,4 +1059,605 @@ fn map_grant_asks_the_memory_domain_and_batches_refuse_ept_changes() {
         )
     );
     assert_eq!(fake.calls.len(), 1);
+}
+
+#[test]
+fn timer_cookies_name_the_vcpu_and_its_vector() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    let request = Request::Hypercall {
+        cpu: 2,
+        vm: 3,
+        vcpu: 7,
+        number: TIMER_ONESHOT,
+        args: [9000, 0xef, 0, 0, 0, 0],
+    };
+    assert_eq!(value(state.dispatch(request, &mut fake)), 1);
+    let cookie = timer_cookie(3, 7, 0xef);
+    assert_eq!(timer_target(cookie), (3, 7, 0xef));
+    assert_eq!(
+        fake.calls,
+        [format!(
+            "SetOneShot {{ cpu: 2, deadline: 9000, cookie: {cookie} }}"
+        )]
+    );
+    let highest = call_as(1, 0, TIMER_ONESHOT, 1, 255);
+    assert_eq!(value(state.dispatch(highest, &mut fake)), 2);
+}
+
+#[test]
+fn event_channels_round_trip_between_two_vms() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    // VM 1 offers a port to VM 2 and another to VM 3: the lowest free ports, 1 and 2.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 2, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 3, 0), &mut fake)),
+        2
+    );
+    // VM 2 already holds port 1 of another channel, so its end of this one is port 2.
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_ALLOC, 4, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_BIND, 1, 1), &mut fake)),
+        2
+    );
+    assert_eq!(
+        state.channels[0],
+        EventChannel {
+            state: ChannelState::Bound as u8,
+            reserved: 0,
+            reserved_2: 0,
+            owner: ChannelEnd { vm: 1, port: 1 },
+            peer: ChannelEnd { vm: 2, port: 2 },
+        }
+    );
+    // VM 1 signals: VM 2's bit 2 is pending, nobody waits, so nobody is woken.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 1, 0), &mut fake)),
+        0
+    );
+    assert_eq!(state.pending[2], 1 << 2);
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake)),
+        1 << 2
+    );
+    assert_eq!(state.pending[2], 0);
+    // Nothing pending: VM 2's vCPU blocks until VM 1 signals again.
+    assert_eq!(
+        state.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake),
+        Reply::Blocked
+    );
+    assert_eq!(state.waiting[2], 1);
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 1, 0), &mut fake)),
+        0
+    );
+    assert_eq!(state.waiting[2], 0);
+    // Woken, the vCPU re-issues its wait and finds the event.
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake)),
+        1 << 2
+    );
+    // The other way round: VM 2 signals its port 2, VM 1's port 1 is pending.
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_SEND, 2, 0), &mut fake)),
+        0
+    );
+    assert_eq!(state.pending[1], 1 << 1);
+    assert_eq!(state.validate(), Ok(()));
+    // VM 2 closes its end: the channel is gone, with VM 1's pending bit.
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_CLOSE, 2, 0), &mut fake)),
+        0
+    );
+    assert_eq!(state.pending[1], 0);
+    assert_eq!(state.channels[0].state, ChannelState::Free as u8);
+    assert_eq!(
+        state.dispatch(call_as(1, 0, EVTCHN_SEND, 1, 0), &mut fake),
+        Reply::Error(HypercallError::NotFound)
+    );
+    // The scheduler heard of one block and one wake, nothing else.
+    assert_eq!(
+        fake.calls,
+        [
+            "Block { vcpu: VcpuId { vm: 2, vcpu: 0 } }",
+            "Wake { vcpu: VcpuId { vm: 2, vcpu: 0 } }",
+        ]
+    );
+    // Port 1 of VM 1 is free again and is the next one it allocates.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 5, 0), &mut fake)),
+        1
+    );
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn a_send_wakes_every_waiting_vcpu_of_the_peer() {
+    let mut state = busy();
+    let mut fake = Fake::default();
+    // VM 3 binds VM 1's port 2; its vCPU 0 already waits, its vCPU 5 waits too.
+    assert_eq!(
+        value(state.dispatch(call_as(3, 0, EVTCHN_BIND, 1, 2), &mut fake)),
+        1
+    );
+    assert_eq!(
+        state.dispatch(call_as(3, 5, EVENT_WAIT, 0, 0), &mut fake),
+        Reply::Blocked
+    );
+    assert_eq!(state.waiting[3], 0b10_0001);
+    fake.calls.clear();
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 2, 0), &mut fake)),
+        0
+    );
+    assert_eq!(
+        fake.calls,
+        [
+            "Wake { vcpu: VcpuId { vm: 3, vcpu: 0 } }",
+            "Wake { vcpu: VcpuId { vm: 3, vcpu: 5 } }",
+        ]
+    );
+    assert_eq!((state.waiting[3], state.pending[3]), (0, 1 << 1));
+    // The first to look takes the event; the other finds nothing and blocks again.
+    assert_eq!(
+        value(state.dispatch(call_as(3, 5, EVENT_WAIT, 0, 0), &mut fake)),
+        1 << 1
+    );
+    assert_eq!(
+        state.dispatch(call_as(3, 0, EVENT_WAIT, 0, 0), &mut fake),
+        Reply::Blocked
+    );
+    assert_eq!(state.waiting[3], 1);
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn a_wait_with_events_pending_answers_the_mask_and_clears_it() {
+    let mut state = busy();
+    let mut fake = Fake::default();
+    // VM 3's vCPU 0 waits (from `busy`); VM 3 binds, VM 1 signals, then VM 3 signals back
+    // on another pair too.
+    assert_eq!(
+        value(state.dispatch(call_as(3, 0, EVTCHN_BIND, 1, 2), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(3, 0, EVTCHN_ALLOC, 1, 0), &mut fake)),
+        2
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_BIND, 3, 2), &mut fake)),
+        3
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 2, 0), &mut fake)),
+        0
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 3, 0), &mut fake)),
+        0
+    );
+    // A send repeated before anyone looked changes nothing: the bits are levels.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_SEND, 3, 0), &mut fake)),
+        0
+    );
+    assert_eq!(state.pending[3], 0b110);
+    fake.calls.clear();
+    assert_eq!(
+        value(state.dispatch(call_as(3, 0, EVENT_WAIT, 0, 0), &mut fake)),
+        0b110
+    );
+    assert_eq!((state.pending[3], state.waiting[3]), (0, 0));
+    assert!(fake.calls.is_empty(), "{:?}", fake.calls);
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn bad_ports_and_vms_are_refused_without_state_change() {
+    let mut state = busy();
+    let before = state.clone();
+    let mut fake = Fake::default();
+    let cases = [
+        // VM 1's port 2 is offered to VM 3, not bound: nothing to signal yet.
+        (call_as(1, 0, EVTCHN_SEND, 2, 0), HypercallError::NotFound),
+        // Ports nobody holds.
+        (call_as(1, 0, EVTCHN_SEND, 9, 0), HypercallError::NotFound),
+        (call_as(4, 0, EVTCHN_SEND, 1, 0), HypercallError::NotFound),
+        (call_as(4, 0, EVTCHN_CLOSE, 1, 0), HypercallError::NotFound),
+        (call_as(3, 0, EVTCHN_CLOSE, 2, 0), HypercallError::NotFound),
+        // VM 1's port 1 is bound already; port 2 is offered to VM 3, not to VM 4 or 2.
+        (call_as(2, 0, EVTCHN_BIND, 1, 1), HypercallError::NotFound),
+        (call_as(3, 0, EVTCHN_BIND, 1, 1), HypercallError::NotFound),
+        (call_as(4, 0, EVTCHN_BIND, 1, 2), HypercallError::NotFound),
+        (call_as(2, 0, EVTCHN_BIND, 1, 2), HypercallError::NotFound),
+        (call_as(3, 0, EVTCHN_BIND, 1, 9), HypercallError::NotFound),
+        (call_as(3, 0, EVTCHN_BIND, 4, 2), HypercallError::NotFound),
+        // Out of range before anything is looked up.
+        (
+            call_as(3, 0, EVTCHN_BIND, 1, 0),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            call_as(1, 0, EVTCHN_CLOSE, 0, 0),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            call_as(1, 0, EVTCHN_ALLOC, 1, 0),
+            HypercallError::InvalidArgument,
+        ),
+        (
+            call_as(1, 0, EVTCHN_ALLOC, u64::from(MAX_VMS), 0),
+            HypercallError::InvalidArgument,
+        ),
+    ];
+    for (request, error) in cases {
+        assert_eq!(
+            state.dispatch(request.clone(), &mut fake),
+            Reply::Error(error),
+            "{request:?}"
+        );
+    }
+    assert!(*state == *before);
+    assert!(fake.calls.is_empty(), "{:?}", fake.calls);
+}
+
+#[test]
+fn ports_and_records_run_out() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    // VM 1 offers every one of its ports to VM 2.
+    for port in 1..EVENT_PORTS {
+        let reply = state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 2, 0), &mut fake);
+        assert_eq!(value(reply), i64::from(port));
+    }
+    let before = state.clone();
+    assert_eq!(
+        state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 2, 0), &mut fake),
+        Reply::Error(HypercallError::NoResources)
+    );
+    assert!(state == before);
+    // VM 3 offers a port to VM 1, which has none left to bind with.
+    assert_eq!(
+        value(state.dispatch(call_as(3, 0, EVTCHN_ALLOC, 1, 0), &mut fake)),
+        1
+    );
+    let before_bind = state.clone();
+    assert_eq!(
+        state.dispatch(call_as(1, 0, EVTCHN_BIND, 3, 1), &mut fake),
+        Reply::Error(HypercallError::NoResources)
+    );
+    assert!(state == before_bind);
+    // The last record goes to VM 4; VM 5 finds none.
+    assert_eq!(
+        value(state.dispatch(call_as(4, 0, EVTCHN_ALLOC, 5, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        state.dispatch(call_as(5, 0, EVTCHN_ALLOC, 4, 0), &mut fake),
+        Reply::Error(HypercallError::NoResources)
+    );
+    // Closing VM 1's port 5 frees a record and a port: the bind now gets port 5.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_CLOSE, 5, 0), &mut fake)),
+        0
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_BIND, 3, 1), &mut fake)),
+        5
+    );
+    assert_eq!(state.validate(), Ok(()));
+    assert!(fake.calls.is_empty());
+}
+
+#[test]
+fn a_failed_wake_makes_the_send_incomplete_and_its_retry_delivers() {
+    let mut state = busy();
+    // VM 2 takes its event and waits for the next one.
+    let mut fake = Fake::default();
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake)),
+        1 << 1
+    );
+    assert_eq!(
+        state.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake),
+        Reply::Blocked
+    );
+    let send = call_as(1, 0, EVTCHN_SEND, 1, 0);
+    // The scheduler is being recovered: no event is left behind, the waiter still waits.
+    let mut failing = Fake {
+        fail_at: Some((0, Some(CallError::PeerRestarted))),
+        ..Fake::default()
+    };
+    let before = state.clone();
+    assert_eq!(
+        state.dispatch(send.clone(), &mut failing),
+        Reply::Incomplete
+    );
+    assert!(state == before);
+    // A scheduler bug is not the guest's: refused, nothing changed.
+    let mut broken = Fake {
+        scheduler_answer: Some(scheduler::Reply::Error(scheduler::Error::Inconsistent)),
+        ..Fake::default()
+    };
+    assert_eq!(
+        state.dispatch(send.clone(), &mut broken),
+        Reply::Error(HypercallError::Internal)
+    );
+    assert!(state == before);
+    // The guest re-issues the send: the waiter is woken and the event pending.
+    let mut fake = Fake::default();
+    assert_eq!(value(state.dispatch(send.clone(), &mut fake)), 0);
+    assert_eq!(fake.calls, ["Wake { vcpu: VcpuId { vm: 2, vcpu: 0 } }"]);
+    assert_eq!((state.pending[2], state.waiting[2]), (1 << 1, 0));
+    // A waiter that is gone (its VM was stopped) is forgotten; the send completes.
+    state.waiting[2] = 0b100;
+    let mut gone = Fake {
+        scheduler_answer: Some(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)),
+        ..Fake::default()
+    };
+    assert_eq!(value(state.dispatch(send, &mut gone)), 0);
+    assert_eq!(state.waiting[2], 0);
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn a_wait_the_scheduler_cannot_serve_is_incomplete_or_refused() {
+    let mut state = fresh();
+    let wait = call_as(4, 2, EVENT_WAIT, 0, 0);
+    // The scheduler fails mid-call: the block may have happened, so the waiting bit stays
+    // (at worst one spurious wake); the guest re-issues the wait.
+    let mut failing = Fake {
+        fail_at: Some((0, Some(CallError::PeerFailed))),
+        ..Fake::default()
+    };
+    assert_eq!(
+        state.dispatch(wait.clone(), &mut failing),
+        Reply::Incomplete
+    );
+    assert_eq!(state.waiting[4], 0b100);
+    assert_eq!(state.validate(), Ok(()));
+    // The scheduler refuses: nothing changed.
+    let mut state = fresh();
+    let mut refusing = Fake {
+        scheduler_answer: Some(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)),
+        ..Fake::default()
+    };
+    assert_eq!(
+        state.dispatch(wait, &mut refusing),
+        Reply::Error(HypercallError::BadVcpu)
+    );
+    assert!(*state == *fresh());
+}
+
+#[test]
+fn batches_refuse_waits_but_run_channel_calls_and_revokes() {
+    let mut state = fresh();
+    let mut fake = Fake::default();
+    let batch = [
+        entry(EVTCHN_ALLOC, 2, 0),
+        entry(EVENT_WAIT, 0, 0),
+        entry(EVTCHN_SEND, 1, 0),
+        entry(GRANT_REVOKE, 100, 2),
+        entry(EVTCHN_CLOSE, 1, 0),
+    ];
+    let reply = state.dispatch(multicall(0, 3, &batch), &mut fake);
+    assert_eq!(
+        outcomes(reply),
+        [
+            EntryOutcome::Complete(1),
+            EntryOutcome::Error(HypercallError::InvalidArgument),
+            // Unbound: nobody to signal.
+            EntryOutcome::Error(HypercallError::NotFound),
+            EntryOutcome::Complete(0),
+            EntryOutcome::Complete(0),
+        ]
+    );
+    assert_eq!(
+        fake.calls,
+        [
+            "Query { frame: FrameNumber(100) }",
+            "Unshare { frame: FrameNumber(100), from: 2 }",
+        ]
+    );
+    assert_eq!(state.channels[0].state, ChannelState::Free as u8);
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn vm_exit_closes_the_vms_channels_and_clears_its_events() {
+    let mut state = busy();
+    let mut fake = Fake::default();
+    // VM 4 offers a port to VM 1; VM 2 signals VM 1; VM 1's vCPU 3 is marked waiting.
+    assert_eq!(
+        value(state.dispatch(call_as(4, 0, EVTCHN_ALLOC, 1, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_SEND, 1, 0), &mut fake)),
+        0
+    );
+    state.waiting[1] = 1 << 3;
+    // An unrelated channel between VMs 5 and 6 survives.
+    assert_eq!(
+        value(state.dispatch(call_as(5, 0, EVTCHN_ALLOC, 6, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(6, 0, EVTCHN_BIND, 5, 1), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(5, 0, EVTCHN_SEND, 1, 0), &mut fake)),
+        0
+    );
+    // A scheduler that refuses the exit leaves everything in place.
+    let before = state.clone();
+    let mut refusing = Fake {
+        scheduler_answer: Some(scheduler::Reply::Error(scheduler::Error::Inconsistent)),
+        ..Fake::default()
+    };
+    let exit = call_as(1, 0, VM_EXIT, 0, 0x1234);
+    assert_eq!(
+        state.dispatch(exit.clone(), &mut refusing),
+        Reply::Error(HypercallError::Internal)
+    );
+    assert!(state == before);
+    assert_eq!(state.dispatch(exit.clone(), &mut fake), Reply::Blocked);
+    // VM 1's three channels are gone (bound to 2, offered to 3, offered by 4), with VM 2's
+    // pending bit and VM 1's own event state; VMs 5 and 6 keep theirs.
+    let live: std::vec::Vec<_> = state
+        .channels
+        .iter()
+        .filter(|channel| channel.state != ChannelState::Free as u8)
+        .map(|channel| (channel.owner, channel.peer))
+        .collect();
+    assert_eq!(
+        live,
+        [(ChannelEnd { vm: 5, port: 1 }, ChannelEnd { vm: 6, port: 1 })]
+    );
+    assert_eq!(
+        (state.pending[1], state.waiting[1], state.pending[2]),
+        (0, 0, 0)
+    );
+    assert_eq!(state.pending[6], 1 << 1);
+    assert_eq!(state.waiting[3], 1, "other VMs' waiters stay");
+    assert_eq!(
+        state.dispatch(call_as(3, 0, EVTCHN_BIND, 1, 2), &mut fake),
+        Reply::Error(HypercallError::NotFound)
+    );
+    assert_eq!(
+        state.dispatch(call_as(2, 0, EVTCHN_SEND, 1, 0), &mut fake),
+        Reply::Error(HypercallError::NotFound)
+    );
+    assert_eq!(state.validate(), Ok(()));
+    // A retried exit (the vCPU is gone already) still blocks and changes nothing more.
+    let after = state.clone();
+    let mut gone = Fake {
+        scheduler_answer: Some(scheduler::Reply::Error(scheduler::Error::UnknownVcpu)),
+        ..Fake::default()
+    };
+    assert_eq!(state.dispatch(exit, &mut gone), Reply::Blocked);
+    assert!(state == after);
+}
+
+#[test]
+fn grant_revoke_checks_the_owner_then_unshares() {
+    let revoke = call_as(1, 0, GRANT_REVOKE, 100, 2);
+    let frame = |owner| {
+        Some(memory::Reply::Frame(memory::FrameInfo {
+            owner,
+            kind: memory::FrameKind::Shared,
+            refcount: 2,
+            validated: true,
+        }))
+    };
+    let cases = [
+        (Fake::default(), Reply::Complete { value: 0 }, 2),
+        (
+            Fake {
+                query_answer: frame(Some(2)),
+                ..Fake::default()
+            },
+            Reply::Error(HypercallError::PermissionDenied),
+            1,
+        ),
+        (
+            Fake {
+                query_answer: frame(None),
+                ..Fake::default()
+            },
+            Reply::Error(HypercallError::NotFound),
+            1,
+        ),
+        (
+            Fake {
+                query_answer: Some(memory::Reply::Error(memory::Error::BadFrame)),
+                ..Fake::default()
+            },
+            Reply::Error(HypercallError::InvalidArgument),
+            1,
+        ),
+        (
+            Fake {
+                unshare_answer: Some(memory::Reply::Error(memory::Error::NotShared)),
+                ..Fake::default()
+            },
+            Reply::Error(HypercallError::NotFound),
+            2,
+        ),
+        (
+            Fake {
+                unshare_answer: Some(memory::Reply::Allocated(FrameNumber(5))),
+                ..Fake::default()
+            },
+            Reply::Error(HypercallError::Internal),
+            2,
+        ),
+        (
+            Fake {
+                fail_at: Some((0, Some(CallError::PeerRestarted))),
+                ..Fake::default()
+            },
+            Reply::Incomplete,
+            1,
+        ),
+        (
+            Fake {
+                fail_at: Some((1, Some(CallError::Busy))),
+                ..Fake::default()
+            },
+            Reply::Incomplete,
+            2,
+        ),
+    ];
+    for (mut fake, expected, calls) in cases {
+        let mut state = fresh();
+        assert_eq!(state.dispatch(revoke.clone(), &mut fake), expected);
+        assert_eq!(
+            fake.calls[..calls],
+            [
+                "Query { frame: FrameNumber(100) }",
+                "Unshare { frame: FrameNumber(100), from: 2 }",
+            ][..calls],
+            "{expected:?}"
+        );
+        assert_eq!(fake.calls.len(), calls, "{expected:?}");
+        assert!(*state == *fresh());
+    }
+}
+
+#[test]
+fn event_state_round_trips_through_bytes() {
+    let state = busy();
+    // Microreboot: only the state region's bytes survive.
+    let mut rebooted = HypercallState::read_from_bytes(state.as_bytes()).unwrap();
+    assert!(rebooted == *state);
+    assert_eq!(rebooted.validate(), Ok(()));
+    assert_eq!(rebooted.repair().fixes(), 0);
+    let mut fake = Fake::default();
+    assert_eq!(
+        value(rebooted.dispatch(call_as(2, 0, EVENT_WAIT, 0, 0), &mut fake)),
+        1 << 1
+    );
+    assert_eq!(
+        value(rebooted.dispatch(call_as(3, 0, EVTCHN_BIND, 1, 2), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(rebooted.dispatch(call_as(1, 0, EVTCHN_SEND, 2, 0), &mut fake)),
+        0
+    );
+    assert_eq!(fake.calls, ["Wake { vcpu: VcpuId { vm: 3, vcpu: 0 } }"]);
+    // `init` forgets every channel, event and waiter.
+    rebooted.init();
+    assert!(rebooted == *fresh());
+    assert!(rebooted.as_bytes().iter().all(|&byte| byte == 0));
 }

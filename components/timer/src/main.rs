@@ -48,13 +48,20 @@ impl StateService for Timer {
             while let Reply::Expired { cookies, more } = state.handle(Request::Expire { cpu, now })
             {
                 expired += cookies.len();
+                for cookie in cookies {
+                    // A guest timer: the core injects its vector into the vCPU (and wakes it).
+                    // A VM that is gone answers NoSuchTarget: its timer simply lapses.
+                    let (vm, vcpu, vector) = ipc::hypercall::timer_target(cookie);
+                    if u64::from(vector) >= ipc::hypercall::VECTOR_MIN {
+                        let _ = context.inject(vm, vcpu, vector);
+                    }
+                }
                 if !more {
                     break;
                 }
             }
         }
         if expired > 0 {
-            // The hypercall domain turns these into virtual interrupts once guests exist.
             let _ = context.notify(DomainIndex::Hypercall as u16, notify::TIMERS_EXPIRED);
         }
         program_deadlines(context, state);

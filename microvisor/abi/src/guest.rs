@@ -35,6 +35,37 @@ pub const START_MAGIC: u64 = 0x0074_7365_7567_766d; // "mvguest", little-endian
 /// Parameters a scenario passes to a guest ([`StartInfo::params`]).
 pub const PARAMS: usize = 8;
 
+/// Where the core puts the guest images a control VM holds (its boot modules): RAM from here
+/// up to [`MODULES_END`], after the stack.
+pub const MODULES_BASE: u64 = STACK_TOP;
+/// The end of the module area (the window starts there).
+pub const MODULES_END: u64 = WINDOW_FIRST_GFN * 4096;
+/// The most modules a VM is given.
+pub const MAX_MODULES: usize = 4;
+
+/// One boot module: a guest image the VM holds in its RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Module {
+    /// Its name, up to 8 ASCII bytes, little-endian in the word (see [`name_word`]).
+    pub name: u64,
+    /// Guest-physical address of its first byte.
+    pub address: u64,
+    /// Its length in bytes.
+    pub length: u64,
+}
+
+/// A name of up to 8 bytes as one word (little-endian, zero padded); longer names are cut.
+pub const fn name_word(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    let mut word = 0u64;
+    let mut index = 0;
+    while index < bytes.len() && index < 8 {
+        word |= (bytes[index] as u64) << (8 * index);
+        index += 1;
+    }
+    word
+}
+
 /// Word offsets (in u64s) of the start information at [`START_INFO`].
 pub mod start_info {
     /// [`START_MAGIC`](super::START_MAGIC).
@@ -49,10 +80,17 @@ pub mod start_info {
     pub const CPUS: usize = 4;
     /// 1 for the privileged control VM.
     pub const PRIVILEGED: usize = 5;
+    /// How many boot modules follow at [`MODULE_TABLE`].
+    pub const MODULE_COUNT: usize = 6;
+    /// TSC ticks per millisecond (guest time; under bochs, instructions per ms).
+    pub const TSC_KHZ: usize = 7;
     /// Scenario parameters, [`PARAMS`](super::PARAMS) words.
     pub const PARAMS: usize = 8;
+    /// The module table: name, address, length per module, [`MAX_MODULES`](super::MAX_MODULES)
+    /// entries.
+    pub const MODULE_TABLE: usize = PARAMS + super::PARAMS;
     /// Words in the page the core fills.
-    pub const WORDS: usize = PARAMS + super::PARAMS;
+    pub const WORDS: usize = MODULE_TABLE + 3 * super::MAX_MODULES;
 }
 
 /// The start information, as a guest reads it.
@@ -70,6 +108,12 @@ pub struct StartInfo {
     pub privileged: bool,
     /// Scenario parameters.
     pub params: [u64; PARAMS],
+    /// Boot modules (the first `module_count` are valid).
+    pub modules: [Module; MAX_MODULES],
+    /// How many modules there are.
+    pub module_count: usize,
+    /// TSC ticks per millisecond.
+    pub tsc_khz: u64,
 }
 
 impl StartInfo {
@@ -82,7 +126,13 @@ impl StartInfo {
         words[start_info::RAM_BYTES] = self.ram_bytes;
         words[start_info::CPUS] = self.cpus;
         words[start_info::PRIVILEGED] = u64::from(self.privileged);
-        words[start_info::PARAMS..].copy_from_slice(&self.params);
+        words[start_info::PARAMS..start_info::MODULE_TABLE].copy_from_slice(&self.params);
+        words[start_info::MODULE_COUNT] = self.module_count.min(MAX_MODULES) as u64;
+        words[start_info::TSC_KHZ] = self.tsc_khz;
+        for (index, module) in self.modules.iter().enumerate() {
+            let at = start_info::MODULE_TABLE + 3 * index;
+            words[at..at + 3].copy_from_slice(&[module.name, module.address, module.length]);
+        }
         words
     }
 
@@ -92,7 +142,20 @@ impl StartInfo {
             return None;
         }
         let mut params = [0; PARAMS];
-        params.copy_from_slice(&words[start_info::PARAMS..]);
+        params.copy_from_slice(&words[start_info::PARAMS..start_info::MODULE_TABLE]);
+        let module_count = usize::try_from(words[start_info::MODULE_COUNT]).ok()?;
+        if module_count > MAX_MODULES {
+            return None;
+        }
+        let mut modules = [Module::default(); MAX_MODULES];
+        for (index, module) in modules.iter_mut().enumerate().take(module_count) {
+            let at = start_info::MODULE_TABLE + 3 * index;
+            *module = Module {
+                name: words[at],
+                address: words[at + 1],
+                length: words[at + 2],
+            };
+        }
         Some(StartInfo {
             vm: u16::try_from(words[start_info::VM]).ok()?,
             vcpu: u16::try_from(words[start_info::VCPU]).ok()?,
@@ -100,6 +163,9 @@ impl StartInfo {
             cpus: words[start_info::CPUS],
             privileged: words[start_info::PRIVILEGED] == 1,
             params,
+            modules,
+            module_count,
+            tsc_khz: words[start_info::TSC_KHZ],
         })
     }
 }
@@ -110,6 +176,8 @@ const _: () = {
     assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
     assert!(IMAGE_BASE < IMAGE_END && IMAGE_END < STACK_TOP);
     assert!(STACK_TOP <= WINDOW_FIRST_GFN * 4096);
+    assert!(MODULES_BASE.is_multiple_of(4096) && MODULES_BASE < MODULES_END);
+    assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
     assert!((WINDOW_FIRST_GFN + WINDOW_PAGES) * 4096 == 2 << 20);
 };
 
@@ -126,13 +194,30 @@ mod tests {
             cpus: 4,
             privileged: false,
             params: [1, 2, 3, 4, 5, 6, 7, 8],
+            modules: [
+                Module {
+                    name: name_word("netbench"),
+                    address: MODULES_BASE,
+                    length: 1234,
+                },
+                Module::default(),
+                Module::default(),
+                Module::default(),
+            ],
+            module_count: 1,
+            tsc_khz: 4000,
         };
+        assert_eq!(name_word("ab"), 0x6261);
+        assert_eq!(name_word("longer than eight"), name_word("longer t"));
         assert_eq!(StartInfo::from_words(&info.to_words()), Some(info));
         let mut bad = info.to_words();
         bad[start_info::MAGIC] ^= 1;
         assert_eq!(StartInfo::from_words(&bad), None);
         let mut bad = info.to_words();
         bad[start_info::VM] = 1 << 20;
+        assert_eq!(StartInfo::from_words(&bad), None);
+        let mut bad = info.to_words();
+        bad[start_info::MODULE_COUNT] = MAX_MODULES as u64 + 1;
         assert_eq!(StartInfo::from_words(&bad), None);
     }
 }

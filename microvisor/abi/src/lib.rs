@@ -37,6 +37,11 @@ pub mod call {
     /// CPU's clock passes it, the core posts [`notify::DEADLINE`](super::notify::DEADLINE) to
     /// the timer domain (checked on every tick of that CPU's local APIC timer).
     pub const SET_DEADLINE: u64 = 5;
+    /// Timer domain only: raise virtual interrupt RDX (32..=255) in vCPU RSI of guest VM RDI
+    /// (a guest timer expired). The core marks it pending, wakes the vCPU if it is blocked and
+    /// injects the vector at its next VM entry with interrupts enabled. Returns RAX = status
+    /// (`NoSuchTarget`: no such VM any more).
+    pub const INJECT: u64 = 6;
 }
 
 /// Notification bits the core posts itself. A thread receives its domain's pending bits in
@@ -46,8 +51,8 @@ pub mod notify {
     pub const TICK: u64 = 1 << 0;
     /// A deadline programmed with `SET_DEADLINE` passed (posted to the timer domain).
     pub const DEADLINE: u64 = 1 << 1;
-    /// Timers expired (the timer domain posts it to the hypercall domain, which will turn it
-    /// into virtual interrupts for guests).
+    /// Timers expired (posted by the timer domain to the hypercall domain for its records;
+    /// the virtual interrupts themselves go to the core with `INJECT`).
     pub const TIMERS_EXPIRED: u64 = 1 << 2;
 }
 

@@ -12,6 +12,7 @@
 #![no_std]
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 pub use ipc::hypercall as abi;
 pub use microvisor_abi::guest::{self as layout, StartInfo};
@@ -69,6 +70,78 @@ pub fn read_u64(address: u64) -> u64 {
 pub fn write_u64(address: u64, value: u64) {
     // SAFETY: as in `read_u64`; guest kernels write only pages they mapped for this.
     unsafe { core::ptr::write_volatile((address & !7) as *mut u64, value) }
+}
+
+/// Virtual interrupts taken since [`enable_interrupts`] (every vector counts).
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+
+/// The guest's IDT: 256 16-byte gates, filled by [`enable_interrupts`].
+static IDT: [AtomicU64; 512] = [const { AtomicU64::new(0) }; 512];
+
+// The handler of every vector from 32 up: count it and return. It touches no register but
+// the flags (which IRETQ restores) and no stack but the interrupt frame; guests are built
+// without a red zone, so the frame cannot land on live data.
+core::arch::global_asm!(
+    ".global microvisor_guest_interrupt",
+    "microvisor_guest_interrupt:",
+    "lock inc qword ptr [rip + {count}]",
+    "iretq",
+    count = sym INTERRUPTS,
+);
+
+unsafe extern "C" {
+    fn microvisor_guest_interrupt();
+}
+
+/// Installs an IDT whose vectors 32..=255 count into [`interrupts`] and enables interrupts,
+/// so the virtual interrupts the core injects (a timer's vector) are taken. Exceptions (0..32)
+/// still exit to the core, which stops the VM.
+pub fn enable_interrupts() {
+    let handler = microvisor_guest_interrupt as *const () as u64;
+    for vector in 32..256 {
+        // Present, DPL 0, 64-bit interrupt gate (0x8e), code selector 0x08.
+        let low =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((handler >> 16) & 0xffff) << 48;
+        IDT[vector * 2].store(low, Ordering::Relaxed);
+        IDT[vector * 2 + 1].store(handler >> 32, Ordering::Relaxed);
+    }
+    let mut pointer = [0u8; 10];
+    pointer[..2].copy_from_slice(&(4096u16 - 1).to_le_bytes());
+    pointer[2..].copy_from_slice(&(IDT.as_ptr() as u64).to_le_bytes());
+    // SAFETY: the IDT is a static of 256 valid gates to a handler that only counts and
+    // returns; LIDT reads the 10-byte pointer; STI then lets the core's injections in.
+    unsafe {
+        core::arch::asm!("lidt [{}]", "sti", in(reg) pointer.as_ptr(), options(nostack));
+    }
+}
+
+/// Virtual interrupts taken so far.
+pub fn interrupts() -> u64 {
+    INTERRUPTS.load(Ordering::Relaxed)
+}
+
+/// `EVENT_WAIT` unless an interrupt came after the caller last looked: answers the pending
+/// event-channel ports (bit per port), or 0 after the vCPU was blocked and woken (by an event
+/// or a virtual interrupt), or 0 at once if [`interrupts`] is no longer `seen`, or a negative
+/// error.
+///
+/// The check and the wait happen with interrupts disabled, so an interrupt arriving in
+/// between stays pending in the core, which then answers the wait at once instead of
+/// blocking: no wake-up is lost. Interrupts are enabled again afterwards if they were on.
+pub fn wait_for_event(seen: u64) -> i64 {
+    let flags: u64;
+    // SAFETY: reads RFLAGS and clears IF; nothing else changes.
+    unsafe { core::arch::asm!("pushfq", "pop {}", "cli", out(reg) flags) };
+    let result = if interrupts() != seen {
+        0
+    } else {
+        hypercall(abi::EVENT_WAIT, [0; 6])
+    };
+    if flags & (1 << 9) != 0 {
+        // SAFETY: interrupts were enabled on entry (with the IDT `enable_interrupts` set up).
+        unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    }
+    result
 }
 
 /// The console: `CONSOLE_WRITE` in chunks of at most `CONSOLE_MAX` bytes, one line each.

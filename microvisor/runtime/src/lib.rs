@@ -164,6 +164,21 @@ impl Context {
         }
     }
 
+    /// Timer domain only: raises virtual interrupt `vector` in vCPU `vcpu` of guest VM `vm`.
+    pub fn inject(&mut self, vm: u16, vcpu: u8, vector: u8) -> Result<(), Status> {
+        let (status, ..) = syscall3(
+            call::INJECT,
+            u64::from(vm),
+            u64::from(vcpu),
+            u64::from(vector),
+        );
+        match Status::from_raw(status) {
+            Some(Status::Ok) => Ok(()),
+            Some(status) => Err(status),
+            None => Err(Status::BadArgument),
+        }
+    }
+
     /// The time-stamp counter.
     pub fn tsc(&self) -> u64 {
         // SAFETY: RDTSC is allowed in ring 3 (the core never sets CR4.TSD) and has no side effect.

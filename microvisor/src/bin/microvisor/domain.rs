@@ -226,6 +226,18 @@ pub fn check_deadline(cpu: usize, now: u64) {
     }
 }
 
+/// The deadline the timer domain programmed for `cpu` (TSC; 0 = none).
+pub fn deadline(cpu: usize) -> u64 {
+    DEADLINES
+        .get(cpu)
+        .map_or(0, |slot| slot.load(core::sync::atomic::Ordering::Acquire))
+}
+
+/// Whether the timer domain has notification bits waiting.
+pub fn timer_notified() -> bool {
+    NOTIFICATIONS[usize::from(TIMER_DOMAIN)].load(core::sync::atomic::Ordering::Acquire) != 0
+}
+
 /// How many programmed deadlines have fired.
 pub fn deadlines_fired() -> u64 {
     DEADLINES_FIRED.load(core::sync::atomic::Ordering::Relaxed)
@@ -951,6 +963,18 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                 Status::Ok as u64
             } else {
                 Status::BadArgument as u64
+            };
+        }
+        call::INJECT => {
+            let (vm, vcpu, vector) = (frame.rdi, frame.rsi, frame.rdx);
+            frame.rax = if current != TIMER_DOMAIN {
+                Status::NoCapability as u64
+            } else if vm > u64::from(u16::MAX) || vcpu > 0xff || !(32..=0xff).contains(&vector) {
+                Status::BadArgument as u64
+            } else if crate::guest::inject(vm as u16, vcpu as u8, vector as u8) {
+                Status::Ok as u64
+            } else {
+                Status::NoSuchTarget as u64
             };
         }
         call::LOG => {

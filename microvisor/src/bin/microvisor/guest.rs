@@ -13,7 +13,7 @@
 //! A slice ends at a VMX-preemption-timer exit ([`QUANTUM_MS`]), a yield, a HLT or the
 //! vCPU's exit. The guest's FPU/SSE state is switched with FXSAVE/FXRSTOR around every entry.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use elf::ElfBytes;
 use elf::abi::PT_LOAD;
@@ -49,11 +49,17 @@ const EXIT_QUALIFICATION: u64 = 0x6400;
 const EXIT_INTERRUPTION_INFO: u64 = 0x4404;
 const IA32_VMX_MISC: u32 = 0x485;
 const IA32_EFER: u32 = 0xc000_0080;
+const ENTRY_INTERRUPTION_INFO: u64 = 0x4016;
+/// Primary processor-based control: exit as soon as the guest can take an interrupt.
+const INTERRUPT_WINDOW_EXITING: u64 = 1 << 2;
+/// The largest image VM_CREATE accepts (it is staged in the core before loading).
+const IMAGE_STAGE_BYTES: usize = 128 * 1024;
 
 // Exit reasons (SDM Vol. 3D, Appendix C).
 const EXIT_EXCEPTION: u32 = 0;
 const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
 const EXIT_TRIPLE_FAULT: u32 = 2;
+const EXIT_INTERRUPT_WINDOW: u32 = 7;
 const EXIT_CPUID: u32 = 10;
 const EXIT_HLT: u32 = 12;
 const EXIT_VMCALL: u32 = 18;
@@ -91,6 +97,12 @@ impl Verdict {
 struct Vm {
     id: u16,
     guest: &'static str,
+    /// The control VM: may create, start, query and destroy VMs.
+    privileged: bool,
+    /// Its vCPU was handed to the scheduler (VM_START, or created started).
+    started: bool,
+    /// VM_DESTROY removed it (its record stays for the summary).
+    destroyed: bool,
     /// Host frame number backing each guest frame (0 = not mapped).
     frames: [u32; GUEST_FRAMES],
     /// Guest frames mapped with MAP_GRANT (bit per frame).
@@ -122,6 +134,8 @@ struct Vcpu {
     /// The multicall batch number (advanced when a batch completes).
     batch: u32,
     entry: u64,
+    /// Interrupt-window exiting is on (a vector waits for the guest to enable interrupts).
+    window_exiting: bool,
 }
 
 /// An FXSAVE area.
@@ -169,6 +183,26 @@ static TABLE: Mutex<Table> = Mutex::new(Table {
 });
 /// Application processors run guests while this is set.
 static RUNNING: AtomicBool = AtomicBool::new(false);
+/// Per VM slot: its VM number + 1 (0 = free), readable without the table lock (virtual
+/// interrupts are raised from a system call of the timer domain).
+static SLOT_IDS: [AtomicU32; MAX_VMS] = [const { AtomicU32::new(0) }; MAX_VMS];
+/// Per VM slot: its vCPU's home CPU.
+static SLOT_HOMES: [AtomicU8; MAX_VMS] = [const { AtomicU8::new(0) }; MAX_VMS];
+/// Per VM slot: pending virtual interrupt vectors (a 256-bit request register).
+static PENDING: [[AtomicU64; 4]; MAX_VMS] = [const { [const { AtomicU64::new(0) }; 4] }; MAX_VMS];
+/// Per VM slot: a virtual interrupt arrived; its home CPU must wake the vCPU (scheduler `Wake`).
+static WAKE: [AtomicBool; MAX_VMS] = [const { AtomicBool::new(false) }; MAX_VMS];
+/// Per CPU: something may have become runnable here; do not sleep.
+static KICKED: [AtomicBool; crate::cpu::MAX_CPUS] =
+    [const { AtomicBool::new(false) }; crate::cpu::MAX_CPUS];
+/// The next number VM_CREATE hands out (numbers are never reused within a run).
+static NEXT_VM: AtomicU16 = AtomicU16::new(microvisor::scenario::FIRST_VM);
+/// Serialises MAP_GRANT (check, then EPT entry) against GRANT_REVOKE (no mapping, then
+/// unshare), so a revoked frame cannot be mapped in between.
+static GRANT_LOCK: Mutex<()> = Mutex::new(());
+/// Where VM_CREATE copies an image out of the control VM before loading it.
+static IMAGE_STAGE: Mutex<[u8; IMAGE_STAGE_BYTES]> = Mutex::new([0; IMAGE_STAGE_BYTES]);
+
 /// The VMCS active on each CPU (physical address; 0 = none).
 static CURRENT_VMCS: [AtomicU64; crate::cpu::MAX_CPUS] =
     [const { AtomicU64::new(0) }; crate::cpu::MAX_CPUS];
@@ -367,25 +401,59 @@ fn read_guest(vm: &Vm, gpa: u64, bytes: &mut [u8]) -> Result<(), HypercallError>
     })
 }
 
-/// Creates VM `id` running `image` (a guest kernel ELF) with one vCPU homed on `home_cpu`.
-pub fn create_vm(
-    id: u16,
-    guest: &'static str,
-    image: &[u8],
-    home_cpu: u8,
-    params: [u64; layout::PARAMS],
-) -> Result<(), CreateError> {
-    let slot = {
+/// What a VM is built from.
+pub struct VmConfig<'a> {
+    /// Its number (memory owner and hypercall identity).
+    pub id: u16,
+    /// The guest kernel's name (for the summary).
+    pub guest: &'static str,
+    /// The guest kernel (an ELF linked for the guest layout).
+    pub image: &'a [u8],
+    /// The CPU its vCPU is pinned to.
+    pub home_cpu: u8,
+    /// Its start parameters.
+    pub params: [u64; layout::PARAMS],
+    /// The control VM.
+    pub privileged: bool,
+    /// Guest images copied into its RAM as boot modules: (name, ELF).
+    pub modules: &'a [(&'static str, &'a [u8])],
+    /// Hand its vCPU to the scheduler now (else at VM_START).
+    pub start: bool,
+}
+
+/// Allocates a VM number for VM_CREATE (never reused within a run).
+fn next_vm_number() -> u16 {
+    NEXT_VM.fetch_add(1, Ordering::AcqRel)
+}
+
+/// Creates a VM from `config` with one vCPU homed on `config.home_cpu`.
+pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
+    let VmConfig {
+        id,
+        guest,
+        image,
+        home_cpu,
+        params,
+        privileged,
+        modules,
+        start,
+    } = *config;
+    {
         let table = TABLE.lock();
         if table.pool.is_none() {
             return Err(CreateError::NoSlot);
         }
-        table
-            .vms
-            .iter()
-            .position(Option::is_none)
-            .ok_or(CreateError::NoSlot)?
-    };
+        if !table.vms.iter().any(Option::is_none) {
+            return Err(CreateError::NoSlot);
+        }
+        if slot_of(&table, id).is_some() {
+            return Err(CreateError::NoSlot);
+        }
+    }
+    NEXT_VM.fetch_max(id.saturating_add(1), Ordering::AcqRel);
+    if usize::from(home_cpu) >= crate::run::cpus_registered() {
+        return Err(CreateError::Image("home CPU out of range"));
+    }
     let elf = ElfBytes::<LittleEndian>::minimal_parse(image)
         .map_err(|_| CreateError::Image("not an ELF file"))?;
     let entry = elf.ehdr.e_entry;
@@ -411,6 +479,9 @@ pub fn create_vm(
     let mut vm = Vm {
         id,
         guest,
+        privileged,
+        started: false,
+        destroyed: false,
         frames: [0; GUEST_FRAMES],
         granted: [0; GUEST_FRAMES / 64],
         ept_table: pt,
@@ -435,11 +506,76 @@ pub fn create_vm(
             fpu: FpuArea::initial(),
             batch: 0,
             entry,
+            window_exiting: false,
         },
     };
+    // Any failure from here returns the frames taken so far.
+    let built = build_memory(&mut vm, &elf, &segments, params, modules);
+    if let Err(error) = built {
+        release_frames(&mut vm);
+        return Err(error);
+    }
+    let slot = {
+        let mut table = TABLE.lock();
+        let Some(slot) = table.vms.iter().position(Option::is_none) else {
+            drop(table);
+            release_frames(&mut vm);
+            return Err(CreateError::NoSlot);
+        };
+        PENDING[slot]
+            .iter()
+            .for_each(|word| word.store(0, Ordering::Relaxed));
+        WAKE[slot].store(false, Ordering::Relaxed);
+        SLOT_HOMES[slot].store(home_cpu, Ordering::Relaxed);
+        SLOT_IDS[slot].store(u32::from(id) + 1, Ordering::Release);
+        table.vms[slot] = Some(vm);
+        slot
+    };
+    log::info!(
+        "VM {id} created: guest {guest}{}, {} KiB RAM from the memory domain, vCPU 0 homed on CPU {home_cpu}",
+        if privileged { " (control VM)" } else { "" },
+        layout::RAM_PAGES * 4
+    );
+    if start {
+        start_vm(slot, None).map_err(|_| CreateError::Scheduler)?;
+    }
+    Ok(())
+}
+
+/// Gives a VM under construction its RAM, boot structures, image and modules.
+fn build_memory(
+    vm: &mut Vm,
+    elf: &ElfBytes<'_, LittleEndian>,
+    segments: &elf::segment::SegmentTable<'_, LittleEndian>,
+    params: [u64; layout::PARAMS],
+    modules: &[(&'static str, &[u8])],
+) -> Result<(), CreateError> {
     for gfn in 0..layout::RAM_PAGES as usize {
-        let frame = new_frame(id).map_err(CreateError::Memory)?;
-        set_ept(&mut vm, gfn, frame);
+        let frame = new_frame(vm.id).map_err(CreateError::Memory)?;
+        set_ept(vm, gfn, frame);
+    }
+    // Boot modules: each from a page boundary of the module area.
+    let mut table = [layout::Module::default(); layout::MAX_MODULES];
+    if modules.len() > layout::MAX_MODULES {
+        return Err(CreateError::Image("too many boot modules"));
+    }
+    let mut cursor = layout::MODULES_BASE;
+    for (index, (name, bytes)) in modules.iter().enumerate() {
+        let pages = (bytes.len() as u64).div_ceil(4096);
+        if cursor + pages * 4096 > layout::MODULES_END {
+            return Err(CreateError::Image("the boot modules do not fit"));
+        }
+        for gfn in cursor / 4096..cursor / 4096 + pages {
+            let frame = new_frame(vm.id).map_err(CreateError::Memory)?;
+            set_ept(vm, gfn as usize, frame);
+        }
+        write_guest(vm, cursor, bytes).map_err(|_| CreateError::Image("cannot copy a module"))?;
+        table[index] = layout::Module {
+            name: layout::name_word(name),
+            address: cursor,
+            length: bytes.len() as u64,
+        };
+        cursor += pages * 4096;
     }
     // Guest page tables: an identity map of the first 2 MiB with one large page.
     let words = |address: u64, values: &[u64]| {
@@ -447,7 +583,7 @@ pub fn create_vm(
         for (chunk, value) in bytes.chunks_exact_mut(8).zip(values) {
             chunk.copy_from_slice(&value.to_le_bytes());
         }
-        write_guest(&vm, address, &bytes[..values.len() * 8])
+        write_guest(vm, address, &bytes[..values.len() * 8])
     };
     let written = words(layout::PML4, &[(layout::PML4 + 0x1000) | 0x7])
         .and(words(
@@ -460,20 +596,18 @@ pub fn create_vm(
             &[0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff],
         ));
     let info = StartInfo {
-        vm: id,
+        vm: vm.id,
         vcpu: 0,
         ram_bytes: layout::RAM_PAGES * 4096,
         cpus: crate::run::cpus_registered() as u64,
-        privileged: false,
+        privileged: vm.privileged,
         params,
+        modules: table,
+        module_count: modules.len(),
+        tsc_khz: apic::tsc_khz(),
     };
-    let start_words = info.to_words();
-    let mut start_bytes = [0u8; layout::start_info::WORDS * 8];
-    for (chunk, value) in start_bytes.chunks_exact_mut(8).zip(start_words) {
-        chunk.copy_from_slice(&value.to_le_bytes());
-    }
     written
-        .and(write_guest(&vm, layout::START_INFO, &start_bytes))
+        .and(write_start_info(vm, &info))
         .map_err(|_| CreateError::Image("cannot write the boot structures"))?;
     for segment in segments.iter().filter(|segment| segment.p_type == PT_LOAD) {
         let start = segment.p_paddr;
@@ -491,18 +625,182 @@ pub fn create_vm(
                 "segment file size exceeds its memory size",
             ));
         }
-        write_guest(&vm, start, data).map_err(|_| CreateError::Image("cannot copy a segment"))?;
+        write_guest(vm, start, data).map_err(|_| CreateError::Image("cannot copy a segment"))?;
     }
-    let vcpu = VcpuId { vm: id, vcpu: 0 };
+    Ok(())
+}
+
+/// Writes the start information words at `layout::START_INFO`.
+fn write_start_info(vm: &Vm, info: &StartInfo) -> Result<(), HypercallError> {
+    let mut bytes = [0u8; layout::start_info::WORDS * 8];
+    for (chunk, value) in bytes.chunks_exact_mut(8).zip(info.to_words()) {
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    write_guest(vm, layout::START_INFO, &bytes)
+}
+
+/// Returns every frame a VM (under construction, or not yet started) holds.
+fn release_frames(vm: &mut Vm) {
+    for gfn in 0..GUEST_FRAMES {
+        let frame = vm.frames[gfn];
+        if frame != 0 && vm.granted[gfn / 64] & (1 << (gfn % 64)) == 0 {
+            let _ = memory_call(memory::Request::Free {
+                frame: FrameNumber(frame),
+                owner: vm.id,
+            });
+        }
+        if frame != 0 {
+            set_ept(vm, gfn, 0);
+        }
+    }
+    vm.granted = [0; GUEST_FRAMES / 64];
+}
+
+/// Starts the VM in `slot`: optionally new start parameters, then its vCPU goes to the
+/// scheduler.
+fn start_vm(slot: usize, params: Option<[u64; layout::PARAMS]>) -> Result<(), HypercallError> {
+    let (vcpu, home_cpu) = {
+        let mut table = TABLE.lock();
+        let vm = table.vms[slot].as_mut().ok_or(HypercallError::NotFound)?;
+        if vm.started || vm.destroyed {
+            return Err(HypercallError::InUse);
+        }
+        if let Some(params) = params {
+            let mut bytes = [0u8; layout::PARAMS * 8];
+            for (chunk, value) in bytes.chunks_exact_mut(8).zip(params) {
+                chunk.copy_from_slice(&value.to_le_bytes());
+            }
+            let at = layout::START_INFO + layout::start_info::PARAMS as u64 * 8;
+            write_guest(vm, at, &bytes)?;
+        }
+        vm.started = true;
+        vm.created_tsc = apic::tsc();
+        (VcpuId { vm: vm.id, vcpu: 0 }, vm.vcpu.home_cpu)
+    };
     match scheduler_call(scheduler::Request::CreateVcpu { vcpu, home_cpu }) {
-        Ok(scheduler::Reply::Done) => {}
-        _ => return Err(CreateError::Scheduler),
+        Ok(scheduler::Reply::Done) => {
+            kick(usize::from(home_cpu));
+            Ok(())
+        }
+        _ => {
+            if let Some(vm) = TABLE.lock().vms[slot].as_mut() {
+                vm.started = false;
+            }
+            Err(HypercallError::Internal)
+        }
     }
-    log::info!(
-        "VM {id} created: guest {guest}, {} KiB RAM from the memory domain, vCPU 0 homed on CPU {home_cpu}",
-        layout::RAM_PAGES * 4
-    );
-    TABLE.lock().vms[slot] = Some(vm);
+}
+
+/// Raises virtual interrupt `vector` in vCPU `vcpu` of VM `vm` (the timer domain's `INJECT`):
+/// pending until the vCPU can take it; its home CPU wakes it if it is blocked. Lock-free (runs
+/// in a system call). Returns whether the VM exists.
+pub fn inject(vm: u16, vcpu: u8, vector: u8) -> bool {
+    if vcpu != 0 {
+        return false;
+    }
+    let Some(slot) = SLOT_IDS
+        .iter()
+        .position(|id| id.load(Ordering::Acquire) == u32::from(vm) + 1)
+    else {
+        return false;
+    };
+    PENDING[slot][usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+    WAKE[slot].store(true, Ordering::Release);
+    kick(usize::from(SLOT_HOMES[slot].load(Ordering::Relaxed)));
+    true
+}
+
+/// Tells `cpu` that it may have work: it does not go to sleep, and is interrupted if it is
+/// asleep.
+fn kick(cpu: usize) {
+    if let Some(flag) = KICKED.get(cpu) {
+        flag.store(true, Ordering::Release);
+    }
+    if cpu != crate::cpu::current_index() {
+        apic::send_to_others(crate::trap::KICK_VECTOR);
+    }
+}
+
+/// Kicks every other CPU (after an event-channel send: the woken vCPU may live anywhere).
+fn kick_others() {
+    let me = crate::cpu::current_index();
+    for (cpu, flag) in KICKED.iter().enumerate() {
+        if cpu != me {
+            flag.store(true, Ordering::Release);
+        }
+    }
+    apic::send_to_others(crate::trap::KICK_VECTOR);
+}
+
+/// Timer-related work on this CPU between guest entries: a passed deadline becomes the timer
+/// domain's `DEADLINE` notification, delivered at once (it expires the timers and raises
+/// their virtual interrupts).
+fn service_timers(cpu: usize) {
+    domain::check_deadline(cpu, apic::tsc());
+    if domain::timer_notified() {
+        domain::deliver_notifications();
+    }
+}
+
+/// Wakes (scheduler `Wake`) the vCPUs homed here that got a virtual interrupt.
+fn wake_local(cpu: usize) {
+    for slot in 0..MAX_VMS {
+        let id = SLOT_IDS[slot].load(Ordering::Acquire);
+        if id == 0
+            || usize::from(SLOT_HOMES[slot].load(Ordering::Relaxed)) != cpu
+            || !WAKE[slot].swap(false, Ordering::AcqRel)
+        {
+            continue;
+        }
+        let vcpu = VcpuId {
+            vm: (id - 1) as u16,
+            vcpu: 0,
+        };
+        if scheduler_call(scheduler::Request::Wake { vcpu }).is_err() {
+            // The scheduler is being recovered: try again next time round.
+            WAKE[slot].store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The highest pending virtual interrupt of the VM in `slot`.
+fn highest_pending(slot: usize) -> Option<u8> {
+    (0..4).rev().find_map(|word| {
+        let bits = PENDING[slot][word].load(Ordering::Acquire);
+        (bits != 0).then(|| (word * 64 + 63 - bits.leading_zeros() as usize) as u8)
+    })
+}
+
+/// Before a VM entry: injects the highest pending vector if the guest can take it now, else
+/// asks for an exit as soon as it can (interrupt-window exiting).
+fn prepare_injection(slot: usize, state: &mut Vcpu) -> Result<(), vm::GuestError> {
+    let want_window = match highest_pending(slot) {
+        None => false,
+        Some(vector) => {
+            let interrupts_on = vmread(vm::GUEST_RFLAGS) & (1 << 9) != 0;
+            // Blocking by STI or MOV SS.
+            let blocked = vmread(vm::GUEST_INTERRUPTIBILITY) & 0b11 != 0;
+            if interrupts_on && !blocked {
+                PENDING[slot][usize::from(vector / 64)]
+                    .fetch_and(!(1 << (vector % 64)), Ordering::AcqRel);
+                // Valid, external interrupt (type 0), the vector.
+                vmwrite(ENTRY_INTERRUPTION_INFO, (1 << 31) | u64::from(vector))?;
+                false
+            } else {
+                true
+            }
+        }
+    };
+    if want_window != state.window_exiting {
+        let primary = vmread(vm::PROC_BASED_CONTROLS);
+        let primary = if want_window {
+            primary | INTERRUPT_WINDOW_EXITING
+        } else {
+            primary & !INTERRUPT_WINDOW_EXITING
+        };
+        vmwrite(vm::PROC_BASED_CONTROLS, primary)?;
+        state.window_exiting = want_window;
+    }
     Ok(())
 }
 
@@ -691,14 +989,29 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
     let mut exits = 0u64;
     let started = apic::tsc();
     let next = loop {
-        // What is left of the quantum, whatever the exits in between took.
-        let left = quantum.saturating_sub(apic::tsc() - started);
+        service_timers(cpu);
+        // A vCPU of this CPU was woken (an event, a timer): let the scheduler choose again
+        // now rather than at the end of the quantum.
+        if exits > 0 && KICKED[cpu].swap(false, Ordering::AcqRel) {
+            break Ok(Next::Deschedule);
+        }
+        // What is left of the quantum, whatever the exits in between took; the slice also
+        // stops at this CPU's next timer deadline, so guest timers fire on time.
+        let now = apic::tsc();
+        let left = quantum.saturating_sub(now - started);
         if left == 0 {
             break Ok(Next::Deschedule);
         }
-        let ticks = (left >> shift).clamp(1, u64::from(u32::MAX));
+        let until = match domain::deadline(cpu) {
+            0 => left,
+            deadline => left.min(deadline.saturating_sub(now).max(1)),
+        };
+        let ticks = (until >> shift).clamp(1, u64::from(u32::MAX));
         if vmwrite(GUEST_PREEMPTION_TIMER, ticks).is_err() {
             break Err("the preemption timer cannot be set");
+        }
+        if prepare_injection(slot, &mut state).is_err() {
+            break Err("a virtual interrupt cannot be injected");
         }
         let mut host_fpu = FpuArea::initial();
         let entry_failed = x86_64::instructions::interrupts::without_interrupts(|| {
@@ -723,8 +1036,11 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         exits += 1;
         let reason = (vmread(vm::EXIT_REASON) & 0xffff) as u32;
         let handled = match reason {
-            EXIT_EXTERNAL_INTERRUPT => Ok(Next::Resume),
-            EXIT_PREEMPTION_TIMER => Ok(Next::Deschedule),
+            // The quantum's end is checked at the top of the loop; an earlier expiry was a
+            // timer deadline, served there too.
+            EXIT_EXTERNAL_INTERRUPT | EXIT_PREEMPTION_TIMER | EXIT_INTERRUPT_WINDOW => {
+                Ok(Next::Resume)
+            }
             EXIT_HLT => {
                 advance_rip();
                 // HLT as a message to the scheduler: the vCPU gives its CPU up.
@@ -931,9 +1247,18 @@ fn handle_vmcall(
         hc::MEMORY_RELEASE => {
             // Unmap first, so the guest cannot touch the frame once it is free; put it back
             // if the release is refused.
+            let aliased = {
+                let table = TABLE.lock();
+                table.vms[slot].as_ref().is_some_and(|vm| {
+                    (0..GUEST_FRAMES).any(|gfn| {
+                        u64::from(vm.frames[gfn]) == args[0]
+                            && vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0
+                    })
+                })
+            };
             let unmapped = {
                 let mut table = TABLE.lock();
-                table.vms[slot].as_mut().and_then(|vm| {
+                table.vms[slot].as_mut().filter(|_| !aliased).and_then(|vm| {
                     let gfn = (0..GUEST_FRAMES).find(|&gfn| {
                         vm.frames[gfn] != 0
                             && u64::from(vm.frames[gfn]) == args[0]
@@ -946,7 +1271,13 @@ fn handle_vmcall(
             if unmapped.is_some() {
                 invept();
             }
-            let result = forward(&plain).map(reply_value);
+            // Still mapped elsewhere in this VM (a MAP_GRANT alias): freeing it would leave
+            // that mapping pointing at a free frame.
+            let result = if aliased {
+                Some((HypercallError::InUse.guest_code(), Next::Resume))
+            } else {
+                forward(&plain).map(reply_value)
+            };
             let released = matches!(result, Some((0, _)));
             if let (Some(gfn), false) = (unmapped, released) {
                 let mut table = TABLE.lock();
@@ -959,11 +1290,14 @@ fn handle_vmcall(
         hc::MAP_GRANT => match free_window_gfn(slot, args[1]) {
             Err(error) => Some((error.guest_code(), Next::Resume)),
             Ok(gfn) => forward(&plain).map(|reply| match reply {
-                hc::Reply::Complete { .. } => match map(slot, vcpu.vm, gfn, args[0] as u32, true)
-                {
-                    Ok(()) => (0, Next::Resume),
-                    Err(error) => (error.guest_code(), Next::Resume),
-                },
+                // Checked and mapped under the grant lock (see GRANT_LOCK).
+                hc::Reply::Complete { .. } => {
+                    let _grants = GRANT_LOCK.lock();
+                    match map(slot, vcpu.vm, gfn, args[0] as u32, true) {
+                        Ok(()) => (0, Next::Resume),
+                        Err(error) => (error.guest_code(), Next::Resume),
+                    }
+                }
                 other => reply_value(other),
             }),
         },
@@ -1021,6 +1355,28 @@ fn handle_vmcall(
             }
             other => reply_value(other),
         }),
+        hc::EVENT_WAIT if highest_pending(slot).is_some() && args.iter().all(|&a| a == 0) => {
+            // A virtual interrupt is waiting: it is the event; do not block.
+            Some((0, Next::Resume))
+        }
+        hc::EVTCHN_SEND => forward(&plain).map(|reply| {
+            if matches!(reply, hc::Reply::Complete { .. }) {
+                // The peer's vCPU may have been woken on another CPU.
+                kick_others();
+            }
+            reply_value(reply)
+        }),
+        hc::GRANT_REVOKE => {
+            let _grants = GRANT_LOCK.lock();
+            if peer_maps(args[1], args[0]) {
+                Some((HypercallError::InUse.guest_code(), Next::Resume))
+            } else {
+                forward(&plain).map(reply_value)
+            }
+        }
+        hc::VM_CREATE | hc::VM_START | hc::VM_STATUS | hc::VM_DESTROY => {
+            Some((control(slot, number, &args), Next::Resume))
+        }
         _ => forward(&plain).map(reply_value),
     };
     let mut table = TABLE.lock();
@@ -1037,6 +1393,136 @@ fn handle_vmcall(
             // Not completed: RIP stays on the VMCALL, the guest issues it again.
             vm.retries += 1;
             Ok(Next::Resume)
+        }
+    }
+}
+
+/// Whether VM `peer` has host frame `frame` mapped as a granted page.
+fn peer_maps(peer: u64, frame: u64) -> bool {
+    let table = TABLE.lock();
+    table.vms.iter().flatten().any(|vm| {
+        u64::from(vm.id) == peer
+            && (0..GUEST_FRAMES).any(|gfn| {
+                u64::from(vm.frames[gfn]) == frame && vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0
+            })
+    })
+}
+
+/// The control VM's calls, served by the core (it owns VMX): RAX.
+fn control(slot: usize, number: u64, args: &[u64; 6]) -> i64 {
+    let result = (|| -> Result<i64, HypercallError> {
+        let privileged = TABLE.lock().vms[slot]
+            .as_ref()
+            .is_some_and(|vm| vm.privileged);
+        if !privileged {
+            return Err(HypercallError::PermissionDenied);
+        }
+        let used = match number {
+            hc::VM_CREATE => 4,
+            hc::VM_START => 2,
+            _ => 1,
+        };
+        if args[used..].iter().any(|&arg| arg != 0) {
+            return Err(HypercallError::InvalidArgument);
+        }
+        if number == hc::VM_CREATE {
+            return vm_create(slot, args);
+        }
+        let target = {
+            let table = TABLE.lock();
+            let target = u16::try_from(args[0])
+                .ok()
+                .and_then(|id| slot_of(&table, id))
+                .ok_or(HypercallError::NotFound)?;
+            if target == slot {
+                return Err(HypercallError::InvalidArgument);
+            }
+            target
+        };
+        match number {
+            hc::VM_START => {
+                let mut params = [0u64; layout::PARAMS];
+                if args[1] != 0 {
+                    let mut bytes = [0u8; layout::PARAMS * 8];
+                    {
+                        let table = TABLE.lock();
+                        let vm = table.vms[slot].as_ref().ok_or(HypercallError::BadVcpu)?;
+                        read_guest(vm, args[1], &mut bytes)?;
+                    }
+                    for (param, chunk) in params.iter_mut().zip(bytes.chunks_exact(8)) {
+                        *param = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+                    }
+                }
+                start_vm(target, Some(params)).map(|()| 0)
+            }
+            hc::VM_STATUS => {
+                let table = TABLE.lock();
+                let vm = table.vms[target].as_ref().ok_or(HypercallError::NotFound)?;
+                Ok(match vm.verdict {
+                    Verdict::Unfinished if !vm.started => hc::vm_status::CREATED,
+                    Verdict::Unfinished => hc::vm_status::RUNNING,
+                    Verdict::Passed => hc::vm_status::PASSED,
+                    Verdict::Failed => hc::vm_status::FAILED,
+                    Verdict::Stopped => hc::vm_status::STOPPED,
+                })
+            }
+            _ => {
+                {
+                    let mut table = TABLE.lock();
+                    let vm = table.vms[target].as_mut().ok_or(HypercallError::NotFound)?;
+                    if vm.destroyed {
+                        return Err(HypercallError::NotFound);
+                    }
+                    if vm.started && vm.verdict == Verdict::Unfinished {
+                        return Err(HypercallError::InUse);
+                    }
+                    vm.destroyed = true;
+                }
+                release_memory(target);
+                log::info!("VM {} destroyed by the control VM", args[0]);
+                Ok(0)
+            }
+        }
+    })();
+    result.unwrap_or_else(HypercallError::guest_code)
+}
+
+/// VM_CREATE: stages the image out of the control VM's memory and builds a VM from it.
+fn vm_create(slot: usize, args: &[u64; 6]) -> Result<i64, HypercallError> {
+    let length = usize::try_from(args[1]).map_err(|_| HypercallError::InvalidArgument)?;
+    if length == 0 || length > IMAGE_STAGE_BYTES {
+        return Err(HypercallError::InvalidArgument);
+    }
+    let home_cpu = u8::try_from(args[3])
+        .ok()
+        .filter(|&cpu| usize::from(cpu) < crate::run::cpus_registered())
+        .ok_or(HypercallError::InvalidArgument)?;
+    let mut stage = IMAGE_STAGE.lock();
+    {
+        let table = TABLE.lock();
+        let vm = table.vms[slot].as_ref().ok_or(HypercallError::BadVcpu)?;
+        read_guest(vm, args[0], &mut stage[..length])?;
+    }
+    let id = next_vm_number();
+    let config = VmConfig {
+        id,
+        guest: microvisor::scenario::guest_name(args[2]),
+        image: &stage[..length],
+        home_cpu,
+        params: [0; layout::PARAMS],
+        privileged: false,
+        modules: &[],
+        start: false,
+    };
+    match create_vm(&config) {
+        Ok(()) => Ok(i64::from(id)),
+        Err(error) => {
+            log::warn!("VM_CREATE from the control VM refused: {error}");
+            Err(match error {
+                CreateError::Image(_) => HypercallError::InvalidArgument,
+                CreateError::Scheduler => HypercallError::Internal,
+                _ => HypercallError::NoResources,
+            })
         }
     }
 }
@@ -1117,6 +1603,11 @@ fn multicall(
     let mut entries = heapless::Vec::<hc::MulticallEntry, { hc::MULTICALL_MAX }>::new();
     for index in 0..count {
         let number = word(index * 3);
+        // Populate and release change the EPT, which only the core writes, one call at a
+        // time: a guest's batch may not carry them.
+        if number == hc::MEMORY_POPULATE || number == hc::MEMORY_RELEASE {
+            return refuse(HypercallError::InvalidArgument);
+        }
         let _ = entries.push(hc::MulticallEntry {
             // An out-of-range number stays out of range (refused as BadNumber).
             number: u16::try_from(number).unwrap_or(u16::MAX),
@@ -1154,26 +1645,51 @@ fn multicall(
     }
 }
 
-/// Whether every VM has ended.
+/// Whether every started VM has ended.
 pub fn all_finished() -> bool {
     TABLE
         .lock()
         .vms
         .iter()
         .flatten()
+        .filter(|vm| vm.started)
         .all(|vm| vm.verdict != Verdict::Unfinished)
 }
 
 /// Asks the scheduler what runs on `cpu` and runs one slice of it.
 fn step(cpu: usize) {
+    service_timers(cpu);
+    wake_local(cpu);
+    // A kick from now on means: look again before sleeping.
+    KICKED[cpu].store(false, Ordering::Release);
     let picked = scheduler_call(scheduler::Request::PickNext { cpu: cpu as u8 });
     match picked {
         Ok(scheduler::Reply::Current(Some(vcpu))) => run_slice(cpu, vcpu),
-        // Nothing to run here (or the scheduler is being recovered): wait for a tick.
+        // Nothing to run here (or the scheduler is being recovered).
         _ => {
             domain::deliver_notifications();
-            x86_64::instructions::hlt();
+            idle(cpu);
         }
+    }
+}
+
+/// Waits for work: until this CPU's next timer deadline if it is near (spinning, so it is
+/// met to the TSC), else until an interrupt (the tick, or a kick from another CPU).
+fn idle(cpu: usize) {
+    let tick = apic::tsc_khz().max(1) * 1000 / apic::TIMER_HZ;
+    let deadline = domain::deadline(cpu);
+    if deadline != 0 && deadline.saturating_sub(apic::tsc()) < tick {
+        while apic::tsc() < deadline && !KICKED[cpu].load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        return;
+    }
+    x86_64::instructions::interrupts::disable();
+    if KICKED[cpu].load(Ordering::Acquire) {
+        x86_64::instructions::interrupts::enable();
+    } else {
+        // STI; HLT: a kick arriving after the check still ends the HLT.
+        x86_64::instructions::interrupts::enable_and_hlt();
     }
 }
 
@@ -1203,10 +1719,17 @@ pub fn run_all(budget_tsc: u64) -> bool {
     all_finished()
 }
 
-/// Fills `reports` with the VMs' outcomes; returns how many.
-pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>]) -> usize {
-    let Some(table) = TABLE.try_lock() else {
-        return 0;
+/// Fills `reports` with the VMs' outcomes; returns how many. With `wait`, waits for the VM
+/// table (a CPU may still be finishing a slice); without, gives up (0) if it is busy, for the
+/// summary of a failing run, which must not hang.
+pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: bool) -> usize {
+    let table = if wait {
+        TABLE.lock()
+    } else {
+        match TABLE.try_lock() {
+            Some(table) => table,
+            None => return 0,
+        }
     };
     let mut count = 0;
     for (vm, report) in table.vms.iter().flatten().zip(reports.iter_mut()) {

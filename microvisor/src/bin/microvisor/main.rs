@@ -271,7 +271,7 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
 /// Creates the scenario's VMs and runs them on every CPU until each has a verdict; ends the
 /// run failed if one is not `passed`.
 fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Option<&str>) {
-    use microvisor::scenario::{FIRST_VM, home_cpu};
+    use microvisor::scenario::{CONTROL_VM, FIRST_VM, home_cpu};
     if vmx::status().0 == 0 {
         fail(
             "scenario",
@@ -291,10 +291,35 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
                 format_args!("the boot bundle has no guest-{}.elf", spec.guest),
             );
         };
-        let id = FIRST_VM + index as u16;
-        if let Err(error) =
-            guest::create_vm(id, spec.guest, image, home_cpu(index, cpus), spec.params)
-        {
+        let id = if spec.privileged {
+            CONTROL_VM
+        } else {
+            FIRST_VM + index as u16
+        };
+        let mut modules: heapless::Vec<(&'static str, &'static [u8]), { MAX_MODULES }> =
+            heapless::Vec::new();
+        for &name in spec.modules {
+            let Some(module) = domains::guest_image(name) else {
+                fail(
+                    "scenario",
+                    format_args!("the boot bundle has no guest-{name}.elf"),
+                );
+            };
+            if modules.push((name, module)).is_err() {
+                fail("scenario", format_args!("VM {id} has too many modules"));
+            }
+        }
+        let config = guest::VmConfig {
+            id,
+            guest: spec.guest,
+            image,
+            home_cpu: home_cpu(index, cpus),
+            params: spec.params,
+            privileged: spec.privileged,
+            modules: &modules,
+            start: true,
+        };
+        if let Err(error) = guest::create_vm(&config) {
             fail("scenario", format_args!("creating VM {id}: {error}"));
         }
     }
@@ -314,22 +339,44 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
         );
     }
     let mut reports = [microvisor::summary::VmReport::EMPTY; guest::MAX_VMS];
-    let count = guest::reports(&mut reports);
+    let count = guest::reports(&mut reports, true);
+    if count == 0 {
+        fail("scenario", format_args!("the VM table holds no VM"));
+    }
+    // A VM the scenario lists must end as it says; VMs the control VM created must pass.
+    let expected = |vm: u16| {
+        usize::from(vm)
+            .checked_sub(usize::from(FIRST_VM))
+            .and_then(|index| scenario.vms.get(index))
+            .filter(|spec| !spec.privileged)
+            .map_or("passed", |spec| spec.expected_verdict())
+    };
     if let Some(bad) = reports[..count]
         .iter()
-        .find(|report| report.verdict != "passed")
+        .find(|report| report.verdict != expected(report.vm))
     {
         fail(
             "scenario",
-            format_args!("VM {} ({}) ended {}", bad.vm, bad.guest, bad.verdict),
+            format_args!(
+                "VM {} ({}) ended {}, expected {}",
+                bad.vm,
+                bad.guest,
+                bad.verdict,
+                expected(bad.vm)
+            ),
         );
     }
-    log::info!("scenario {}: all {count} VMs passed", scenario.name);
+    log::info!(
+        "scenario {}: all {count} VMs ended as expected",
+        scenario.name
+    );
     run::stage("scenario");
     if let Some((target, (index, before))) = injected {
         domains::check_injection(target, index, before);
     }
 }
+
+const MAX_MODULES: usize = microvisor_abi::guest::MAX_MODULES;
 
 /// Requests the target of an injected fail-stop serves in a scenario before it strikes.
 const INJECT_AFTER: u32 = 20;

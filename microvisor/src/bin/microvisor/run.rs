@@ -292,7 +292,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
     }; crate::domain::MAX_DOMAINS];
     let domain_count = crate::domain::reports(&mut domains);
     let mut vms = [VmReport::EMPTY; crate::guest::MAX_VMS];
-    let vm_count = crate::guest::reports(&mut vms);
+    let vm_count = crate::guest::reports(&mut vms, false);
     let summary = Summary {
         outcome: if failure.is_some() {
             Outcome::Failed

@@ -18,6 +18,8 @@ use crate::{apic, run};
 pub const TIMER_VECTOR: u8 = 0x30;
 /// Vector of the IPI that makes a CPU drop its cached translations (TLB shootdown).
 pub const FLUSH_TLB_VECTOR: u8 = 0xfd;
+/// Interrupt vector that wakes a CPU waiting for guest work (a vCPU became runnable there).
+pub const KICK_VECTOR: u8 = 0xfc;
 /// Vector of the IPI that stops a CPU for good (sent when another CPU hit a fatal error).
 pub const HALT_VECTOR: u8 = 0xfe;
 /// Vector the local APIC uses for spurious interrupts.
@@ -169,6 +171,8 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
             x86_64::instructions::tlb::flush_all();
             apic::end_of_interrupt();
         }
+        // The interrupt itself is the point: it ends a HLT or a guest slice's wait.
+        KICK_VECTOR => apic::end_of_interrupt(),
         SPURIOUS_VECTOR => {}
         _ => {
             // Nothing else is routed to the core yet; acknowledge and carry on.

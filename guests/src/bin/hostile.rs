@@ -1,0 +1,362 @@
+//! The hostile guest: a malicious VM for isolation tests. It issues hypercalls that must be
+//! refused and a fixed-seed run of random ones, checks every answer against
+//! `guests::hostile`, and reports a verdict; in mode 1 it then touches a window page it never
+//! mapped, which must get it (and only it) stopped by the core.
+#![no_std]
+#![no_main]
+#![forbid(unsafe_code)]
+
+use guests::Checksum;
+use guests::hostile::{
+    ALIAS_GFN, CONSOLE_MAX, CONTROL_VM, Check, ERROR_CODES, EVENT_PORTS, FAULT_ADDRESS,
+    FOREIGN_GFN, Leftovers, MULTICALL_MAX, Mode, NEVER_MAPPED_GFN, Needs, OUTSIDE_ADDRESS,
+    POPULATE_GFN, RANDOM_CALLS, RANDOM_SEED, Summary, Tally, Targets, WINDOW_END_GFN,
+    WINDOW_FIRST_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, numbers, scan_order,
+    unoffered_peer,
+};
+use microvisor_guest_runtime::{
+    StartInfo, Verdict, abi, call2, hypercall, layout, print, read_u64, write_u64,
+};
+
+// The library's copies of the ABI (it does not link `ipc`) are the ABI's.
+const _: () = {
+    assert!(abi::HypercallError::ALL.len() == ERROR_CODES.len());
+    let mut index = 0;
+    while index < ERROR_CODES.len() {
+        assert!(abi::HypercallError::ALL[index].guest_code() == ERROR_CODES[index]);
+        index += 1;
+    }
+    assert!(numbers::NULL == abi::NULL);
+    assert!(numbers::YIELD == abi::YIELD);
+    assert!(numbers::TIMER_ONESHOT == abi::TIMER_ONESHOT);
+    assert!(numbers::MEMORY_POPULATE == abi::MEMORY_POPULATE);
+    assert!(numbers::MEMORY_RELEASE == abi::MEMORY_RELEASE);
+    assert!(numbers::GRANT == abi::GRANT);
+    assert!(numbers::QUERY_FRAME == abi::QUERY_FRAME);
+    assert!(numbers::MULTICALL == abi::MULTICALL);
+    assert!(numbers::CONSOLE_WRITE == abi::CONSOLE_WRITE);
+    assert!(numbers::VM_EXIT == abi::VM_EXIT);
+    assert!(numbers::MAP_GRANT == abi::MAP_GRANT);
+    assert!(numbers::UNMAP_GRANT == abi::UNMAP_GRANT);
+    assert!(numbers::EVTCHN_ALLOC == abi::EVTCHN_ALLOC);
+    assert!(numbers::EVTCHN_BIND == abi::EVTCHN_BIND);
+    assert!(numbers::EVTCHN_SEND == abi::EVTCHN_SEND);
+    assert!(numbers::EVTCHN_CLOSE == abi::EVTCHN_CLOSE);
+    assert!(numbers::EVENT_WAIT == abi::EVENT_WAIT);
+    assert!(numbers::GRANT_REVOKE == abi::GRANT_REVOKE);
+    assert!(numbers::VM_CREATE == abi::VM_CREATE);
+    assert!(numbers::VM_START == abi::VM_START);
+    assert!(numbers::VM_STATUS == abi::VM_STATUS);
+    assert!(numbers::VM_DESTROY == abi::VM_DESTROY);
+    assert!(CONSOLE_MAX == abi::CONSOLE_MAX as u64);
+    assert!(MULTICALL_MAX == abi::MULTICALL_MAX);
+    assert!(EVENT_PORTS == abi::EVENT_PORTS as u64);
+    assert!(WINDOW_FIRST_GFN == layout::WINDOW_FIRST_GFN);
+    assert!(WINDOW_END_GFN == layout::WINDOW_FIRST_GFN + layout::WINDOW_PAGES);
+};
+
+/// What the deterministic checks have learnt so far.
+struct Context {
+    vm: u16,
+    /// Guest-physical address of a readable buffer (for the console checks).
+    text: u64,
+    /// The frame `PopulateWindow` answered.
+    own_frame: Option<u64>,
+    /// Another VM's unshared frame and its owner.
+    foreign: Option<(u64, u16)>,
+}
+
+/// A multicall batch in guest memory: (number, arg0, arg1) per entry, then the results.
+struct Batch {
+    entries: [[u64; 3]; MULTICALL_MAX],
+    results: [i64; MULTICALL_MAX],
+}
+
+/// Whether an answer is one the ABI allows (>= 0, or a `HypercallError` code).
+fn valid(result: i64) -> bool {
+    result >= 0 || abi::HypercallError::from_guest_code(result).is_some()
+}
+
+fn main(info: &StartInfo) -> Verdict {
+    let vm = info.vm;
+    let Some(mode) = Mode::from_param(info.params[0]) else {
+        print(format_args!(
+            "hostile: vm {vm}: unknown mode {} (0 checks, 1 checks then faults)",
+            info.params[0]
+        ));
+        return Verdict {
+            passed: false,
+            checksum: 0,
+        };
+    };
+    print(format_args!(
+        "hostile: vm {vm} starts, mode {}",
+        mode.param()
+    ));
+    let mut sum = Checksum::new();
+    let mut mismatches = 0u64;
+
+    // Readable and long enough for every length tried: only the arguments are wrong.
+    let text = [b'!'; 2 * CONSOLE_MAX as usize];
+    core::hint::black_box(&text);
+    let mut context = Context {
+        vm,
+        text: text.as_ptr() as u64,
+        own_frame: None,
+        foreign: None,
+    };
+    let mut checks = 0u64;
+    let mut foreign_checks = 0u64;
+    let mut scanned = false;
+    let mut skipped = 0u64;
+    for (index, check) in Check::ALL.into_iter().enumerate() {
+        if check.needs() == Needs::ForeignFrame && !scanned {
+            scanned = true;
+            context.foreign = context.own_frame.and_then(|own| find_foreign(vm, own));
+            match (context.own_frame, context.foreign) {
+                (Some(own), None) => print(format_args!(
+                    "hostile: no unshared frame of another VM near frame {own:#x}: \
+                     foreign-frame checks skipped"
+                )),
+                (_, Some((frame, owner))) => print(format_args!(
+                    "hostile: frame {frame:#x} belongs to vm {owner}"
+                )),
+                (None, None) => print(format_args!(
+                    "hostile: no populated frame to scan around: foreign-frame checks skipped"
+                )),
+            }
+        }
+        let ready = match check.needs() {
+            Needs::Nothing => true,
+            Needs::OwnFrame => context.own_frame.is_some(),
+            Needs::ForeignFrame => context.foreign.is_some(),
+        };
+        if !ready {
+            skipped += u64::from(check.needs() == Needs::OwnFrame);
+            continue;
+        }
+        let result = perform(check, &mut context);
+        checks += 1;
+        foreign_checks += u64::from(check.needs() == Needs::ForeignFrame);
+        let expected = check.expected();
+        sum.add(index as u64);
+        sum.add(expected.fold(result));
+        if !expected.accepts(result) {
+            mismatches += 1;
+            print(format_args!(
+                "hostile: {}: got {result}, expected {expected}",
+                check.name()
+            ));
+        }
+    }
+    if skipped > 0 {
+        print(format_args!(
+            "hostile: no populated frame: {skipped} checks that need it skipped"
+        ));
+    }
+    sum.add(foreign_checks);
+
+    let random_calls = match context.own_frame {
+        Some(own_frame) => {
+            let (calls, invalid) = random_run(&context, own_frame, &mut sum);
+            mismatches += invalid;
+            calls
+        }
+        None => 0,
+    };
+
+    let passed = mismatches == 0;
+    print(format_args!(
+        "{}",
+        Summary {
+            vm,
+            mode: mode.param(),
+            checks,
+            random_calls,
+            foreign_checks,
+            passed,
+        }
+    ));
+    if mode == Mode::Fault {
+        print(format_args!(
+            "hostile: vm {vm} writes to unmapped {FAULT_ADDRESS:#x}"
+        ));
+        write_u64(FAULT_ADDRESS, sum.0);
+        print(format_args!(
+            "hostile: vm {vm}: the write to {FAULT_ADDRESS:#x} returned: the core did not stop it"
+        ));
+        return Verdict {
+            passed: false,
+            checksum: sum.0,
+        };
+    }
+    Verdict {
+        passed,
+        checksum: sum.0,
+    }
+}
+
+/// Issues one deterministic check; returns RAX.
+fn perform(check: Check, context: &mut Context) -> i64 {
+    let vm = u64::from(context.vm);
+    let own = context.own_frame.unwrap_or(0);
+    let (foreign, owner) = context
+        .foreign
+        .map_or((0, 0), |(frame, owner)| (frame, u64::from(owner)));
+    match check {
+        Check::ConsoleOutsideMemory => call2(abi::CONSOLE_WRITE, OUTSIDE_ADDRESS, 8),
+        Check::ConsoleEmpty => call2(abi::CONSOLE_WRITE, context.text, 0),
+        Check::ConsoleTooLong => call2(abi::CONSOLE_WRITE, context.text, CONSOLE_MAX + 1),
+        Check::ConsoleUnusedArgument => {
+            hypercall(abi::CONSOLE_WRITE, [context.text, 8, 1, 0, 0, 0])
+        }
+        Check::PopulateBelowWindow => call2(abi::MEMORY_POPULATE, 0x10, 0),
+        Check::PopulatePastWindow => call2(abi::MEMORY_POPULATE, WINDOW_END_GFN, 0),
+        Check::PopulateHugeGfn => call2(abi::MEMORY_POPULATE, u64::MAX, 0),
+        Check::PopulateWindow => {
+            let frame = call2(abi::MEMORY_POPULATE, POPULATE_GFN, 0);
+            if frame > 0 {
+                context.own_frame = Some(frame as u64);
+            }
+            frame
+        }
+        Check::PopulateSameGfn => call2(abi::MEMORY_POPULATE, POPULATE_GFN, 0),
+        Check::MapForeign => call2(abi::MAP_GRANT, foreign, FOREIGN_GFN),
+        Check::ReleaseForeign => call2(abi::MEMORY_RELEASE, foreign, 0),
+        Check::GrantForeign => call2(abi::GRANT, foreign, vm),
+        Check::RevokeForeign => call2(abi::GRANT_REVOKE, foreign, owner),
+        Check::MapOwnAlias => call2(abi::MAP_GRANT, own, ALIAS_GFN),
+        Check::UnmapAlias | Check::UnmapAliasAgain => call2(abi::UNMAP_GRANT, ALIAS_GFN, 0),
+        Check::UnmapNeverMapped => call2(abi::UNMAP_GRANT, NEVER_MAPPED_GFN, 0),
+        Check::UnmapPopulated => call2(abi::UNMAP_GRANT, POPULATE_GFN, 0),
+        Check::VmCreate => hypercall(
+            abi::VM_CREATE,
+            [
+                layout::MODULES_BASE,
+                4096,
+                layout::name_word("hostile"),
+                0,
+                0,
+                0,
+            ],
+        ),
+        Check::VmStart => call2(abi::VM_START, vm + 1, 0),
+        Check::VmStatus => call2(abi::VM_STATUS, CONTROL_VM, 0),
+        Check::VmDestroy => call2(abi::VM_DESTROY, CONTROL_VM, 0),
+        Check::SendUnopened => call2(abi::EVTCHN_SEND, 5, 0),
+        Check::BindUnoffered => call2(abi::EVTCHN_BIND, unoffered_peer(context.vm), 1),
+        Check::CloseUnopened => call2(abi::EVTCHN_CLOSE, 62, 0),
+    }
+}
+
+/// The nearest frame around `own` that another VM owns and shares with nobody, with its
+/// owner. Frames outside the pool answer errors and are passed over.
+fn find_foreign(vm: u16, own: u64) -> Option<(u64, u16)> {
+    scan_order(own).find_map(|frame| {
+        foreign_owner(call2(abi::QUERY_FRAME, frame, 0), vm).map(|owner| (frame, owner))
+    })
+}
+
+/// The random calls, then undoing what they left behind. Returns the number of random calls
+/// and of answers the ABI does not allow (each printed).
+fn random_run(context: &Context, own_frame: u64, sum: &mut Checksum) -> (u64, u64) {
+    let mut batch = Batch {
+        entries: [[0; 3]; MULTICALL_MAX],
+        results: [i64::MIN; MULTICALL_MAX],
+    };
+    let targets = Targets {
+        vm: context.vm,
+        own_frame,
+        foreign_frame: context.foreign.map(|(frame, _)| frame),
+        batch_entries: batch.entries.as_ptr() as u64,
+        batch_results: batch.results.as_mut_ptr() as u64,
+    };
+    let mut random = Xorshift::new(RANDOM_SEED);
+    let mut tally = Tally::default();
+    let mut entry_tally = Tally::default();
+    let mut leftovers = Leftovers::default();
+    let mut invalid = 0u64;
+    for index in 0..RANDOM_CALLS {
+        let mut call = random.call(&targets);
+        if changes_frame(call.number) {
+            call.args[0] = guard(call.args[0], &targets);
+        }
+        let count = if call.number == abi::MULTICALL {
+            let mut entries = random.batch(&targets);
+            for entry in entries.iter_mut() {
+                if changes_frame(entry[0]) {
+                    entry[1] = guard(entry[1], &targets);
+                }
+            }
+            batch.entries = entries;
+            batch.results = [i64::MIN; MULTICALL_MAX];
+            // The core reads the entries and writes the results behind the compiler's back.
+            core::hint::black_box(&mut batch);
+            call.args[1]
+        } else {
+            0
+        };
+        let result = hypercall(call.number, call.args);
+        tally.record(result);
+        if !valid(result) {
+            invalid += 1;
+            print(format_args!(
+                "hostile: random call {index}: number {} args {:x?} answered {result}",
+                call.number, call.args
+            ));
+            continue;
+        }
+        leftovers.note(call.number, call.args[0], call.args[1], result, own_frame);
+        if call.number == abi::MULTICALL && result == 0 {
+            let results = batch.results.as_ptr() as u64;
+            for (slot, entry) in batch.entries.iter().enumerate().take(count as usize) {
+                let outcome = read_u64(results + slot as u64 * 8) as i64;
+                entry_tally.record(outcome);
+                if !valid(outcome) {
+                    invalid += 1;
+                    print(format_args!(
+                        "hostile: random call {index} entry {slot}: number {} answered {outcome}",
+                        entry[0]
+                    ));
+                    continue;
+                }
+                leftovers.note(entry[0], entry[1], entry[2], outcome, own_frame);
+            }
+        }
+    }
+    core::hint::black_box(&mut batch);
+    tally.fold_into(sum);
+    entry_tally.fold_into(sum);
+    sum.add(RANDOM_CALLS);
+    for (what, tally) in [("calls", &tally), ("batch entries", &entry_tally)] {
+        print(format_args!(
+            "hostile: random {what}: {} values, errors {:?}, {} invalid",
+            tally.values, tally.errors, tally.invalid
+        ));
+    }
+
+    // Shares of its frame would keep it allocated after the VM ends; ports hold records of
+    // the channel table every VM shares.
+    for (number, [arg0, arg1]) in leftovers.undo(own_frame) {
+        let result = call2(number, arg0, arg1);
+        if result != 0 {
+            print(format_args!(
+                "hostile: undoing number {number} ({arg0:#x}, {arg1}) answered {result}"
+            ));
+        }
+        if !valid(result) {
+            invalid += 1;
+        }
+    }
+    (RANDOM_CALLS, invalid)
+}
+
+/// The frame a release or share may name: never another of its own frames (its RAM).
+fn guard(frame: u64, targets: &Targets) -> u64 {
+    if frame == targets.own_frame {
+        return frame;
+    }
+    guarded_frame(frame, call2(abi::QUERY_FRAME, frame, 0), targets)
+}
+
+microvisor_guest_runtime::guest_entry!(main);

@@ -1,0 +1,1189 @@
+//! The hostile guest: a malicious VM for isolation tests. It attacks the hypercall ABI with
+//! arguments that must be refused (memory it has not got, frames of other VMs, pages it never
+//! mapped, control-VM calls, ports it never opened), then with a bounded run of random
+//! hypercalls, and checks every answer against what the ABI documents.
+//!
+//! What it must observe lives here, on plain data: the deterministic checks and their
+//! expected codes ([`Check`]), the fixed-seed generator of random calls ([`Xorshift`]), the
+//! classification of an answer ([`error_index`], [`Tally`]) and what it must undo before it
+//! ends ([`Leftovers`]). The guest binary (`src/bin/hostile.rs`) issues the calls.
+//!
+//! This library does not link `ipc`: the numbers and codes below are copied from
+//! `ipc::hypercall` (and `microvisor_abi::guest` for the window), and the guest binary checks
+//! every copy against the originals at compile time.
+
+use core::fmt;
+
+use crate::Checksum;
+
+/// Hypercall error codes in code order: `ipc::hypercall::HypercallError::guest_code`, which
+/// is `-(declaration index + 1)`.
+pub mod codes {
+    /// `BadNumber`: no such hypercall.
+    pub const BAD_NUMBER: i64 = -1;
+    /// `BadVcpu`: the calling VM, vCPU or CPU is out of range.
+    pub const BAD_VCPU: i64 = -2;
+    /// `InvalidArgument`: an argument out of range, or an unused one not 0.
+    pub const INVALID_ARGUMENT: i64 = -3;
+    /// `NoResources`: no frame, timer slot or share slot left.
+    pub const NO_RESOURCES: i64 = -4;
+    /// `PermissionDenied`: another VM's frame, or a control-VM call.
+    pub const PERMISSION_DENIED: i64 = -5;
+    /// `InUse`: still shared, or the guest frame is already mapped.
+    pub const IN_USE: i64 = -6;
+    /// `NotFound`: nothing there (free frame, unmapped page, closed port).
+    pub const NOT_FOUND: i64 = -7;
+    /// `NestedMulticall`: a multicall entry that is itself a multicall.
+    pub const NESTED_MULTICALL: i64 = -8;
+    /// `Busy`: too many multicall batches in flight.
+    pub const BUSY: i64 = -9;
+    /// `Internal`: a bug in a domain.
+    pub const INTERNAL: i64 = -10;
+}
+
+/// Every error code, in code order (index `i` is code `-(i + 1)`).
+pub const ERROR_CODES: [i64; 10] = [
+    codes::BAD_NUMBER,
+    codes::BAD_VCPU,
+    codes::INVALID_ARGUMENT,
+    codes::NO_RESOURCES,
+    codes::PERMISSION_DENIED,
+    codes::IN_USE,
+    codes::NOT_FOUND,
+    codes::NESTED_MULTICALL,
+    codes::BUSY,
+    codes::INTERNAL,
+];
+
+/// The errors' names, in code order (as `ipc::hypercall::HypercallError` spells them).
+pub const ERROR_NAMES: [&str; 10] = [
+    "BadNumber",
+    "BadVcpu",
+    "InvalidArgument",
+    "NoResources",
+    "PermissionDenied",
+    "InUse",
+    "NotFound",
+    "NestedMulticall",
+    "Busy",
+    "Internal",
+];
+
+/// The hypercall numbers this guest names (`ipc::hypercall`).
+pub mod numbers {
+    /// `NULL`.
+    pub const NULL: u64 = 0;
+    /// `YIELD`.
+    pub const YIELD: u64 = 1;
+    /// `TIMER_ONESHOT`.
+    pub const TIMER_ONESHOT: u64 = 2;
+    /// `MEMORY_POPULATE`.
+    pub const MEMORY_POPULATE: u64 = 3;
+    /// `MEMORY_RELEASE`.
+    pub const MEMORY_RELEASE: u64 = 4;
+    /// `GRANT`.
+    pub const GRANT: u64 = 5;
+    /// `QUERY_FRAME`.
+    pub const QUERY_FRAME: u64 = 6;
+    /// `MULTICALL`.
+    pub const MULTICALL: u64 = 7;
+    /// `CONSOLE_WRITE`.
+    pub const CONSOLE_WRITE: u64 = 8;
+    /// `VM_EXIT`.
+    pub const VM_EXIT: u64 = 9;
+    /// `MAP_GRANT`.
+    pub const MAP_GRANT: u64 = 10;
+    /// `UNMAP_GRANT`.
+    pub const UNMAP_GRANT: u64 = 11;
+    /// `EVTCHN_ALLOC`.
+    pub const EVTCHN_ALLOC: u64 = 12;
+    /// `EVTCHN_BIND`.
+    pub const EVTCHN_BIND: u64 = 13;
+    /// `EVTCHN_SEND`.
+    pub const EVTCHN_SEND: u64 = 14;
+    /// `EVTCHN_CLOSE`.
+    pub const EVTCHN_CLOSE: u64 = 15;
+    /// `EVENT_WAIT`.
+    pub const EVENT_WAIT: u64 = 16;
+    /// `GRANT_REVOKE`.
+    pub const GRANT_REVOKE: u64 = 17;
+    /// `VM_CREATE`.
+    pub const VM_CREATE: u64 = 18;
+    /// `VM_START`.
+    pub const VM_START: u64 = 19;
+    /// `VM_STATUS`.
+    pub const VM_STATUS: u64 = 20;
+    /// `VM_DESTROY`.
+    pub const VM_DESTROY: u64 = 21;
+}
+
+/// `ipc::hypercall::CONSOLE_MAX`: the most bytes one console write carries.
+pub const CONSOLE_MAX: u64 = 96;
+/// `ipc::hypercall::MULTICALL_MAX`: the most entries one batch carries.
+pub const MULTICALL_MAX: usize = 8;
+/// `ipc::hypercall::EVENT_PORTS`: ports are `1..EVENT_PORTS`.
+pub const EVENT_PORTS: u64 = 63;
+/// VM numbers are below this (`ipc::limits::MAX_VMS`); not checked by the binary, which
+/// cannot see `ipc::limits`, but only used to pick VMs that do not exist.
+pub const MAX_VMS: u64 = 64;
+/// The control VM's number in every scenario (`microvisor::scenario::CONTROL_VM`).
+pub const CONTROL_VM: u64 = 1;
+
+/// First guest frame of the window (`microvisor_abi::guest::WINDOW_FIRST_GFN`).
+pub const WINDOW_FIRST_GFN: u64 = 0x100;
+/// The guest frame after the window's last (first + `WINDOW_PAGES`).
+pub const WINDOW_END_GFN: u64 = 0x200;
+
+/// The window page the deterministic checks populate.
+pub const POPULATE_GFN: u64 = WINDOW_FIRST_GFN;
+/// The window page the populated frame is mapped at again with `MAP_GRANT`, then unmapped.
+pub const ALIAS_GFN: u64 = WINDOW_FIRST_GFN + 1;
+/// The window page a foreign frame is offered to with `MAP_GRANT` (refused, so it stays free).
+pub const FOREIGN_GFN: u64 = WINDOW_FIRST_GFN + 2;
+/// A window page nothing ever maps: `UNMAP_GRANT` of it is a `NotFound`.
+pub const NEVER_MAPPED_GFN: u64 = WINDOW_END_GFN - 1;
+/// The window page mode 1 writes to; nothing ever maps it, so the write is an EPT violation.
+pub const FAULT_GFN: u64 = 0x1f0;
+/// Guest-physical address of [`FAULT_GFN`].
+pub const FAULT_ADDRESS: u64 = FAULT_GFN * 4096;
+/// A guest-physical address no VM has memory at (above the identity-mapped 2 MiB).
+pub const OUTSIDE_ADDRESS: u64 = 0x30_0000;
+
+/// Window pages the random calls name (from the window's start): well below the pages the
+/// deterministic checks keep unmapped ([`FAULT_GFN`], [`NEVER_MAPPED_GFN`]).
+pub const RANDOM_WINDOW_PAGES: u64 = 0x80;
+/// Frames on either side of its own populated frame scanned for a foreign one.
+pub const SCAN_RADIUS: u64 = 256;
+
+// The random calls name window pages below the ones the checks keep unmapped, and the
+// address outside memory lies past the identity-mapped 2 MiB.
+const _: () = {
+    assert!(FAULT_GFN >= WINDOW_FIRST_GFN + RANDOM_WINDOW_PAGES);
+    assert!(NEVER_MAPPED_GFN >= WINDOW_FIRST_GFN + RANDOM_WINDOW_PAGES);
+    assert!(OUTSIDE_ADDRESS >= WINDOW_END_GFN * 4096);
+};
+
+/// What `params[0]` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 0: run every check, exit with the verdict.
+    Check,
+    /// 1: run every check, print the verdict, then write to an unmapped window page (an EPT
+    /// violation: the core must stop this VM and only it).
+    Fault,
+}
+
+impl Mode {
+    /// The mode `params[0]` names, if any.
+    pub const fn from_param(param: u64) -> Option<Mode> {
+        match param {
+            0 => Some(Mode::Check),
+            1 => Some(Mode::Fault),
+            _ => None,
+        }
+    }
+
+    /// Its parameter value.
+    pub const fn param(self) -> u64 {
+        match self {
+            Mode::Check => 0,
+            Mode::Fault => 1,
+        }
+    }
+}
+
+/// The error index (`0..10`, code order) of a hypercall answer, if it is an error code.
+pub const fn error_index(result: i64) -> Option<usize> {
+    if result <= -1 && result >= -(ERROR_CODES.len() as i64) {
+        Some((-result - 1) as usize)
+    } else {
+        None
+    }
+}
+
+/// Whether a hypercall answer is one the ABI allows: a value (>= 0) or an error code.
+pub const fn is_valid_result(result: i64) -> bool {
+    result >= 0 || error_index(result).is_some()
+}
+
+/// What a deterministic check must observe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// This error code.
+    Code(i64),
+    /// Success with 0.
+    Zero,
+    /// A frame number (> 0); folded into the checksum as 1, since frames differ per run.
+    Frame,
+}
+
+impl Expected {
+    /// Whether `result` is what was expected.
+    pub const fn accepts(self, result: i64) -> bool {
+        match self {
+            Expected::Code(code) => result == code,
+            Expected::Zero => result == 0,
+            Expected::Frame => result > 0,
+        }
+    }
+
+    /// The word the checksum folds in for `result` (a frame counts as 1).
+    pub const fn fold(self, result: i64) -> u64 {
+        match self {
+            Expected::Frame if result > 0 => 1,
+            _ => result as u64,
+        }
+    }
+}
+
+impl fmt::Display for Expected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Expected::Code(code) => match error_index(code) {
+                Some(index) => write!(f, "{code} ({})", ERROR_NAMES[index]),
+                None => write!(f, "{code}"),
+            },
+            Expected::Zero => f.write_str("0"),
+            Expected::Frame => f.write_str("a frame (> 0)"),
+        }
+    }
+}
+
+/// What a check needs before it can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing.
+    Nothing,
+    /// The frame [`Check::PopulateWindow`] answered.
+    OwnFrame,
+    /// A frame of another VM (found by scanning around its own frame).
+    ForeignFrame,
+}
+
+/// The deterministic checks, in the order the guest runs them. How each is issued is the
+/// guest binary's; what it must answer is [`Check::expected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// `CONSOLE_WRITE(OUTSIDE_ADDRESS, 8)`: memory the VM has not got.
+    ConsoleOutsideMemory,
+    /// `CONSOLE_WRITE(its buffer, 0)`.
+    ConsoleEmpty,
+    /// `CONSOLE_WRITE(its buffer, CONSOLE_MAX + 1)`.
+    ConsoleTooLong,
+    /// `CONSOLE_WRITE(its buffer, 8, 1)`: an unused argument not 0.
+    ConsoleUnusedArgument,
+    /// `MEMORY_POPULATE(0x10)`: below the window (its own RAM).
+    PopulateBelowWindow,
+    /// `MEMORY_POPULATE(WINDOW_END_GFN)`: past the window.
+    PopulatePastWindow,
+    /// `MEMORY_POPULATE(u64::MAX)`.
+    PopulateHugeGfn,
+    /// `MEMORY_POPULATE(POPULATE_GFN)`: the one valid populate; answers its frame.
+    PopulateWindow,
+    /// `MEMORY_POPULATE(POPULATE_GFN)` again: the guest frame is mapped already.
+    PopulateSameGfn,
+    /// `MAP_GRANT(foreign frame, FOREIGN_GFN)`.
+    MapForeign,
+    /// `MEMORY_RELEASE(foreign frame)`.
+    ReleaseForeign,
+    /// `GRANT(foreign frame, its own VM)`: sharing another VM's frame with itself.
+    GrantForeign,
+    /// `GRANT_REVOKE(foreign frame, the frame's owner)`: ending a share it did not make (the
+    /// peer must be another VM than the caller, else the call is an `InvalidArgument`).
+    RevokeForeign,
+    /// `MAP_GRANT(own frame, ALIAS_GFN)`.
+    MapOwnAlias,
+    /// `UNMAP_GRANT(ALIAS_GFN)`.
+    UnmapAlias,
+    /// `UNMAP_GRANT(ALIAS_GFN)` again: a double unmap.
+    UnmapAliasAgain,
+    /// `UNMAP_GRANT(NEVER_MAPPED_GFN)`.
+    UnmapNeverMapped,
+    /// `UNMAP_GRANT(POPULATE_GFN)`: mapped, but by populate, not by a grant.
+    UnmapPopulated,
+    /// `VM_CREATE` of a plausible image: only the control VM may.
+    VmCreate,
+    /// `VM_START(its VM + 1, 0)`.
+    VmStart,
+    /// `VM_STATUS(CONTROL_VM)`.
+    VmStatus,
+    /// `VM_DESTROY(CONTROL_VM)`.
+    VmDestroy,
+    /// `EVTCHN_SEND(5)`: a port it never opened.
+    SendUnopened,
+    /// `EVTCHN_BIND(unoffered_peer(vm), 1)`: a port nobody offered it.
+    BindUnoffered,
+    /// `EVTCHN_CLOSE(62)`: a port it never opened.
+    CloseUnopened,
+}
+
+impl Check {
+    /// Every check, in running order.
+    pub const ALL: [Check; 25] = [
+        Check::ConsoleOutsideMemory,
+        Check::ConsoleEmpty,
+        Check::ConsoleTooLong,
+        Check::ConsoleUnusedArgument,
+        Check::PopulateBelowWindow,
+        Check::PopulatePastWindow,
+        Check::PopulateHugeGfn,
+        Check::PopulateWindow,
+        Check::PopulateSameGfn,
+        Check::MapForeign,
+        Check::ReleaseForeign,
+        Check::GrantForeign,
+        Check::RevokeForeign,
+        Check::MapOwnAlias,
+        Check::UnmapAlias,
+        Check::UnmapAliasAgain,
+        Check::UnmapNeverMapped,
+        Check::UnmapPopulated,
+        Check::VmCreate,
+        Check::VmStart,
+        Check::VmStatus,
+        Check::VmDestroy,
+        Check::SendUnopened,
+        Check::BindUnoffered,
+        Check::CloseUnopened,
+    ];
+
+    /// What the call must answer.
+    pub const fn expected(self) -> Expected {
+        match self {
+            Check::ConsoleOutsideMemory
+            | Check::ConsoleEmpty
+            | Check::ConsoleTooLong
+            | Check::ConsoleUnusedArgument
+            | Check::PopulateBelowWindow
+            | Check::PopulatePastWindow
+            | Check::PopulateHugeGfn => Expected::Code(codes::INVALID_ARGUMENT),
+            Check::PopulateWindow => Expected::Frame,
+            Check::PopulateSameGfn => Expected::Code(codes::IN_USE),
+            Check::MapForeign
+            | Check::ReleaseForeign
+            | Check::GrantForeign
+            | Check::RevokeForeign
+            | Check::VmCreate
+            | Check::VmStart
+            | Check::VmStatus
+            | Check::VmDestroy => Expected::Code(codes::PERMISSION_DENIED),
+            Check::MapOwnAlias | Check::UnmapAlias => Expected::Zero,
+            Check::UnmapAliasAgain
+            | Check::UnmapNeverMapped
+            | Check::UnmapPopulated
+            | Check::SendUnopened
+            | Check::BindUnoffered
+            | Check::CloseUnopened => Expected::Code(codes::NOT_FOUND),
+        }
+    }
+
+    /// What it needs to run.
+    pub const fn needs(self) -> Needs {
+        match self {
+            Check::PopulateSameGfn
+            | Check::MapOwnAlias
+            | Check::UnmapAlias
+            | Check::UnmapAliasAgain
+            | Check::UnmapPopulated => Needs::OwnFrame,
+            Check::MapForeign
+            | Check::ReleaseForeign
+            | Check::GrantForeign
+            | Check::RevokeForeign => Needs::ForeignFrame,
+            _ => Needs::Nothing,
+        }
+    }
+
+    /// A short name for the console.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Check::ConsoleOutsideMemory => "console write outside memory",
+            Check::ConsoleEmpty => "empty console write",
+            Check::ConsoleTooLong => "console write over CONSOLE_MAX",
+            Check::ConsoleUnusedArgument => "console write with an unused argument",
+            Check::PopulateBelowWindow => "populate below the window",
+            Check::PopulatePastWindow => "populate past the window",
+            Check::PopulateHugeGfn => "populate at gfn u64::MAX",
+            Check::PopulateWindow => "populate in the window",
+            Check::PopulateSameGfn => "populate the same gfn again",
+            Check::MapForeign => "map a foreign frame",
+            Check::ReleaseForeign => "release a foreign frame",
+            Check::GrantForeign => "grant a foreign frame to itself",
+            Check::RevokeForeign => "revoke a foreign frame's share",
+            Check::MapOwnAlias => "map its own frame again",
+            Check::UnmapAlias => "unmap the alias",
+            Check::UnmapAliasAgain => "unmap the alias again",
+            Check::UnmapNeverMapped => "unmap a page never mapped",
+            Check::UnmapPopulated => "unmap a populated page",
+            Check::VmCreate => "VM_CREATE",
+            Check::VmStart => "VM_START",
+            Check::VmStatus => "VM_STATUS",
+            Check::VmDestroy => "VM_DESTROY",
+            Check::SendUnopened => "send on an unopened port",
+            Check::BindUnoffered => "bind to a port nobody offered",
+            Check::CloseUnopened => "close an unopened port",
+        }
+    }
+}
+
+/// A VM that never offered this one a port: the highest VM number (never reached within a
+/// run), or the one below it for a VM that has that number itself.
+pub const fn unoffered_peer(vm: u16) -> u64 {
+    if vm as u64 == MAX_VMS - 1 {
+        MAX_VMS - 2
+    } else {
+        MAX_VMS - 1
+    }
+}
+
+/// The owner in a `QUERY_FRAME` answer (bits 0..16; `0xffff` when free); `None` for an error.
+pub const fn query_owner(query: i64) -> Option<u16> {
+    if query < 0 { None } else { Some(query as u16) }
+}
+
+/// The owner of a frame that is another VM's and shared with nobody (reference count 1, so it
+/// cannot be shared with this VM either), from its `QUERY_FRAME` answer.
+pub const fn foreign_owner(query: i64, vm: u16) -> Option<u16> {
+    let refcount = (query >> 16) as u16;
+    match query_owner(query) {
+        Some(owner) if owner != vm && owner != u16::MAX && refcount == 1 => Some(owner),
+        _ => None,
+    }
+}
+
+/// Whether a `QUERY_FRAME` answer says `vm` owns the frame.
+pub const fn owned_by(query: i64, vm: u16) -> bool {
+    matches!(query_owner(query), Some(owner) if owner == vm)
+}
+
+/// The frames scanned for a foreign one: `own ± 1`, `own ± 2`, ... up to [`SCAN_RADIUS`],
+/// nearest first, without `own` and without wrapping around.
+pub fn scan_order(own: u64) -> impl Iterator<Item = u64> {
+    (1..=SCAN_RADIUS).flat_map(move |distance| {
+        [own.checked_add(distance), own.checked_sub(distance)]
+            .into_iter()
+            .flatten()
+    })
+}
+
+/// The fixed seed of the random calls ("hostile!" in ASCII).
+pub const RANDOM_SEED: u64 = 0x2165_6c69_7473_6f68;
+/// Random calls per run.
+pub const RANDOM_CALLS: u64 = 400;
+/// Random numbers are drawn from `0..=HIGHEST_NUMBER` (most past `VM_DESTROY` do not exist).
+pub const HIGHEST_NUMBER: u64 = 40;
+
+/// Numbers the random calls never issue: `VM_EXIT` would end the guest, `YIELD` and
+/// `EVENT_WAIT` would park it (nothing wakes it), `CONSOLE_WRITE` would spam the shared
+/// console, and `TIMER_ONESHOT` and `MEMORY_POPULATE` would hog the timer heap and the frame
+/// pool every VM shares (a populated frame is held until the VM ends). Each is covered by
+/// the deterministic checks or by the other guests instead.
+pub const SKIPPED: [u64; 6] = [
+    numbers::YIELD,
+    numbers::TIMER_ONESHOT,
+    numbers::MEMORY_POPULATE,
+    numbers::CONSOLE_WRITE,
+    numbers::VM_EXIT,
+    numbers::EVENT_WAIT,
+];
+
+/// How many of a random call's six arguments are drawn (the rest are 0), so that calls get
+/// past the "unused arguments must be 0" check often enough to reach deeper paths.
+const ARITIES: [usize; 8] = [0, 1, 1, 2, 2, 2, 3, 6];
+
+/// Values that are too large for any argument.
+const HUGE: [u64; 6] = [
+    u64::MAX,
+    1 << 63,
+    1 << 32,
+    u32::MAX as u64,
+    i64::MAX as u64,
+    u64::MAX - 4095,
+];
+
+/// Guest frames at and around the window's edges.
+const EDGE_GFNS: [u64; 5] = [
+    0,
+    WINDOW_FIRST_GFN - 1,
+    WINDOW_END_GFN,
+    1 << 32,
+    u32::MAX as u64,
+];
+
+/// What the random arguments aim at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Targets {
+    /// Its VM number.
+    pub vm: u16,
+    /// Its populated frame.
+    pub own_frame: u64,
+    /// Another VM's frame, if one was found.
+    pub foreign_frame: Option<u64>,
+    /// Guest-physical address of its batch entries (`MULTICALL_MAX` × number, arg0, arg1).
+    pub batch_entries: u64,
+    /// Guest-physical address of its batch results (`MULTICALL_MAX` i64s).
+    pub batch_results: u64,
+}
+
+/// One random hypercall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RandomCall {
+    /// RAX.
+    pub number: u64,
+    /// RDI, RSI, RDX, R10, R8, R9.
+    pub args: [u64; 6],
+}
+
+/// The xorshift64 generator of the random calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Xorshift {
+    state: u64,
+}
+
+impl Xorshift {
+    /// A generator seeded with `seed` (0, which xorshift cannot leave, becomes
+    /// [`RANDOM_SEED`]).
+    pub const fn new(seed: u64) -> Xorshift {
+        Xorshift {
+            state: if seed == 0 { RANDOM_SEED } else { seed },
+        }
+    }
+
+    /// The next word.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        x
+    }
+
+    /// A number below `bound` (> 0).
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    /// One of `choices`.
+    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[self.below(choices.len() as u64) as usize]
+    }
+
+    /// A hypercall number in `0..=HIGHEST_NUMBER`, never one of [`SKIPPED`].
+    pub fn number(&mut self) -> u64 {
+        loop {
+            let number = self.below(HIGHEST_NUMBER + 1);
+            if !SKIPPED.contains(&number) {
+                return number;
+            }
+        }
+    }
+
+    /// One argument: 0, a small number, a window page, a window edge, its own frame, the
+    /// foreign frame, a VM number, a huge value or any word.
+    pub fn argument(&mut self, targets: &Targets) -> u64 {
+        let vm = u64::from(targets.vm);
+        match self.below(9) {
+            0 => 0,
+            1 => self.below(16),
+            2 => WINDOW_FIRST_GFN + self.below(RANDOM_WINDOW_PAGES),
+            3 => self.pick(&EDGE_GFNS),
+            4 => targets.own_frame,
+            5 => targets.foreign_frame.unwrap_or(targets.own_frame),
+            6 => self.pick(&[
+                vm,
+                vm + 1,
+                vm.wrapping_sub(1),
+                0,
+                CONTROL_VM,
+                MAX_VMS - 1,
+                MAX_VMS,
+                0xffff,
+            ]),
+            7 => self.pick(&HUGE),
+            _ => self.next_u64(),
+        }
+    }
+
+    /// One random call. A `MULTICALL` always names its own entry and result buffers (a
+    /// random result address would let the core write over its code or stack), with a count
+    /// of 1 to `MULTICALL_MAX + 1`; a `MAP_GRANT` never maps [`FAULT_GFN`] (mode 1 needs it
+    /// unmapped).
+    pub fn call(&mut self, targets: &Targets) -> RandomCall {
+        let number = self.number();
+        let arity = self.pick(&ARITIES);
+        let mut args = [0u64; 6];
+        for arg in args.iter_mut().take(arity) {
+            *arg = self.argument(targets);
+        }
+        if number == numbers::MULTICALL {
+            args[0] = targets.batch_entries;
+            args[1] = 1 + self.below(MULTICALL_MAX as u64 + 1);
+            args[2] = targets.batch_results;
+        }
+        if number == numbers::MAP_GRANT && args[1] == FAULT_GFN {
+            args[1] = ALIAS_GFN;
+        }
+        RandomCall { number, args }
+    }
+
+    /// The entries of a random batch: (number, arg0, arg1) each, numbers as for
+    /// [`Self::number`] (a `MULTICALL` among them is refused as nested).
+    pub fn batch(&mut self, targets: &Targets) -> [[u64; 3]; MULTICALL_MAX] {
+        let mut entries = [[0u64; 3]; MULTICALL_MAX];
+        for entry in entries.iter_mut() {
+            entry[0] = self.number();
+            let arity = self.below(3) as usize;
+            for arg in entry[1..].iter_mut().take(arity) {
+                *arg = self.argument(targets);
+            }
+        }
+        entries
+    }
+}
+
+/// Whether a call with this number may change who holds frame arg0 (release or share it),
+/// so that arg0 must never be one of its own RAM frames: releasing one frees the page its
+/// code or stack lives in while it still uses it (inside a batch the core does not even
+/// unmap it), and sharing one leaves it allocated after the VM ends. The guest replaces such
+/// an argument with its populated frame (see [`guarded_frame`]).
+pub const fn changes_frame(number: u64) -> bool {
+    number == numbers::MEMORY_RELEASE || number == numbers::GRANT
+}
+
+/// The frame argument to use instead of `frame` for a call that [`changes_frame`]: its
+/// populated frame when `frame` is another frame it owns (`query` is `QUERY_FRAME(frame)`),
+/// else `frame`.
+pub const fn guarded_frame(frame: u64, query: i64, targets: &Targets) -> u64 {
+    if frame != targets.own_frame && owned_by(query, targets.vm) {
+        targets.own_frame
+    } else {
+        frame
+    }
+}
+
+/// The answers of the random calls, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Answers >= 0.
+    pub values: u64,
+    /// Error codes, by index (code order).
+    pub errors: [u64; 10],
+    /// Answers that are neither (each a mismatch).
+    pub invalid: u64,
+}
+
+impl Tally {
+    /// Counts one answer; returns whether it is valid.
+    pub fn record(&mut self, result: i64) -> bool {
+        if result >= 0 {
+            self.values += 1;
+            return true;
+        }
+        match error_index(result) {
+            Some(index) => {
+                self.errors[index] += 1;
+                true
+            }
+            None => {
+                self.invalid += 1;
+                false
+            }
+        }
+    }
+
+    /// Answers counted.
+    pub fn total(&self) -> u64 {
+        self.values + self.errors.iter().sum::<u64>() + self.invalid
+    }
+
+    /// Folds the counts in: values, each error kind, invalid.
+    pub fn fold_into(&self, sum: &mut Checksum) {
+        sum.add(self.values);
+        for &count in &self.errors {
+            sum.add(count);
+        }
+        sum.add(self.invalid);
+    }
+}
+
+/// What the random calls left behind that outlives the VM unless it is undone: shares of
+/// its frame (they keep the frame allocated after the VM ends) and event-channel ports (the
+/// channel table is shared by all VMs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Bit `p`: its populated frame is shared with VM `p`.
+    pub shared_with: u64,
+    /// Bit `p`: it holds port `p`.
+    pub ports: u64,
+}
+
+impl Leftovers {
+    /// Notes one completed call (`result` is what it answered).
+    pub fn note(&mut self, number: u64, arg0: u64, arg1: u64, result: i64, own_frame: u64) {
+        let peer_bit = if arg1 < MAX_VMS { 1u64 << arg1 } else { 0 };
+        let port_bit = |port: u64| {
+            if (1..EVENT_PORTS).contains(&port) {
+                1u64 << port
+            } else {
+                0
+            }
+        };
+        match number {
+            numbers::GRANT if result == 0 && arg0 == own_frame => self.shared_with |= peer_bit,
+            numbers::GRANT_REVOKE if result == 0 && arg0 == own_frame => {
+                self.shared_with &= !peer_bit
+            }
+            numbers::EVTCHN_ALLOC | numbers::EVTCHN_BIND if result > 0 => {
+                self.ports |= port_bit(result as u64)
+            }
+            numbers::EVTCHN_CLOSE if result == 0 => self.ports &= !port_bit(arg0),
+            _ => {}
+        }
+    }
+
+    /// The calls that undo them: `GRANT_REVOKE(own_frame, peer)` per share, then
+    /// `EVTCHN_CLOSE(port)` per port.
+    pub fn undo(&self, own_frame: u64) -> impl Iterator<Item = (u64, [u64; 2])> {
+        let revokes =
+            bits(self.shared_with).map(move |peer| (numbers::GRANT_REVOKE, [own_frame, peer]));
+        let closes = bits(self.ports).map(|port| (numbers::EVTCHN_CLOSE, [port, 0]));
+        revokes.chain(closes)
+    }
+}
+
+/// The set bits of `mask`, lowest first.
+fn bits(mask: u64) -> impl Iterator<Item = u64> {
+    (0..64).filter(move |bit| mask & (1 << bit) != 0)
+}
+
+/// The guest's summary line (what scenarios grep for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Its VM number.
+    pub vm: u16,
+    /// `params[0]`.
+    pub mode: u64,
+    /// Deterministic checks run (the foreign-frame ones included).
+    pub checks: u64,
+    /// Random calls issued.
+    pub random_calls: u64,
+    /// Foreign-frame checks run.
+    pub foreign_checks: u64,
+    /// No mismatch.
+    pub passed: bool,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "hostile: vm {} mode {}: {} checks, {} random calls, {} foreign-frame checks, {}",
+            self.vm,
+            self.mode,
+            self.checks,
+            self.random_calls,
+            self.foreign_checks,
+            if self.passed { "passed" } else { "FAILED" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use std::format;
+    use std::vec::Vec;
+
+    use super::*;
+
+    const TARGETS: Targets = Targets {
+        vm: 3,
+        own_frame: 0x4_0123,
+        foreign_frame: Some(0x4_0456),
+        batch_entries: 0x3_f000,
+        batch_results: 0x3_f200,
+    };
+
+    #[test]
+    fn codes_are_the_documented_ones() {
+        // docs/hypercall-abi.md, "Error codes".
+        assert_eq!(ERROR_CODES, [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10]);
+        assert_eq!(codes::INVALID_ARGUMENT, -3);
+        assert_eq!(codes::PERMISSION_DENIED, -5);
+        assert_eq!(codes::IN_USE, -6);
+        assert_eq!(codes::NOT_FOUND, -7);
+        for (index, &code) in ERROR_CODES.iter().enumerate() {
+            assert_eq!(code, -(index as i64) - 1);
+        }
+    }
+
+    #[test]
+    fn classifier_accepts_every_code_and_value_and_nothing_else() {
+        for (index, &code) in ERROR_CODES.iter().enumerate() {
+            assert_eq!(error_index(code), Some(index));
+            assert!(is_valid_result(code));
+        }
+        for value in [0, 1, 0x4_0123, i64::MAX] {
+            assert_eq!(error_index(value), None);
+            assert!(is_valid_result(value));
+        }
+        for bad in [-11, -12, -100, i64::MIN, i64::MIN + 1] {
+            assert_eq!(error_index(bad), None);
+            assert!(!is_valid_result(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expected_codes_match_the_abi() {
+        use Check::*;
+        let expect = |check: Check| check.expected();
+        for check in [
+            ConsoleOutsideMemory,
+            ConsoleEmpty,
+            ConsoleTooLong,
+            ConsoleUnusedArgument,
+            PopulateBelowWindow,
+            PopulatePastWindow,
+            PopulateHugeGfn,
+        ] {
+            assert_eq!(expect(check), Expected::Code(-3), "{}", check.name());
+        }
+        assert_eq!(expect(PopulateWindow), Expected::Frame);
+        assert_eq!(expect(PopulateSameGfn), Expected::Code(-6));
+        for check in [
+            MapForeign,
+            ReleaseForeign,
+            GrantForeign,
+            RevokeForeign,
+            VmCreate,
+            VmStart,
+            VmStatus,
+            VmDestroy,
+        ] {
+            assert_eq!(expect(check), Expected::Code(-5), "{}", check.name());
+        }
+        assert_eq!(expect(MapOwnAlias), Expected::Zero);
+        assert_eq!(expect(UnmapAlias), Expected::Zero);
+        for check in [
+            UnmapAliasAgain,
+            UnmapNeverMapped,
+            UnmapPopulated,
+            SendUnopened,
+            BindUnoffered,
+            CloseUnopened,
+        ] {
+            assert_eq!(expect(check), Expected::Code(-7), "{}", check.name());
+        }
+        // Every expected code is one of the ABI's.
+        for check in Check::ALL {
+            if let Expected::Code(code) = check.expected() {
+                assert!(error_index(code).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn checks_are_listed_once_with_their_needs() {
+        for (index, check) in Check::ALL.iter().enumerate() {
+            assert!(!Check::ALL[..index].contains(check));
+            assert!(
+                !Check::ALL[..index]
+                    .iter()
+                    .any(|other| other.name() == check.name())
+            );
+        }
+        let count = |needs| Check::ALL.iter().filter(|c| c.needs() == needs).count();
+        assert_eq!(count(Needs::ForeignFrame), 4);
+        assert_eq!(count(Needs::OwnFrame), 5);
+        // The frame is populated before anything needs it.
+        let populate = Check::ALL
+            .iter()
+            .position(|&c| c == Check::PopulateWindow)
+            .unwrap();
+        assert!(
+            Check::ALL[..populate]
+                .iter()
+                .all(|c| c.needs() == Needs::Nothing)
+        );
+        // The alias is mapped before it is unmapped.
+        let position = |check| Check::ALL.iter().position(|&c| c == check).unwrap();
+        assert!(position(Check::MapOwnAlias) < position(Check::UnmapAlias));
+        assert!(position(Check::UnmapAlias) < position(Check::UnmapAliasAgain));
+    }
+
+    #[test]
+    fn expectations_accept_and_fold() {
+        assert!(Expected::Code(-7).accepts(-7));
+        assert!(!Expected::Code(-7).accepts(0));
+        assert!(Expected::Zero.accepts(0));
+        assert!(!Expected::Zero.accepts(-5));
+        assert!(Expected::Frame.accepts(0x4_0123));
+        assert!(!Expected::Frame.accepts(0));
+        assert!(!Expected::Frame.accepts(-4));
+        assert_eq!(Expected::Frame.fold(0x4_0123), 1);
+        assert_eq!(Expected::Frame.fold(-4), (-4i64) as u64);
+        assert_eq!(Expected::Code(-7).fold(-7), (-7i64) as u64);
+        assert_eq!(format!("{}", Expected::Code(-5)), "-5 (PermissionDenied)");
+        assert_eq!(format!("{}", Expected::Frame), "a frame (> 0)");
+    }
+
+    #[test]
+    fn window_pages_are_apart() {
+        let used = [
+            POPULATE_GFN,
+            ALIAS_GFN,
+            FOREIGN_GFN,
+            NEVER_MAPPED_GFN,
+            FAULT_GFN,
+        ];
+        for (index, gfn) in used.iter().enumerate() {
+            assert!((WINDOW_FIRST_GFN..WINDOW_END_GFN).contains(gfn));
+            assert!(!used[..index].contains(gfn));
+        }
+        assert_eq!(FAULT_ADDRESS, 0x1f_0000);
+    }
+
+    #[test]
+    fn modes_round_trip() {
+        assert_eq!(Mode::from_param(0), Some(Mode::Check));
+        assert_eq!(Mode::from_param(1), Some(Mode::Fault));
+        assert_eq!(Mode::from_param(2), None);
+        assert_eq!(Mode::from_param(u64::MAX), None);
+        for mode in [Mode::Check, Mode::Fault] {
+            assert_eq!(Mode::from_param(mode.param()), Some(mode));
+        }
+    }
+
+    #[test]
+    fn query_answers_are_unpacked() {
+        // owner 2, reference count 1, kind Ram (1), validated: another VM's private frame.
+        let private = 0x101_0001_0002;
+        assert_eq!(foreign_owner(private, 3), Some(2));
+        assert_eq!(foreign_owner(private, 2), None);
+        assert!(owned_by(private, 2));
+        assert!(!owned_by(private, 3));
+        // Shared (reference count 2): perhaps with the caller, so not used.
+        assert_eq!(foreign_owner(0x102_0002_0002, 3), None);
+        // Free.
+        assert_eq!(foreign_owner(0xffff, 3), None);
+        assert!(!owned_by(0xffff, 3));
+        // Errors.
+        assert_eq!(foreign_owner(codes::INVALID_ARGUMENT, 3), None);
+        assert!(!owned_by(codes::INVALID_ARGUMENT, 3));
+        assert_eq!(query_owner(-1), None);
+    }
+
+    #[test]
+    fn the_scan_goes_outwards_without_wrapping() {
+        let order: Vec<u64> = scan_order(1000).collect();
+        assert_eq!(order.len() as u64, 2 * SCAN_RADIUS);
+        assert_eq!(&order[..4], &[1001, 999, 1002, 998]);
+        assert!(!order.contains(&1000));
+        assert!(order.contains(&(1000 + SCAN_RADIUS)) && order.contains(&(1000 - SCAN_RADIUS)));
+        let low: Vec<u64> = scan_order(3).collect();
+        assert_eq!(low.len() as u64, SCAN_RADIUS + 3);
+        assert!(low.contains(&0) && !low.contains(&3));
+        assert_eq!(scan_order(u64::MAX).count() as u64, SCAN_RADIUS);
+    }
+
+    #[test]
+    fn unoffered_peers_are_other_vms() {
+        for vm in 0..MAX_VMS as u16 {
+            let peer = unoffered_peer(vm);
+            assert_ne!(peer, u64::from(vm));
+            assert!(peer < MAX_VMS);
+        }
+    }
+
+    #[test]
+    fn the_generator_is_fixed_and_skips_what_it_must() {
+        let mut first = Xorshift::new(RANDOM_SEED);
+        let mut second = Xorshift::new(RANDOM_SEED);
+        let mut seen = [false; HIGHEST_NUMBER as usize + 1];
+        for _ in 0..20_000 {
+            let number = first.number();
+            assert_eq!(number, second.number());
+            assert!(number <= HIGHEST_NUMBER);
+            assert!(!SKIPPED.contains(&number), "{number}");
+            seen[number as usize] = true;
+        }
+        for (number, &was_seen) in seen.iter().enumerate() {
+            assert_eq!(was_seen, !SKIPPED.contains(&(number as u64)), "{number}");
+        }
+        assert_eq!(Xorshift::new(0), Xorshift::new(RANDOM_SEED));
+        assert_ne!(Xorshift::new(1).next_u64(), Xorshift::new(2).next_u64());
+    }
+
+    #[test]
+    fn random_calls_mix_their_arguments() {
+        let mut random = Xorshift::new(RANDOM_SEED);
+        let calls: Vec<RandomCall> = (0..RANDOM_CALLS).map(|_| random.call(&TARGETS)).collect();
+        let args = || calls.iter().flat_map(|call| call.args);
+        assert!(calls.iter().all(|call| !SKIPPED.contains(&call.number)));
+        assert!(args().any(|arg| arg == TARGETS.own_frame));
+        assert!(args().any(|arg| Some(arg) == TARGETS.foreign_frame));
+        assert!(args().any(|arg| (WINDOW_FIRST_GFN..WINDOW_END_GFN).contains(&arg)));
+        assert!(args().any(|arg| arg == u64::MAX));
+        assert!(args().any(|arg| arg == u64::from(TARGETS.vm)));
+        assert!(args().any(|arg| (1..16).contains(&arg)));
+        // Some calls leave every argument 0, some fill all six.
+        assert!(calls.iter().any(|call| call.args == [0; 6]));
+        assert!(
+            calls
+                .iter()
+                .any(|call| call.args.iter().all(|&arg| arg != 0))
+        );
+        // Enough deep calls: a quarter at least have arguments 2..6 all 0.
+        let short = calls
+            .iter()
+            .filter(|call| call.args[2..].iter().all(|&arg| arg == 0))
+            .count();
+        assert!(short > calls.len() / 4, "{short}");
+        let batches: Vec<&RandomCall> = calls
+            .iter()
+            .filter(|call| call.number == numbers::MULTICALL)
+            .collect();
+        assert!(!batches.is_empty());
+        for batch in batches {
+            assert_eq!(batch.args[0], TARGETS.batch_entries);
+            assert_eq!(batch.args[2], TARGETS.batch_results);
+            assert!((1..=MULTICALL_MAX as u64 + 1).contains(&batch.args[1]));
+        }
+    }
+
+    #[test]
+    fn random_calls_never_map_the_fault_page() {
+        // A frame that happens to equal the fault page's number.
+        let targets = Targets {
+            own_frame: FAULT_GFN,
+            foreign_frame: Some(FAULT_GFN),
+            ..TARGETS
+        };
+        let mut random = Xorshift::new(RANDOM_SEED);
+        let mut maps = 0;
+        for _ in 0..20_000 {
+            let call = random.call(&targets);
+            if call.number == numbers::MAP_GRANT {
+                maps += 1;
+                assert_ne!(call.args[1], FAULT_GFN);
+            }
+        }
+        assert!(maps > 0);
+    }
+
+    #[test]
+    fn batches_hold_allowed_numbers_and_two_arguments() {
+        let mut random = Xorshift::new(RANDOM_SEED);
+        for _ in 0..200 {
+            for [number, ..] in random.batch(&TARGETS) {
+                assert!(number <= HIGHEST_NUMBER && !SKIPPED.contains(&number));
+            }
+        }
+    }
+
+    #[test]
+    fn own_ram_frames_are_never_released_or_shared() {
+        let own_ram = 0x101_0001_0003; // owned by VM 3
+        let foreign = 0x101_0001_0002;
+        assert!(changes_frame(numbers::MEMORY_RELEASE) && changes_frame(numbers::GRANT));
+        assert!(!changes_frame(numbers::MAP_GRANT) && !changes_frame(numbers::QUERY_FRAME));
+        assert_eq!(
+            guarded_frame(0x4_0100, own_ram, &TARGETS),
+            TARGETS.own_frame
+        );
+        assert_eq!(
+            guarded_frame(TARGETS.own_frame, own_ram, &TARGETS),
+            TARGETS.own_frame
+        );
+        assert_eq!(guarded_frame(0x4_0100, foreign, &TARGETS), 0x4_0100);
+        assert_eq!(guarded_frame(0x4_0100, 0xffff, &TARGETS), 0x4_0100);
+        assert_eq!(
+            guarded_frame(u64::MAX, codes::INVALID_ARGUMENT, &TARGETS),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn tallies_count_by_kind() {
+        let mut tally = Tally::default();
+        for result in [0, 5, -1, -7, -7, -10] {
+            assert!(tally.record(result));
+        }
+        assert!(!tally.record(-11));
+        assert!(!tally.record(i64::MIN));
+        assert_eq!(tally.values, 2);
+        assert_eq!(tally.errors, [1, 0, 0, 0, 0, 0, 2, 0, 0, 1]);
+        assert_eq!(tally.invalid, 2);
+        assert_eq!(tally.total(), 8);
+        let mut sum = Checksum::new();
+        tally.fold_into(&mut sum);
+        let mut other = Tally::default();
+        other.record(0);
+        let mut other_sum = Checksum::new();
+        other.fold_into(&mut other_sum);
+        assert_ne!(sum, other_sum);
+    }
+
+    #[test]
+    fn leftovers_are_undone() {
+        let own = TARGETS.own_frame;
+        let mut left = Leftovers::default();
+        left.note(numbers::GRANT, own, 5, 0, own);
+        left.note(numbers::GRANT, own, 7, 0, own);
+        left.note(numbers::GRANT, own, 9, codes::IN_USE, own);
+        left.note(numbers::GRANT, 0x99, 11, 0, own);
+        left.note(numbers::GRANT, own, MAX_VMS, 0, own);
+        left.note(numbers::GRANT_REVOKE, own, 7, 0, own);
+        left.note(numbers::EVTCHN_ALLOC, 5, 0, 1, own);
+        left.note(numbers::EVTCHN_ALLOC, 5, 0, 2, own);
+        left.note(numbers::EVTCHN_BIND, 6, 1, 3, own);
+        left.note(numbers::EVTCHN_ALLOC, 5, 0, codes::NO_RESOURCES, own);
+        left.note(numbers::EVTCHN_CLOSE, 2, 0, 0, own);
+        left.note(numbers::EVTCHN_CLOSE, 3, 0, codes::NOT_FOUND, own);
+        let undo: Vec<(u64, [u64; 2])> = left.undo(own).collect();
+        assert_eq!(
+            undo,
+            [
+                (numbers::GRANT_REVOKE, [own, 5]),
+                (numbers::EVTCHN_CLOSE, [1, 0]),
+                (numbers::EVTCHN_CLOSE, [3, 0]),
+            ]
+        );
+        assert_eq!(Leftovers::default().undo(own).count(), 0);
+    }
+
+    #[test]
+    fn the_summary_line_is_pinned() {
+        let summary = Summary {
+            vm: 4,
+            mode: 0,
+            checks: 25,
+            random_calls: RANDOM_CALLS,
+            foreign_checks: 4,
+            passed: true,
+        };
+        assert_eq!(
+            format!("{summary}"),
+            "hostile: vm 4 mode 0: 25 checks, 400 random calls, 4 foreign-frame checks, passed"
+        );
+        let failed = Summary {
+            mode: 1,
+            foreign_checks: 0,
+            checks: 21,
+            passed: false,
+            ..summary
+        };
+        assert_eq!(
+            format!("{failed}"),
+            "hostile: vm 4 mode 1: 21 checks, 400 random calls, 0 foreign-frame checks, FAILED"
+        );
+        // One console line (CONSOLE_MAX bytes) even at its longest.
+        let longest = Summary {
+            vm: u16::MAX,
+            mode: 1,
+            ..failed
+        };
+        assert!(format!("{longest}").len() <= CONSOLE_MAX as usize);
+    }
+}
