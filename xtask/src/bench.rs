@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: boots the release image with a benchmark on its command line and
 //! reports what the core measured.
 //!
+//! It also boots the scenarios of [`SCENARIOS`] and reports each VM's run time.
+//!
 //! Under bochs the TSC counts executed instructions, so the figures are deterministic
 //! instruction counts, independent of how loaded the host is. Real-time figures come only
 //! from QEMU/KVM on hardware with VMX, which this command adds where the host has it.
@@ -60,7 +62,7 @@ fn bench_inner() -> Result<(), String> {
     } else {
         println!("QEMU/KVM: not measured ({why}); real-time figures need hardware VMX");
     }
-    Ok(())
+    scenario_run_times(&elf)
 }
 
 /// What a benchmark measures, from its name in the summary.
@@ -79,6 +81,57 @@ fn describe(report: &Value) -> String {
 
 /// Boots with the benchmarks; returns the summary's `bench` entries and the TSC rate in kHz.
 fn boot_bench_with_rate(elf: &Path, kind: EmulatorKind) -> Result<(Vec<Value>, f64), String> {
+    let (summary, _) = boot_summary(elf, kind, BENCH_CMDLINE, 1)?;
+    let reports = summary["bench"].as_array().cloned().unwrap_or_default();
+    if reports.is_empty() {
+        return Err("the summary has no bench result".to_string());
+    }
+    let tsc_khz = summary["tsc_khz"].as_f64().unwrap_or(0.0);
+    Ok((reports, tsc_khz))
+}
+
+/// Scenarios whose run times the benchmark reports (bochs, 2 CPUs, release build).
+const SCENARIOS: &[&str] = &["1appvm-unixbench", "1appvm-blkbench", "3appvm"];
+
+/// Boots each of [`SCENARIOS`] and prints every VM's run time (TSC ticks from its start to its
+/// exit: under bochs the emulated clock, which advances one tick per instruction) and the
+/// run's wall time on this host.
+fn scenario_run_times(elf: &Path) -> Result<(), String> {
+    println!(
+        "Scenario run times (release build, bochs, 2 CPUs, ips {}: 1 ms of guest time = {} instructions):",
+        emulator::SCENARIO_IPS,
+        emulator::SCENARIO_IPS / 1000
+    );
+    for name in SCENARIOS {
+        let (summary, wall) =
+            boot_summary(elf, EmulatorKind::Bochs, &format!("scenario={name}"), 2)?;
+        let vms = summary["vms"].as_array().cloned().unwrap_or_default();
+        let khz = summary["tsc_khz"].as_f64().unwrap_or(1.0).max(1.0);
+        println!("  {name} ({:.1} s of wall time):", wall.as_secs_f64());
+        for vm in &vms {
+            let tsc = vm["run_tsc"].as_u64().unwrap_or(0);
+            println!(
+                "    VM {} ({}): {}, ran {} TSC ticks (emulated instructions, all CPUs' time) = {:.1} ms of guest time, {} hypercalls",
+                vm["vm"],
+                vm["guest"].as_str().unwrap_or("?"),
+                vm["verdict"].as_str().unwrap_or("?"),
+                tsc,
+                tsc as f64 / khz,
+                vm["hypercalls"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Boots the release `elf` with `cmdline` on `cpus` CPUs; returns its summary (outcome ok)
+/// and the wall time the boot took.
+fn boot_summary(
+    elf: &Path,
+    kind: EmulatorKind,
+    cmdline: &str,
+    cpus: u32,
+) -> Result<(Value, Duration), String> {
     host::ensure_tools(&[match kind {
         EmulatorKind::Bochs => Tool::Bochs,
         EmulatorKind::Qemu { .. } => Tool::Qemu,
@@ -87,32 +140,30 @@ fn boot_bench_with_rate(elf: &Path, kind: EmulatorKind) -> Result<(Vec<Value>, f
     let image = match kind {
         EmulatorKind::Bochs => {
             let iso = run_dir.join("microvisor.iso");
-            image::build_iso(elf, BENCH_CMDLINE, &iso)?;
+            image::build_iso(elf, cmdline, &iso)?;
             Image::Iso(iso)
         }
         EmulatorKind::Qemu { .. } => Image::Elf {
             path: elf.to_path_buf(),
-            cmdline: BENCH_CMDLINE.to_string(),
+            cmdline: cmdline.to_string(),
         },
     };
     let spec = BootSpec {
         kind,
         image,
-        cpus: 1,
+        cpus,
         timeout: Duration::from_secs(300),
-        ips: emulator::bochs_ips(BENCH_CMDLINE),
+        ips: emulator::bochs_ips(cmdline),
     };
     let result = emulator::boot(&spec, &run_dir, &mut |_, _| {})?;
     let summary = result
         .summary
         .ok_or_else(|| format!("no summary line (run files in {})", run_dir.display()))?;
     if summary["outcome"] != "ok" {
-        return Err(format!("the benchmark boot failed: {}", summary["failure"]));
+        return Err(format!(
+            "the boot with {cmdline:?} failed: {}",
+            summary["failure"]
+        ));
     }
-    let reports = summary["bench"].as_array().cloned().unwrap_or_default();
-    if reports.is_empty() {
-        return Err("the summary has no bench result".to_string());
-    }
-    let tsc_khz = summary["tsc_khz"].as_f64().unwrap_or(0.0);
-    Ok((reports, tsc_khz))
+    Ok((summary, result.elapsed))
 }
