@@ -171,6 +171,21 @@ pub enum Mode {
     /// 1: run every check, print the verdict, then write to an unmapped window page (an EPT
     /// violation: the core must stop this VM and only it).
     Fault,
+    /// 2: run every check, print the verdict, then read an MSR (guests have none: the
+    /// hypercall domain refuses and the core must stop this VM and only it).
+    Msr,
+}
+
+/// The vendor string the virtual CPU reports (CPUID leaf 0: EBX, EDX, ECX).
+pub const VENDOR: &[u8; 12] = b"MicrovisorVM";
+
+/// Whether CPUID leaf 0's EBX, ECX, EDX spell [`VENDOR`].
+pub fn vendor_matches(ebx: u32, ecx: u32, edx: u32) -> bool {
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&ebx.to_le_bytes());
+    bytes[4..8].copy_from_slice(&edx.to_le_bytes());
+    bytes[8..].copy_from_slice(&ecx.to_le_bytes());
+    &bytes == VENDOR
 }
 
 impl Mode {
@@ -179,6 +194,7 @@ impl Mode {
         match param {
             0 => Some(Mode::Check),
             1 => Some(Mode::Fault),
+            2 => Some(Mode::Msr),
             _ => None,
         }
     }
@@ -188,6 +204,7 @@ impl Mode {
         match self {
             Mode::Check => 0,
             Mode::Fault => 1,
+            Mode::Msr => 2,
         }
     }
 }
@@ -790,6 +807,15 @@ impl fmt::Display for Summary {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_vendor_check_reads_ebx_edx_ecx() {
+        let word = |text: &[u8]| u32::from_le_bytes([text[0], text[1], text[2], text[3]]);
+        assert!(vendor_matches(word(b"Micr"), word(b"orVM"), word(b"ovis")));
+        assert!(!vendor_matches(word(b"Micr"), word(b"ovis"), word(b"orVM")));
+        assert_eq!(Mode::from_param(2), Some(Mode::Msr));
+        assert_eq!(Mode::Msr.param(), 2);
+    }
+
     extern crate std;
 
     use std::format;
@@ -948,9 +974,10 @@ mod tests {
     fn modes_round_trip() {
         assert_eq!(Mode::from_param(0), Some(Mode::Check));
         assert_eq!(Mode::from_param(1), Some(Mode::Fault));
-        assert_eq!(Mode::from_param(2), None);
+        assert_eq!(Mode::from_param(2), Some(Mode::Msr));
+        assert_eq!(Mode::from_param(3), None);
         assert_eq!(Mode::from_param(u64::MAX), None);
-        for mode in [Mode::Check, Mode::Fault] {
+        for mode in [Mode::Check, Mode::Fault, Mode::Msr] {
             assert_eq!(Mode::from_param(mode.param()), Some(mode));
         }
     }

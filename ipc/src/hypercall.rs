@@ -197,6 +197,76 @@ pub enum Request {
         /// The text (any bytes: the dispatcher shows non-printable ones as `?`).
         text: Vec<u8, CONSOLE_MAX>,
     },
+    /// A CPUID, port I/O, RDMSR or WRMSR exit: what the guest sees is the hypercall domain's
+    /// answer ([`Reply::Exit`]). Idempotent (answers depend only on the exit).
+    Exit {
+        /// The physical CPU the vCPU exited on.
+        cpu: u8,
+        /// The VM.
+        vm: u16,
+        /// The vCPU inside the VM.
+        vcpu: u16,
+        /// What the guest did.
+        exit: GuestExit,
+    },
+}
+
+/// A guest instruction the core does not emulate itself.
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestExit {
+    /// CPUID with EAX = `leaf`, ECX = `subleaf`.
+    Cpuid {
+        /// EAX.
+        leaf: u32,
+        /// ECX.
+        subleaf: u32,
+    },
+    /// IN from `port`, `size` bytes (1, 2 or 4).
+    PortIn {
+        /// The port.
+        port: u16,
+        /// Bytes.
+        size: u8,
+    },
+    /// OUT of `value` to `port`, `size` bytes (1, 2 or 4).
+    PortOut {
+        /// The port.
+        port: u16,
+        /// Bytes.
+        size: u8,
+        /// The value (low `size` bytes).
+        value: u32,
+    },
+    /// RDMSR of `msr`.
+    ReadMsr {
+        /// ECX.
+        msr: u32,
+    },
+    /// WRMSR of `value` to `msr`.
+    WriteMsr {
+        /// ECX.
+        msr: u32,
+        /// EDX:EAX.
+        value: u64,
+    },
+}
+
+/// What the guest sees for a [`GuestExit`].
+///
+/// Declaration order is the wire format: never reorder; append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitAnswer {
+    /// CPUID's EAX, EBX, ECX, EDX.
+    Cpuid([u32; 4]),
+    /// The value read (IN: the low bytes of EAX; RDMSR: EDX:EAX).
+    Value(u64),
+    /// The write is absorbed; the guest carries on.
+    Done,
+    /// The access is refused: the core stops the VM (as a #GP the guest kernel cannot handle
+    /// would).
+    Refuse,
 }
 
 /// Hypercall replies.
@@ -220,6 +290,8 @@ pub enum Reply {
     Incomplete,
     /// A multicall batch finished: one outcome per entry, in order. RAX = 0, RIP advances.
     Multicall(Vec<EntryOutcome, MULTICALL_MAX>),
+    /// The answer to a [`Request::Exit`].
+    Exit(ExitAnswer),
 }
 
 /// Why a hypercall was refused; seen by the guest as a negative code in RAX.
@@ -291,7 +363,7 @@ impl Request {
                 _ => Idempotence::NonIdempotent,
             },
             Request::Multicall { .. } => Idempotence::NonIdempotent,
-            Request::Console { .. } => Idempotence::Idempotent,
+            Request::Console { .. } | Request::Exit { .. } => Idempotence::Idempotent,
         }
     }
 
@@ -301,13 +373,14 @@ impl Request {
             Request::Hypercall { .. } => 0,
             Request::Multicall { .. } => 1,
             Request::Console { .. } => 2,
+            Request::Exit { .. } => 3,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 3;
+    const OPERATION_COUNT: u16 = 4;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -418,6 +491,47 @@ mod tests {
     }
 
     #[test]
+    fn golden_exits() {
+        assert_golden_request(
+            &Request::Exit {
+                cpu: 1,
+                vm: 2,
+                vcpu: 0,
+                exit: GuestExit::Cpuid {
+                    leaf: 1,
+                    subleaf: 0,
+                },
+            },
+            &[3, 1, 2, 0, 0, 1, 0],
+        );
+        assert_golden_request(
+            &Request::Exit {
+                cpu: 0,
+                vm: 2,
+                vcpu: 0,
+                exit: GuestExit::PortOut {
+                    port: 0x80,
+                    size: 1,
+                    value: 7,
+                },
+            },
+            &[3, 0, 2, 0, 2, 128, 1, 1, 7],
+        );
+        assert_golden(&Reply::Exit(ExitAnswer::Value(5)), &[5, 1, 5]);
+        assert_golden(&Reply::Exit(ExitAnswer::Refuse), &[5, 3]);
+        assert_fits(&Request::Exit {
+            cpu: u8::MAX,
+            vm: u16::MAX,
+            vcpu: u16::MAX,
+            exit: GuestExit::WriteMsr {
+                msr: u32::MAX,
+                value: u64::MAX,
+            },
+        });
+        assert_fits(&Reply::Exit(ExitAnswer::Cpuid([u32::MAX; 4])));
+    }
+
+    #[test]
     fn golden_replies() {
         assert_golden(&Reply::Complete { value: 5 }, &[0, 10]);
         assert_golden(&Reply::Complete { value: -1 }, &[0, 1]);
@@ -499,7 +613,7 @@ mod tests {
     fn tags_and_idempotence() {
         let [oneshot, null, multicall] = samples();
         assert_eq!((oneshot.tag(), multicall.tag()), (0, 1));
-        assert_eq!(Request::OPERATION_COUNT, 3);
+        assert_eq!(Request::OPERATION_COUNT, 4);
         assert_eq!(oneshot.idempotence(), Idempotence::NonIdempotent);
         assert_eq!(null.idempotence(), Idempotence::Idempotent);
         assert_eq!(multicall.idempotence(), Idempotence::NonIdempotent);

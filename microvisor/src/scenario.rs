@@ -91,7 +91,13 @@ pub struct Scenario {
     pub about: &'static str,
     /// Its VMs, in creation order.
     pub vms: &'static [VmSpec],
+    /// With an injected fail-stop: the requests the target service serves after the VMs were
+    /// created before the fault strikes (late enough that every VM is running).
+    pub inject_after: u32,
 }
+
+/// The usual [`Scenario::inject_after`]: the guests start at once.
+const INJECT_AFTER: u32 = 20;
 
 const UNIXBENCH: VmSpec = VmSpec::app("unixbench", [0; 8]);
 
@@ -110,39 +116,47 @@ pub const SCENARIOS: &[Scenario] = &[
             2,
             THIRD_APPVM_MS,
         )],
+        // The control VM's setup takes the first requests: strike while netbench pings.
+        inject_after: 300,
     },
     Scenario {
         name: "1appvm-unixbench",
         about: "control VM + one AppVM running the UnixBench-like workload",
         vms: &[VmSpec::control(&["unixbench"], 1, 0)],
+        inject_after: INJECT_AFTER,
     },
     Scenario {
         name: "1appvm-blkbench",
         about: "control VM + one AppVM running the BlkBench-like workload on the control VM's \
                 shared-ring block device",
         vms: &[VmSpec::control(&["blkbench"], 1, 0)],
+        inject_after: INJECT_AFTER,
     },
     Scenario {
         name: "isolation",
-        about: "two malicious VMs (bad pointers, foreign frames, double unmaps, privileged \
-                calls, random hypercalls; one then writes outside its memory and must be \
-                stopped alone) beside two UnixBench-like VMs that must pass",
+        about: "three malicious VMs (bad pointers, foreign frames, double unmaps, privileged \
+                calls, random hypercalls; one then writes outside its memory, one reads an MSR: \
+                each must be stopped alone) beside two UnixBench-like VMs that must pass",
         vms: &[
             VmSpec::app("hostile", [0; 8]),
             VmSpec::stopped("hostile", [1, 0, 0, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("hostile", [2, 0, 0, 0, 0, 0, 0, 0]),
             UNIXBENCH,
             UNIXBENCH,
         ],
+        inject_after: INJECT_AFTER,
     },
     Scenario {
         name: "1vm-unixbench",
         about: "one AppVM running the UnixBench-like workload",
         vms: &[UNIXBENCH],
+        inject_after: INJECT_AFTER,
     },
     Scenario {
         name: "5vm-unixbench",
         about: "five UnixBench-like AppVMs time-sliced over the CPUs",
         vms: &[UNIXBENCH; 5],
+        inject_after: INJECT_AFTER,
     },
 ];
 

@@ -167,11 +167,11 @@ fn scenario(name: &'static str, cpus: u32, cmdline: &'static str, vms: usize) ->
     case
 }
 
-/// The isolation scenario: two malicious VMs, one of which the core must stop, beside two
+/// The isolation scenario: three malicious VMs, two of which the core must stop, beside two
 /// that must pass.
 fn isolation(name: &'static str, cpus: u32) -> BootCase {
-    let mut case = scenario(name, cpus, "scenario=isolation", 4);
-    case.expect.vms_stopped = 1;
+    let mut case = scenario(name, cpus, "scenario=isolation", 5);
+    case.expect.vms_stopped = 2;
     case
 }
 

@@ -34,9 +34,9 @@ use heapless::Vec;
 use ipc::CallError;
 use ipc::hypercall::{
     CONSOLE_MAX, EVENT_PORTS, EVENT_WAIT, EVTCHN_ALLOC, EVTCHN_BIND, EVTCHN_CLOSE, EVTCHN_SEND,
-    EntryOutcome, GFN_LIMIT, GRANT, GRANT_REVOKE, HypercallError, MAP_GRANT, MEMORY_POPULATE,
-    MEMORY_RELEASE, MULTICALL, MULTICALL_MAX, MulticallEntry, NULL, QUERY_FRAME, Reply, Request,
-    TIMER_ONESHOT, UNMAP_GRANT, VECTOR_MIN, VM_EXIT, YIELD, timer_cookie,
+    EntryOutcome, ExitAnswer, GFN_LIMIT, GRANT, GRANT_REVOKE, GuestExit, HypercallError, MAP_GRANT,
+    MEMORY_POPULATE, MEMORY_RELEASE, MULTICALL, MULTICALL_MAX, MulticallEntry, NULL, QUERY_FRAME,
+    Reply, Request, TIMER_ONESHOT, UNMAP_GRANT, VECTOR_MIN, VM_EXIT, YIELD, timer_cookie,
 };
 use ipc::limits::{MAX_CPUS, MAX_VCPUS, MAX_VCPUS_PER_VM, MAX_VMS};
 use ipc::memory::{self, FrameNumber};
@@ -605,6 +605,55 @@ fn memory_done(reply: Result<memory::Reply, CallError>) -> Outcome {
     }
 }
 
+/// Four ASCII bytes as a CPUID register (little-endian, as CPUID returns vendor strings).
+const fn ascii(text: &[u8; 4]) -> u32 {
+    u32::from_le_bytes(*text)
+}
+
+/// What a guest sees for an instruction the core hands over: the virtual CPU's identity
+/// (CPUID), an empty I/O space (reads all ones, writes absorbed), and no MSRs (refused: the
+/// VM is stopped). Pure: the same exit always gets the same answer.
+pub fn answer_exit(exit: GuestExit) -> ExitAnswer {
+    match exit {
+        GuestExit::Cpuid { leaf, .. } => ExitAnswer::Cpuid(match leaf {
+            // Highest basic leaf; vendor "MicrovisorVM" in EBX, EDX, ECX.
+            0 => [1, ascii(b"Micr"), ascii(b"orVM"), ascii(b"ovis")],
+            // Family 6; ECX: hypervisor present (31); EDX: FPU, TSC, CX8, CMOV, MMX, FXSR,
+            // SSE, SSE2.
+            1 => [
+                0x0000_0600,
+                0,
+                1 << 31,
+                (1 << 0)
+                    | (1 << 4)
+                    | (1 << 8)
+                    | (1 << 15)
+                    | (1 << 23)
+                    | (1 << 24)
+                    | (1 << 25)
+                    | (1 << 26),
+            ],
+            // The hypervisor leaf: "MicrovisorHV" in EBX, ECX, EDX.
+            0x4000_0000 => [0x4000_0000, ascii(b"Micr"), ascii(b"ovis"), ascii(b"orHV")],
+            0x8000_0000 => [0x8000_0001, 0, 0, 0],
+            // SYSCALL (11), NX (20), long mode (29).
+            0x8000_0001 => [0, 0, 0, (1 << 11) | (1 << 20) | (1 << 29)],
+            _ => [0; 4],
+        }),
+        GuestExit::PortIn { size, .. } => match size {
+            1 => ExitAnswer::Value(0xff),
+            2 => ExitAnswer::Value(0xffff),
+            4 => ExitAnswer::Value(0xffff_ffff),
+            _ => ExitAnswer::Refuse,
+        },
+        GuestExit::PortOut { size, .. } => match size {
+            1 | 2 | 4 => ExitAnswer::Done,
+            _ => ExitAnswer::Refuse,
+        },
+        GuestExit::ReadMsr { .. } | GuestExit::WriteMsr { .. } => ExitAnswer::Refuse,
+    }
+}
+
 /// FNV-1a over the entries' numbers and arguments.
 fn digest(entries: &[MulticallEntry]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -661,6 +710,15 @@ impl HypercallState {
             } => match caller(cpu, vm, vcpu) {
                 Err(error) => Reply::Error(error),
                 Ok(caller) => self.multicall(caller, batch, &entries, services),
+            },
+            Request::Exit {
+                cpu,
+                vm,
+                vcpu,
+                exit,
+            } => match caller(cpu, vm, vcpu) {
+                Err(error) => Reply::Error(error),
+                Ok(_) => Reply::Exit(answer_exit(exit)),
             },
             Request::Console {
                 cpu,

@@ -1661,3 +1661,87 @@ fn event_state_round_trips_through_bytes() {
     assert!(rebooted == *fresh());
     assert!(rebooted.as_bytes().iter().all(|&byte| byte == 0));
 }
+
+#[test]
+fn guest_exits_get_a_fixed_virtual_machine() {
+    use ipc::hypercall::{ExitAnswer, GuestExit};
+    let vendor = match answer_exit(GuestExit::Cpuid {
+        leaf: 0,
+        subleaf: 0,
+    }) {
+        ExitAnswer::Cpuid([_, ebx, ecx, edx]) => [ebx, edx, ecx],
+        other => panic!("CPUID answered {other:?}"),
+    };
+    let bytes: std::vec::Vec<u8> = vendor.iter().flat_map(|word| word.to_le_bytes()).collect();
+    assert_eq!(&bytes, b"MicrovisorVM");
+    let ExitAnswer::Cpuid([_, _, ecx, _]) = answer_exit(GuestExit::Cpuid {
+        leaf: 1,
+        subleaf: 0,
+    }) else {
+        panic!("no CPUID answer")
+    };
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
+    assert_eq!(
+        answer_exit(GuestExit::Cpuid {
+            leaf: 0x1234,
+            subleaf: 9
+        }),
+        ExitAnswer::Cpuid([0; 4])
+    );
+    assert_eq!(
+        answer_exit(GuestExit::PortIn {
+            port: 0x60,
+            size: 2
+        }),
+        ExitAnswer::Value(0xffff)
+    );
+    assert_eq!(
+        answer_exit(GuestExit::PortIn {
+            port: 0x60,
+            size: 3
+        }),
+        ExitAnswer::Refuse
+    );
+    assert_eq!(
+        answer_exit(GuestExit::PortOut {
+            port: 0x80,
+            size: 1,
+            value: 1
+        }),
+        ExitAnswer::Done
+    );
+    assert_eq!(
+        answer_exit(GuestExit::ReadMsr { msr: 0x10 }),
+        ExitAnswer::Refuse
+    );
+}
+
+#[test]
+fn exit_requests_check_the_caller() {
+    let mut state = fresh();
+    let mut services = Fake::default();
+    let exit = ipc::hypercall::GuestExit::Cpuid {
+        leaf: 0,
+        subleaf: 0,
+    };
+    let reply = state.dispatch(
+        Request::Exit {
+            cpu: 200,
+            vm: 1,
+            vcpu: 0,
+            exit,
+        },
+        &mut services,
+    );
+    assert_eq!(reply, Reply::Error(HypercallError::BadVcpu));
+    let reply = state.dispatch(
+        Request::Exit {
+            cpu: 0,
+            vm: 1,
+            vcpu: 0,
+            exit,
+        },
+        &mut services,
+    );
+    assert!(matches!(reply, Reply::Exit(_)));
+}

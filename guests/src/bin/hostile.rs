@@ -6,7 +6,6 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
-use guests::Checksum;
 use guests::hostile::{
     ALIAS_GFN, CONSOLE_MAX, CONTROL_VM, Check, ERROR_CODES, EVENT_PORTS, FAULT_ADDRESS,
     FOREIGN_GFN, Leftovers, MULTICALL_MAX, Mode, NEVER_MAPPED_GFN, Needs, OUTSIDE_ADDRESS,
@@ -14,8 +13,10 @@ use guests::hostile::{
     WINDOW_FIRST_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, numbers, scan_order,
     unoffered_peer,
 };
+use guests::{Checksum, hostile};
 use microvisor_guest_runtime::{
-    StartInfo, Verdict, abi, call2, hypercall, layout, print, read_u64, write_u64,
+    StartInfo, Verdict, abi, call2, cpuid, hypercall, layout, port_in8, port_out8, print, read_msr,
+    read_u64, write_u64,
 };
 
 // The library's copies of the ABI (it does not link `ipc`) are the ABI's.
@@ -81,7 +82,7 @@ fn main(info: &StartInfo) -> Verdict {
     let vm = info.vm;
     let Some(mode) = Mode::from_param(info.params[0]) else {
         print(format_args!(
-            "hostile: vm {vm}: unknown mode {} (0 checks, 1 checks then faults)",
+            "hostile: vm {vm}: unknown mode {} (0 checks, 1 then faults, 2 then reads an MSR)",
             info.params[0]
         ));
         return Verdict {
@@ -165,6 +166,25 @@ fn main(info: &StartInfo) -> Verdict {
         None => 0,
     };
 
+    // Instructions the hypercall domain serves: the virtual CPU's identity, an empty I/O
+    // space (reads all ones, writes absorbed).
+    let [_, ebx, ecx, edx] = cpuid(0, 0);
+    let hypervisor_bit = cpuid(1, 0)[2] >> 31;
+    port_out8(0x80, 0x42);
+    let port = port_in8(0x60);
+    for (what, ok) in [
+        ("CPUID vendor", hostile::vendor_matches(ebx, ecx, edx)),
+        ("CPUID hypervisor bit", hypervisor_bit == 1),
+        ("IN from an empty port", port == 0xff),
+    ] {
+        checks += 1;
+        sum.add(u64::from(ok));
+        if !ok {
+            mismatches += 1;
+            print(format_args!("hostile: {what}: unexpected answer"));
+        }
+    }
+
     let passed = mismatches == 0;
     print(format_args!(
         "{}",
@@ -177,6 +197,17 @@ fn main(info: &StartInfo) -> Verdict {
             passed,
         }
     ));
+    if mode == Mode::Msr {
+        print(format_args!("hostile: vm {vm} reads MSR 0x10"));
+        let value = read_msr(0x10);
+        print(format_args!(
+            "hostile: vm {vm}: RDMSR returned {value:#x}: the core did not stop it"
+        ));
+        return Verdict {
+            passed: false,
+            checksum: sum.0,
+        };
+    }
     if mode == Mode::Fault {
         print(format_args!(
             "hostile: vm {vm} writes to unmapped {FAULT_ADDRESS:#x}"

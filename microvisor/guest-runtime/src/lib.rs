@@ -48,6 +48,44 @@ pub fn call2(number: u64, arg0: u64, arg1: u64) -> i64 {
     hypercall(number, [arg0, arg1, 0, 0, 0, 0])
 }
 
+/// CPUID: EAX, EBX, ECX, EDX for `leaf`/`subleaf`, as the hypercall domain answers them (a
+/// VM exit).
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // CPUID has no side effect; in a guest it exits to the core.
+    let result = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [result.eax, result.ebx, result.ecx, result.edx]
+}
+
+/// IN AL from `port` (a VM exit; the guest's I/O space is empty: 0xff).
+pub fn port_in8(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: a port read exits to the core (unconditional I/O exiting); no memory access.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
+    value
+}
+
+/// OUT AL to `port` (a VM exit; absorbed).
+pub fn port_out8(port: u16, value: u8) {
+    // SAFETY: as for `port_in8`.
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
+}
+
+/// RDMSR of `msr`. Guests have no MSRs: the hypercall domain refuses and the core stops the
+/// VM, so this does not return.
+pub fn read_msr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDMSR exits to the core (MSR bitmaps off); no memory access.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high,
+                         options(nomem, nostack));
+    }
+    (u64::from(high) << 32) | u64::from(low)
+}
+
 /// Reads the time-stamp counter (under bochs: instructions executed).
 #[inline]
 pub fn tsc() -> u64 {

@@ -220,6 +220,8 @@ pub enum CreateError {
     Scheduler,
     /// Out of core memory for the VMCS or EPT.
     OutOfMemory,
+    /// A service failed under the creation (it is recovered): nothing was kept; try again.
+    Interrupted,
 }
 
 impl core::fmt::Display for CreateError {
@@ -230,6 +232,7 @@ impl core::fmt::Display for CreateError {
             Self::Image(why) => write!(f, "guest image: {why}"),
             Self::Scheduler => f.write_str("the scheduler refused its vCPU"),
             Self::OutOfMemory => f.write_str("out of core memory for the VMCS or EPT"),
+            Self::Interrupted => f.write_str("a service failed under it; try again"),
         }
     }
 }
@@ -306,13 +309,15 @@ fn validate(vm: u16, frame: u32) -> Result<(), HypercallError> {
 
 /// Takes a fresh frame for `vm` from the memory domain, checks it, scrubs it and marks it
 /// validated.
-fn new_frame(vm: u16) -> Result<u32, &'static str> {
+fn new_frame(vm: u16) -> Result<u32, CreateError> {
     let frame = match memory_call(memory::Request::Allocate { owner: vm }) {
         Ok(memory::Reply::Allocated(frame)) => frame.0,
-        Ok(_) => return Err("the memory domain has no frame"),
-        Err(_) => return Err("the memory domain did not answer"),
+        Ok(_) => return Err(CreateError::Memory("the memory domain has no frame")),
+        // Failed and recovered under the call (or being recovered): try again later.
+        Err(_) => return Err(CreateError::Interrupted),
     };
-    validate(vm, frame).map_err(|_| "the memory domain answered a frame outside the pool")?;
+    validate(vm, frame)
+        .map_err(|_| CreateError::Memory("the memory domain answered a frame outside the pool"))?;
     scrub(frame);
     let _ = memory_call(memory::Request::Validate {
         frame: FrameNumber(frame),
@@ -551,7 +556,7 @@ fn build_memory(
     modules: &[(&'static str, &[u8])],
 ) -> Result<(), CreateError> {
     for gfn in 0..layout::RAM_PAGES as usize {
-        let frame = new_frame(vm.id).map_err(CreateError::Memory)?;
+        let frame = new_frame(vm.id)?;
         set_ept(vm, gfn, frame);
     }
     // Boot modules: each from a page boundary of the module area.
@@ -566,7 +571,7 @@ fn build_memory(
             return Err(CreateError::Image("the boot modules do not fit"));
         }
         for gfn in cursor / 4096..cursor / 4096 + pages {
-            let frame = new_frame(vm.id).map_err(CreateError::Memory)?;
+            let frame = new_frame(vm.id)?;
             set_ept(vm, gfn as usize, frame);
         }
         write_guest(vm, cursor, bytes).map_err(|_| CreateError::Image("cannot copy a module"))?;
@@ -1069,12 +1074,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             }
             EXIT_TRIPLE_FAULT => Err("triple fault"),
             EXIT_CPUID | EXIT_IO | EXIT_RDMSR | EXIT_WRMSR => {
-                log::warn!(
-                    "VM {}: exit {reason} at RIP {:#x} is not served yet",
-                    vcpu.vm,
-                    vmread(vm::GUEST_RIP)
-                );
-                Err("CPUID, port I/O and MSR exits are not served yet")
+                handle_instruction(cpu, vcpu, &mut state, reason)
             }
             _ => {
                 log::warn!("VM {}: unexpected VM exit {reason}", vcpu.vm);
@@ -1374,8 +1374,9 @@ fn handle_vmcall(
                 forward(&plain).map(reply_value)
             }
         }
+        // `None`: a service failed under VM_CREATE; the control VM issues it again.
         hc::VM_CREATE | hc::VM_START | hc::VM_STATUS | hc::VM_DESTROY => {
-            Some((control(slot, number, &args), Next::Resume))
+            control(slot, number, &args).map(|value| (value, Next::Resume))
         }
         _ => forward(&plain).map(reply_value),
     };
@@ -1408,9 +1409,10 @@ fn peer_maps(peer: u64, frame: u64) -> bool {
     })
 }
 
-/// The control VM's calls, served by the core (it owns VMX): RAX.
-fn control(slot: usize, number: u64, args: &[u64; 6]) -> i64 {
-    let result = (|| -> Result<i64, HypercallError> {
+/// The control VM's calls, served by the core (it owns VMX): RAX, or `None` when the call
+/// must be issued again (a service failed under it and was recovered).
+fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
+    let result = (|| -> Result<Option<i64>, HypercallError> {
         let privileged = TABLE.lock().vms[slot]
             .as_ref()
             .is_some_and(|vm| vm.privileged);
@@ -1428,6 +1430,7 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> i64 {
         if number == hc::VM_CREATE {
             return vm_create(slot, args);
         }
+        let done = |value: i64| Ok(Some(value));
         let target = {
             let table = TABLE.lock();
             let target = u16::try_from(args[0])
@@ -1453,12 +1456,12 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> i64 {
                         *param = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
                     }
                 }
-                start_vm(target, Some(params)).map(|()| 0)
+                start_vm(target, Some(params)).and_then(|()| done(0))
             }
             hc::VM_STATUS => {
                 let table = TABLE.lock();
                 let vm = table.vms[target].as_ref().ok_or(HypercallError::NotFound)?;
-                Ok(match vm.verdict {
+                done(match vm.verdict {
                     Verdict::Unfinished if !vm.started => hc::vm_status::CREATED,
                     Verdict::Unfinished => hc::vm_status::RUNNING,
                     Verdict::Passed => hc::vm_status::PASSED,
@@ -1480,15 +1483,15 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> i64 {
                 }
                 release_memory(target);
                 log::info!("VM {} destroyed by the control VM", args[0]);
-                Ok(0)
+                done(0)
             }
         }
     })();
-    result.unwrap_or_else(HypercallError::guest_code)
+    result.unwrap_or_else(|error| Some(error.guest_code()))
 }
 
 /// VM_CREATE: stages the image out of the control VM's memory and builds a VM from it.
-fn vm_create(slot: usize, args: &[u64; 6]) -> Result<i64, HypercallError> {
+fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError> {
     let length = usize::try_from(args[1]).map_err(|_| HypercallError::InvalidArgument)?;
     if length == 0 || length > IMAGE_STAGE_BYTES {
         return Err(HypercallError::InvalidArgument);
@@ -1515,7 +1518,11 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<i64, HypercallError> {
         start: false,
     };
     match create_vm(&config) {
-        Ok(()) => Ok(i64::from(id)),
+        Ok(()) => Ok(Some(i64::from(id))),
+        Err(CreateError::Interrupted) => {
+            log::warn!("VM_CREATE interrupted by a service failure: the control VM retries it");
+            Ok(None)
+        }
         Err(error) => {
             log::warn!("VM_CREATE from the control VM refused: {error}");
             Err(match error {
@@ -1527,6 +1534,95 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<i64, HypercallError> {
     }
 }
 
+/// CPUID, port I/O, RDMSR, WRMSR: a message to the hypercall domain, whose answer the guest
+/// sees. RIP advances only once the answer came (a recovery in between repeats the exit).
+fn handle_instruction(
+    cpu: usize,
+    vcpu: VcpuId,
+    state: &mut Vcpu,
+    reason: u32,
+) -> Result<Next, &'static str> {
+    let registers = &mut state.registers;
+    let qualification = vmread(EXIT_QUALIFICATION);
+    let exit = match reason {
+        EXIT_CPUID => hc::GuestExit::Cpuid {
+            leaf: registers.rax as u32,
+            subleaf: registers.rcx as u32,
+        },
+        EXIT_IO => {
+            // Size - 1 in bits 0..3, IN in bit 3, string (INS/OUTS) in bit 4, port 16..32.
+            if qualification & (1 << 4) != 0 {
+                return Err("string port I/O (INS/OUTS) is not served");
+            }
+            let size = (qualification & 7) as u8 + 1;
+            let port = (qualification >> 16) as u16;
+            if qualification & (1 << 3) != 0 {
+                hc::GuestExit::PortIn { port, size }
+            } else {
+                hc::GuestExit::PortOut {
+                    port,
+                    size,
+                    value: registers.rax as u32,
+                }
+            }
+        }
+        EXIT_RDMSR => hc::GuestExit::ReadMsr {
+            msr: registers.rcx as u32,
+        },
+        _ => hc::GuestExit::WriteMsr {
+            msr: registers.rcx as u32,
+            value: (registers.rdx << 32) | (registers.rax & 0xffff_ffff),
+        },
+    };
+    let request = hc::Request::Exit {
+        cpu: cpu as u8,
+        vm: vcpu.vm,
+        vcpu: vcpu.vcpu,
+        exit,
+    };
+    let Some(reply) = forward(&request) else {
+        // A service restarted under it: the guest executes the instruction again.
+        return Ok(Next::Resume);
+    };
+    let answer = match reply {
+        hc::Reply::Exit(answer) => answer,
+        _ => return Err("the hypercall domain did not answer an instruction exit"),
+    };
+    match (exit, answer) {
+        (hc::GuestExit::Cpuid { .. }, hc::ExitAnswer::Cpuid([eax, ebx, ecx, edx])) => {
+            registers.rax = u64::from(eax);
+            registers.rbx = u64::from(ebx);
+            registers.rcx = u64::from(ecx);
+            registers.rdx = u64::from(edx);
+        }
+        (hc::GuestExit::PortIn { size, .. }, hc::ExitAnswer::Value(value)) => {
+            let mask = (1u64 << (u32::from(size) * 8)) - 1;
+            // IN to AL/AX leaves the rest of RAX; IN to EAX zeroes the upper half.
+            registers.rax = if size == 4 {
+                value & mask
+            } else {
+                (registers.rax & !mask) | (value & mask)
+            };
+        }
+        (hc::GuestExit::ReadMsr { .. }, hc::ExitAnswer::Value(value)) => {
+            registers.rax = value & 0xffff_ffff;
+            registers.rdx = value >> 32;
+        }
+        (hc::GuestExit::PortOut { .. } | hc::GuestExit::WriteMsr { .. }, hc::ExitAnswer::Done) => {}
+        (_, hc::ExitAnswer::Refuse) => {
+            log::warn!(
+                "VM {}: {exit:?} at RIP {:#x} refused by the hypercall domain",
+                vcpu.vm,
+                vmread(vm::GUEST_RIP)
+            );
+            return Err("the hypercall domain refused a CPUID, port or MSR access");
+        }
+        _ => return Err("the hypercall domain's answer does not fit the instruction"),
+    }
+    advance_rip();
+    Ok(Next::Resume)
+}
+
 /// RAX and what comes next for a reply to a single hypercall.
 fn reply_value(reply: hc::Reply) -> (i64, Next) {
     match reply {
@@ -1534,7 +1630,7 @@ fn reply_value(reply: hc::Reply) -> (i64, Next) {
         hc::Reply::Error(error) => (error.guest_code(), Next::Resume),
         hc::Reply::Blocked => (0, Next::Deschedule),
         // Not an answer to a single hypercall: the hypercall domain misbehaved.
-        hc::Reply::Incomplete | hc::Reply::Multicall(_) => {
+        hc::Reply::Incomplete | hc::Reply::Multicall(_) | hc::Reply::Exit(_) => {
             (HypercallError::Internal.guest_code(), Next::Resume)
         }
     }

@@ -325,8 +325,12 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
     }
     run::stage("scenario-vms-created");
     // An injected fail-stop strikes a while into the run, with every VM going.
-    let injected =
-        inject.map(|target| (target, domains::inject_into_scenario(target, INJECT_AFTER)));
+    let injected = inject.map(|target| {
+        (
+            target,
+            domains::inject_into_scenario(target, scenario.inject_after),
+        )
+    });
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
     if !guest::run_all(budget) {
@@ -377,9 +381,6 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
 }
 
 const MAX_MODULES: usize = microvisor_abi::guest::MAX_MODULES;
-
-/// Requests the target of an injected fail-stop serves in a scenario before it strikes.
-const INJECT_AFTER: u32 = 20;
 
 /// How long (in TSC time) a scenario may run before it counts as stuck.
 const SCENARIO_BUDGET_MS: u64 = 60_000;

@@ -547,7 +547,7 @@ fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestErr
         // A service restarted under the hypercall domain: the VMCALL runs again.
         Ok(Reply::Incomplete) => None,
         // Not an answer to a single hypercall: the hypercall domain misbehaved.
-        Ok(Reply::Multicall(_)) | Err(_) => {
+        Ok(Reply::Multicall(_) | Reply::Exit(_)) | Err(_) => {
             Some(ipc::hypercall::HypercallError::Internal.guest_code())
         }
     })
