@@ -8,131 +8,23 @@
 //! classification of an answer ([`error_index`], [`Tally`]) and what it must undo before it
 //! ends ([`Leftovers`]). The guest binary (`src/bin/hostile.rs`) issues the calls.
 //!
-//! This library does not link `ipc`: the numbers and codes below are copied from
-//! `ipc::hypercall` (and `microvisor_abi::guest` for the window), and the guest binary checks
-//! every copy against the originals at compile time.
+//! The ABI it checks against is `ipc::hypercall`'s (numbers, error codes, limits) and
+//! `microvisor_abi::guest`'s (the window).
 
 use core::fmt;
 
+use ipc::hypercall::{self, EVENT_PORTS, HypercallError, MULTICALL_MAX};
+use ipc::limits::MAX_VMS;
+use microvisor_abi::guest::{WINDOW_FIRST_GFN, WINDOW_PAGES};
+
 use crate::Checksum;
 
-/// Hypercall error codes in code order: `ipc::hypercall::HypercallError::guest_code`, which
-/// is `-(declaration index + 1)`.
-pub mod codes {
-    /// `BadNumber`: no such hypercall.
-    pub const BAD_NUMBER: i64 = -1;
-    /// `BadVcpu`: the calling VM, vCPU or CPU is out of range.
-    pub const BAD_VCPU: i64 = -2;
-    /// `InvalidArgument`: an argument out of range, or an unused one not 0.
-    pub const INVALID_ARGUMENT: i64 = -3;
-    /// `NoResources`: no frame, timer slot or share slot left.
-    pub const NO_RESOURCES: i64 = -4;
-    /// `PermissionDenied`: another VM's frame, or a control-VM call.
-    pub const PERMISSION_DENIED: i64 = -5;
-    /// `InUse`: still shared, or the guest frame is already mapped.
-    pub const IN_USE: i64 = -6;
-    /// `NotFound`: nothing there (free frame, unmapped page, closed port).
-    pub const NOT_FOUND: i64 = -7;
-    /// `NestedMulticall`: a multicall entry that is itself a multicall.
-    pub const NESTED_MULTICALL: i64 = -8;
-    /// `Busy`: too many multicall batches in flight.
-    pub const BUSY: i64 = -9;
-    /// `Internal`: a bug in a domain.
-    pub const INTERNAL: i64 = -10;
-}
-
-/// Every error code, in code order (index `i` is code `-(i + 1)`).
-pub const ERROR_CODES: [i64; 10] = [
-    codes::BAD_NUMBER,
-    codes::BAD_VCPU,
-    codes::INVALID_ARGUMENT,
-    codes::NO_RESOURCES,
-    codes::PERMISSION_DENIED,
-    codes::IN_USE,
-    codes::NOT_FOUND,
-    codes::NESTED_MULTICALL,
-    codes::BUSY,
-    codes::INTERNAL,
-];
-
-/// The errors' names, in code order (as `ipc::hypercall::HypercallError` spells them).
-pub const ERROR_NAMES: [&str; 10] = [
-    "BadNumber",
-    "BadVcpu",
-    "InvalidArgument",
-    "NoResources",
-    "PermissionDenied",
-    "InUse",
-    "NotFound",
-    "NestedMulticall",
-    "Busy",
-    "Internal",
-];
-
-/// The hypercall numbers this guest names (`ipc::hypercall`).
-pub mod numbers {
-    /// `NULL`.
-    pub const NULL: u64 = 0;
-    /// `YIELD`.
-    pub const YIELD: u64 = 1;
-    /// `TIMER_ONESHOT`.
-    pub const TIMER_ONESHOT: u64 = 2;
-    /// `MEMORY_POPULATE`.
-    pub const MEMORY_POPULATE: u64 = 3;
-    /// `MEMORY_RELEASE`.
-    pub const MEMORY_RELEASE: u64 = 4;
-    /// `GRANT`.
-    pub const GRANT: u64 = 5;
-    /// `QUERY_FRAME`.
-    pub const QUERY_FRAME: u64 = 6;
-    /// `MULTICALL`.
-    pub const MULTICALL: u64 = 7;
-    /// `CONSOLE_WRITE`.
-    pub const CONSOLE_WRITE: u64 = 8;
-    /// `VM_EXIT`.
-    pub const VM_EXIT: u64 = 9;
-    /// `MAP_GRANT`.
-    pub const MAP_GRANT: u64 = 10;
-    /// `UNMAP_GRANT`.
-    pub const UNMAP_GRANT: u64 = 11;
-    /// `EVTCHN_ALLOC`.
-    pub const EVTCHN_ALLOC: u64 = 12;
-    /// `EVTCHN_BIND`.
-    pub const EVTCHN_BIND: u64 = 13;
-    /// `EVTCHN_SEND`.
-    pub const EVTCHN_SEND: u64 = 14;
-    /// `EVTCHN_CLOSE`.
-    pub const EVTCHN_CLOSE: u64 = 15;
-    /// `EVENT_WAIT`.
-    pub const EVENT_WAIT: u64 = 16;
-    /// `GRANT_REVOKE`.
-    pub const GRANT_REVOKE: u64 = 17;
-    /// `VM_CREATE`.
-    pub const VM_CREATE: u64 = 18;
-    /// `VM_START`.
-    pub const VM_START: u64 = 19;
-    /// `VM_STATUS`.
-    pub const VM_STATUS: u64 = 20;
-    /// `VM_DESTROY`.
-    pub const VM_DESTROY: u64 = 21;
-}
-
-/// `ipc::hypercall::CONSOLE_MAX`: the most bytes one console write carries.
-pub const CONSOLE_MAX: u64 = 96;
-/// `ipc::hypercall::MULTICALL_MAX`: the most entries one batch carries.
-pub const MULTICALL_MAX: usize = 8;
-/// `ipc::hypercall::EVENT_PORTS`: ports are `1..EVENT_PORTS`.
-pub const EVENT_PORTS: u64 = 63;
-/// VM numbers are below this (`ipc::limits::MAX_VMS`); not checked by the binary, which
-/// cannot see `ipc::limits`, but only used to pick VMs that do not exist.
-pub const MAX_VMS: u64 = 64;
-/// The control VM's number in every scenario (`microvisor::scenario::CONTROL_VM`).
+/// The control VM's number in every scenario (`microvisor::scenario::CONTROL_VM`, which this
+/// library cannot see: only used as a VM that is not the caller).
 pub const CONTROL_VM: u64 = 1;
 
-/// First guest frame of the window (`microvisor_abi::guest::WINDOW_FIRST_GFN`).
-pub const WINDOW_FIRST_GFN: u64 = 0x100;
-/// The guest frame after the window's last (first + `WINDOW_PAGES`).
-pub const WINDOW_END_GFN: u64 = 0x200;
+/// The guest frame after the window's last.
+pub const WINDOW_END_GFN: u64 = WINDOW_FIRST_GFN + WINDOW_PAGES;
 
 /// The window page the deterministic checks populate.
 pub const POPULATE_GFN: u64 = WINDOW_FIRST_GFN;
@@ -209,9 +101,13 @@ impl Mode {
     }
 }
 
-/// The error index (`0..10`, code order) of a hypercall answer, if it is an error code.
+/// Hypercall error kinds (`HypercallError::ALL`).
+pub const ERRORS: usize = HypercallError::ALL.len();
+
+/// The error index (`0..ERRORS`, code order: `HypercallError::ALL`) of a hypercall answer, if
+/// it is an error code.
 pub const fn error_index(result: i64) -> Option<usize> {
-    if result <= -1 && result >= -(ERROR_CODES.len() as i64) {
+    if result <= -1 && result >= -(ERRORS as i64) {
         Some((-result - 1) as usize)
     } else {
         None
@@ -257,7 +153,7 @@ impl fmt::Display for Expected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Expected::Code(code) => match error_index(code) {
-                Some(index) => write!(f, "{code} ({})", ERROR_NAMES[index]),
+                Some(index) => write!(f, "{code} ({:?})", HypercallError::ALL[index]),
                 None => write!(f, "{code}"),
             },
             Expected::Zero => f.write_str("0"),
@@ -373,9 +269,11 @@ impl Check {
             | Check::ConsoleUnusedArgument
             | Check::PopulateBelowWindow
             | Check::PopulatePastWindow
-            | Check::PopulateHugeGfn => Expected::Code(codes::INVALID_ARGUMENT),
+            | Check::PopulateHugeGfn => {
+                Expected::Code(HypercallError::InvalidArgument.guest_code())
+            }
             Check::PopulateWindow => Expected::Frame,
-            Check::PopulateSameGfn => Expected::Code(codes::IN_USE),
+            Check::PopulateSameGfn => Expected::Code(HypercallError::InUse.guest_code()),
             Check::MapForeign
             | Check::ReleaseForeign
             | Check::GrantForeign
@@ -383,14 +281,14 @@ impl Check {
             | Check::VmCreate
             | Check::VmStart
             | Check::VmStatus
-            | Check::VmDestroy => Expected::Code(codes::PERMISSION_DENIED),
+            | Check::VmDestroy => Expected::Code(HypercallError::PermissionDenied.guest_code()),
             Check::MapOwnAlias | Check::UnmapAlias => Expected::Zero,
             Check::UnmapAliasAgain
             | Check::UnmapNeverMapped
             | Check::UnmapPopulated
             | Check::SendUnopened
             | Check::BindUnoffered
-            | Check::CloseUnopened => Expected::Code(codes::NOT_FOUND),
+            | Check::CloseUnopened => Expected::Code(HypercallError::NotFound.guest_code()),
         }
     }
 
@@ -445,10 +343,11 @@ impl Check {
 /// A VM that never offered this one a port: the highest VM number (never reached within a
 /// run), or the one below it for a VM that has that number itself.
 pub const fn unoffered_peer(vm: u16) -> u64 {
-    if vm as u64 == MAX_VMS - 1 {
-        MAX_VMS - 2
+    let max_vms = MAX_VMS as u64;
+    if vm as u64 == max_vms - 1 {
+        max_vms - 2
     } else {
-        MAX_VMS - 1
+        max_vms - 1
     }
 }
 
@@ -495,12 +394,12 @@ pub const HIGHEST_NUMBER: u64 = 40;
 /// pool every VM shares (a populated frame is held until the VM ends). Each is covered by
 /// the deterministic checks or by the other guests instead.
 pub const SKIPPED: [u64; 6] = [
-    numbers::YIELD,
-    numbers::TIMER_ONESHOT,
-    numbers::MEMORY_POPULATE,
-    numbers::CONSOLE_WRITE,
-    numbers::VM_EXIT,
-    numbers::EVENT_WAIT,
+    hypercall::YIELD,
+    hypercall::TIMER_ONESHOT,
+    hypercall::MEMORY_POPULATE,
+    hypercall::CONSOLE_WRITE,
+    hypercall::VM_EXIT,
+    hypercall::EVENT_WAIT,
 ];
 
 /// How many of a random call's six arguments are drawn (the rest are 0), so that calls get
@@ -612,8 +511,8 @@ impl Xorshift {
                 vm.wrapping_sub(1),
                 0,
                 CONTROL_VM,
-                MAX_VMS - 1,
-                MAX_VMS,
+                u64::from(MAX_VMS) - 1,
+                u64::from(MAX_VMS),
                 0xffff,
             ]),
             7 => self.pick(&HUGE),
@@ -632,12 +531,12 @@ impl Xorshift {
         for arg in args.iter_mut().take(arity) {
             *arg = self.argument(targets);
         }
-        if number == numbers::MULTICALL {
+        if number == hypercall::MULTICALL {
             args[0] = targets.batch_entries;
             args[1] = 1 + self.below(MULTICALL_MAX as u64 + 1);
             args[2] = targets.batch_results;
         }
-        if number == numbers::MAP_GRANT && args[1] == FAULT_GFN {
+        if number == hypercall::MAP_GRANT && args[1] == FAULT_GFN {
             args[1] = ALIAS_GFN;
         }
         RandomCall { number, args }
@@ -664,7 +563,7 @@ impl Xorshift {
 /// unmap it), and sharing one leaves it allocated after the VM ends. The guest replaces such
 /// an argument with its populated frame (see [`guarded_frame`]).
 pub const fn changes_frame(number: u64) -> bool {
-    number == numbers::MEMORY_RELEASE || number == numbers::GRANT
+    number == hypercall::MEMORY_RELEASE || number == hypercall::GRANT
 }
 
 /// The frame argument to use instead of `frame` for a call that [`changes_frame`]: its
@@ -684,7 +583,7 @@ pub struct Tally {
     /// Answers >= 0.
     pub values: u64,
     /// Error codes, by index (code order).
-    pub errors: [u64; 10],
+    pub errors: [u64; ERRORS],
     /// Answers that are neither (each a mismatch).
     pub invalid: u64,
 }
@@ -737,23 +636,27 @@ pub struct Leftovers {
 impl Leftovers {
     /// Notes one completed call (`result` is what it answered).
     pub fn note(&mut self, number: u64, arg0: u64, arg1: u64, result: i64, own_frame: u64) {
-        let peer_bit = if arg1 < MAX_VMS { 1u64 << arg1 } else { 0 };
+        let peer_bit = if arg1 < u64::from(MAX_VMS) {
+            1u64 << arg1
+        } else {
+            0
+        };
         let port_bit = |port: u64| {
-            if (1..EVENT_PORTS).contains(&port) {
+            if (1..u64::from(EVENT_PORTS)).contains(&port) {
                 1u64 << port
             } else {
                 0
             }
         };
         match number {
-            numbers::GRANT if result == 0 && arg0 == own_frame => self.shared_with |= peer_bit,
-            numbers::GRANT_REVOKE if result == 0 && arg0 == own_frame => {
+            hypercall::GRANT if result == 0 && arg0 == own_frame => self.shared_with |= peer_bit,
+            hypercall::GRANT_REVOKE if result == 0 && arg0 == own_frame => {
                 self.shared_with &= !peer_bit
             }
-            numbers::EVTCHN_ALLOC | numbers::EVTCHN_BIND if result > 0 => {
+            hypercall::EVTCHN_ALLOC | hypercall::EVTCHN_BIND if result > 0 => {
                 self.ports |= port_bit(result as u64)
             }
-            numbers::EVTCHN_CLOSE if result == 0 => self.ports &= !port_bit(arg0),
+            hypercall::EVTCHN_CLOSE if result == 0 => self.ports &= !port_bit(arg0),
             _ => {}
         }
     }
@@ -762,8 +665,8 @@ impl Leftovers {
     /// `EVTCHN_CLOSE(port)` per port.
     pub fn undo(&self, own_frame: u64) -> impl Iterator<Item = (u64, [u64; 2])> {
         let revokes =
-            bits(self.shared_with).map(move |peer| (numbers::GRANT_REVOKE, [own_frame, peer]));
-        let closes = bits(self.ports).map(|port| (numbers::EVTCHN_CLOSE, [port, 0]));
+            bits(self.shared_with).map(move |peer| (hypercall::GRANT_REVOKE, [own_frame, peer]));
+        let closes = bits(self.ports).map(|port| (hypercall::EVTCHN_CLOSE, [port, 0]));
         revokes.chain(closes)
     }
 }
@@ -821,6 +724,8 @@ mod tests {
     use std::format;
     use std::vec::Vec;
 
+    use ipc::hypercall::CONSOLE_MAX;
+
     use super::*;
 
     const TARGETS: Targets = Targets {
@@ -834,19 +739,21 @@ mod tests {
     #[test]
     fn codes_are_the_documented_ones() {
         // docs/hypercall-abi.md, "Error codes".
-        assert_eq!(ERROR_CODES, [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10]);
-        assert_eq!(codes::INVALID_ARGUMENT, -3);
-        assert_eq!(codes::PERMISSION_DENIED, -5);
-        assert_eq!(codes::IN_USE, -6);
-        assert_eq!(codes::NOT_FOUND, -7);
-        for (index, &code) in ERROR_CODES.iter().enumerate() {
+        let codes = HypercallError::ALL.map(HypercallError::guest_code);
+        assert_eq!(codes, [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10]);
+        assert_eq!(HypercallError::InvalidArgument.guest_code(), -3);
+        assert_eq!(HypercallError::PermissionDenied.guest_code(), -5);
+        assert_eq!(HypercallError::InUse.guest_code(), -6);
+        assert_eq!(HypercallError::NotFound.guest_code(), -7);
+        for (index, &code) in codes.iter().enumerate() {
             assert_eq!(code, -(index as i64) - 1);
         }
     }
 
     #[test]
     fn classifier_accepts_every_code_and_value_and_nothing_else() {
-        for (index, &code) in ERROR_CODES.iter().enumerate() {
+        for (index, error) in HypercallError::ALL.into_iter().enumerate() {
+            let code = error.guest_code();
             assert_eq!(error_index(code), Some(index));
             assert!(is_valid_result(code));
         }
@@ -996,8 +903,11 @@ mod tests {
         assert_eq!(foreign_owner(0xffff, 3), None);
         assert!(!owned_by(0xffff, 3));
         // Errors.
-        assert_eq!(foreign_owner(codes::INVALID_ARGUMENT, 3), None);
-        assert!(!owned_by(codes::INVALID_ARGUMENT, 3));
+        assert_eq!(
+            foreign_owner(HypercallError::InvalidArgument.guest_code(), 3),
+            None
+        );
+        assert!(!owned_by(HypercallError::InvalidArgument.guest_code(), 3));
         assert_eq!(query_owner(-1), None);
     }
 
@@ -1016,10 +926,10 @@ mod tests {
 
     #[test]
     fn unoffered_peers_are_other_vms() {
-        for vm in 0..MAX_VMS as u16 {
+        for vm in 0..MAX_VMS {
             let peer = unoffered_peer(vm);
             assert_ne!(peer, u64::from(vm));
-            assert!(peer < MAX_VMS);
+            assert!(peer < u64::from(MAX_VMS));
         }
     }
 
@@ -1069,7 +979,7 @@ mod tests {
         assert!(short > calls.len() / 4, "{short}");
         let batches: Vec<&RandomCall> = calls
             .iter()
-            .filter(|call| call.number == numbers::MULTICALL)
+            .filter(|call| call.number == hypercall::MULTICALL)
             .collect();
         assert!(!batches.is_empty());
         for batch in batches {
@@ -1091,7 +1001,7 @@ mod tests {
         let mut maps = 0;
         for _ in 0..20_000 {
             let call = random.call(&targets);
-            if call.number == numbers::MAP_GRANT {
+            if call.number == hypercall::MAP_GRANT {
                 maps += 1;
                 assert_ne!(call.args[1], FAULT_GFN);
             }
@@ -1113,8 +1023,8 @@ mod tests {
     fn own_ram_frames_are_never_released_or_shared() {
         let own_ram = 0x101_0001_0003; // owned by VM 3
         let foreign = 0x101_0001_0002;
-        assert!(changes_frame(numbers::MEMORY_RELEASE) && changes_frame(numbers::GRANT));
-        assert!(!changes_frame(numbers::MAP_GRANT) && !changes_frame(numbers::QUERY_FRAME));
+        assert!(changes_frame(hypercall::MEMORY_RELEASE) && changes_frame(hypercall::GRANT));
+        assert!(!changes_frame(hypercall::MAP_GRANT) && !changes_frame(hypercall::QUERY_FRAME));
         assert_eq!(
             guarded_frame(0x4_0100, own_ram, &TARGETS),
             TARGETS.own_frame
@@ -1126,7 +1036,11 @@ mod tests {
         assert_eq!(guarded_frame(0x4_0100, foreign, &TARGETS), 0x4_0100);
         assert_eq!(guarded_frame(0x4_0100, 0xffff, &TARGETS), 0x4_0100);
         assert_eq!(
-            guarded_frame(u64::MAX, codes::INVALID_ARGUMENT, &TARGETS),
+            guarded_frame(
+                u64::MAX,
+                HypercallError::InvalidArgument.guest_code(),
+                &TARGETS
+            ),
             u64::MAX
         );
     }
@@ -1156,25 +1070,43 @@ mod tests {
     fn leftovers_are_undone() {
         let own = TARGETS.own_frame;
         let mut left = Leftovers::default();
-        left.note(numbers::GRANT, own, 5, 0, own);
-        left.note(numbers::GRANT, own, 7, 0, own);
-        left.note(numbers::GRANT, own, 9, codes::IN_USE, own);
-        left.note(numbers::GRANT, 0x99, 11, 0, own);
-        left.note(numbers::GRANT, own, MAX_VMS, 0, own);
-        left.note(numbers::GRANT_REVOKE, own, 7, 0, own);
-        left.note(numbers::EVTCHN_ALLOC, 5, 0, 1, own);
-        left.note(numbers::EVTCHN_ALLOC, 5, 0, 2, own);
-        left.note(numbers::EVTCHN_BIND, 6, 1, 3, own);
-        left.note(numbers::EVTCHN_ALLOC, 5, 0, codes::NO_RESOURCES, own);
-        left.note(numbers::EVTCHN_CLOSE, 2, 0, 0, own);
-        left.note(numbers::EVTCHN_CLOSE, 3, 0, codes::NOT_FOUND, own);
+        left.note(hypercall::GRANT, own, 5, 0, own);
+        left.note(hypercall::GRANT, own, 7, 0, own);
+        left.note(
+            hypercall::GRANT,
+            own,
+            9,
+            HypercallError::InUse.guest_code(),
+            own,
+        );
+        left.note(hypercall::GRANT, 0x99, 11, 0, own);
+        left.note(hypercall::GRANT, own, u64::from(MAX_VMS), 0, own);
+        left.note(hypercall::GRANT_REVOKE, own, 7, 0, own);
+        left.note(hypercall::EVTCHN_ALLOC, 5, 0, 1, own);
+        left.note(hypercall::EVTCHN_ALLOC, 5, 0, 2, own);
+        left.note(hypercall::EVTCHN_BIND, 6, 1, 3, own);
+        left.note(
+            hypercall::EVTCHN_ALLOC,
+            5,
+            0,
+            HypercallError::NoResources.guest_code(),
+            own,
+        );
+        left.note(hypercall::EVTCHN_CLOSE, 2, 0, 0, own);
+        left.note(
+            hypercall::EVTCHN_CLOSE,
+            3,
+            0,
+            HypercallError::NotFound.guest_code(),
+            own,
+        );
         let undo: Vec<(u64, [u64; 2])> = left.undo(own).collect();
         assert_eq!(
             undo,
             [
-                (numbers::GRANT_REVOKE, [own, 5]),
-                (numbers::EVTCHN_CLOSE, [1, 0]),
-                (numbers::EVTCHN_CLOSE, [3, 0]),
+                (hypercall::GRANT_REVOKE, [own, 5]),
+                (hypercall::EVTCHN_CLOSE, [1, 0]),
+                (hypercall::EVTCHN_CLOSE, [3, 0]),
             ]
         );
         assert_eq!(Leftovers::default().undo(own).count(), 0);
@@ -1211,6 +1143,6 @@ mod tests {
             mode: 1,
             ..failed
         };
-        assert!(format!("{longest}").len() <= CONSOLE_MAX as usize);
+        assert!(format!("{longest}").len() <= CONSOLE_MAX);
     }
 }

@@ -6,6 +6,8 @@
 //! [`golden`] folds what it *must* observe. Frame numbers differ from run to run and are not
 //! folded in; everything else is deterministic.
 
+use ipc::hypercall::HypercallError;
+
 use crate::{Checksum, pattern};
 
 /// Rounds when the scenario gives none (parameter 0).
@@ -19,18 +21,6 @@ pub const POPULATE_SLOTS: u64 = 16;
 
 /// Offset (in frames, from the window's start) of the alias mapping of the round's page.
 pub const ALIAS_OFFSET: u64 = 32;
-
-/// Hypercall error codes the rounds provoke (`ipc::hypercall::HypercallError::guest_code`).
-pub mod codes {
-    /// `BadNumber`.
-    pub const BAD_NUMBER: i64 = -1;
-    /// `InvalidArgument`.
-    pub const INVALID_ARGUMENT: i64 = -3;
-    /// `NotFound`.
-    pub const NOT_FOUND: i64 = -7;
-    /// `NestedMulticall`.
-    pub const NESTED_MULTICALL: i64 = -8;
-}
 
 /// The sum of the round's page pattern.
 pub fn page_sum(round: u64) -> u64 {
@@ -47,27 +37,30 @@ pub fn query_value(vm: u16) -> i64 {
 pub fn expected_round(vm: u16, round: u64) -> [i64; 16] {
     let sum = page_sum(round) as i64;
     [
-        0,                       // NULL
-        1,                       // MEMORY_POPULATE answered a frame (folded as 1)
-        sum,                     // the page read back
-        query_value(vm),         // QUERY_FRAME of it
-        0,                       // MAP_GRANT of it at the alias
-        sum,                     // the page read through the alias
-        0,                       // UNMAP_GRANT of the alias
-        codes::NOT_FOUND,        // UNMAP_GRANT again (double unmap)
-        0,                       // MULTICALL itself
-        0,                       // entry: NULL
-        query_value(vm),         // entry: QUERY_FRAME
-        codes::INVALID_ARGUMENT, // entry: QUERY_FRAME of frame 0 (outside the pool)
-        codes::NESTED_MULTICALL, // entry: a nested MULTICALL
-        1,                       // TIMER_ONESHOT answered a timer id (folded as 1)
-        0,                       // MEMORY_RELEASE
-        0,                       // YIELD
+        0,                                            // NULL
+        1,                                     // MEMORY_POPULATE answered a frame (folded as 1)
+        sum,                                   // the page read back
+        query_value(vm),                       // QUERY_FRAME of it
+        0,                                     // MAP_GRANT of it at the alias
+        sum,                                   // the page read through the alias
+        0,                                     // UNMAP_GRANT of the alias
+        HypercallError::NotFound.guest_code(), // UNMAP_GRANT again (double unmap)
+        0,                                     // MULTICALL itself
+        0,                                     // entry: NULL
+        query_value(vm),                       // entry: QUERY_FRAME
+        HypercallError::InvalidArgument.guest_code(), // entry: QUERY_FRAME of frame 0 (outside the pool)
+        HypercallError::NestedMulticall.guest_code(), // entry: a nested MULTICALL
+        1, // TIMER_ONESHOT answered a timer id (folded as 1)
+        0, // MEMORY_RELEASE
+        0, // YIELD
     ]
 }
 
 /// Refused calls after the rounds: an unknown number, a non-zero unused argument.
-pub const EPILOGUE: [i64; 2] = [codes::BAD_NUMBER, codes::INVALID_ARGUMENT];
+pub const EPILOGUE: [i64; 2] = [
+    HypercallError::BadNumber.guest_code(),
+    HypercallError::InvalidArgument.guest_code(),
+];
 
 /// The checksum a correct run of `rounds` rounds by VM `vm` reports.
 pub fn golden(vm: u16, rounds: u64) -> u64 {

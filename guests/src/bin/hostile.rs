@@ -7,53 +7,16 @@
 #![forbid(unsafe_code)]
 
 use guests::hostile::{
-    ALIAS_GFN, CONSOLE_MAX, CONTROL_VM, Check, ERROR_CODES, EVENT_PORTS, FAULT_ADDRESS,
-    FOREIGN_GFN, Leftovers, MULTICALL_MAX, Mode, NEVER_MAPPED_GFN, Needs, OUTSIDE_ADDRESS,
-    POPULATE_GFN, RANDOM_CALLS, RANDOM_SEED, Summary, Tally, Targets, WINDOW_END_GFN,
-    WINDOW_FIRST_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, numbers, scan_order,
+    ALIAS_GFN, CONTROL_VM, Check, FAULT_ADDRESS, FOREIGN_GFN, Leftovers, Mode, NEVER_MAPPED_GFN,
+    Needs, OUTSIDE_ADDRESS, POPULATE_GFN, RANDOM_CALLS, RANDOM_SEED, Summary, Tally, Targets,
+    WINDOW_END_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, scan_order,
     unoffered_peer,
 };
 use guests::{Checksum, hostile};
+use microvisor_guest_runtime::abi::{CONSOLE_MAX, MULTICALL_MAX};
 use microvisor_guest_runtime::{
     StartInfo, Verdict, abi, call2, cpuid, hypercall, layout, port_in8, port_out8, print, read_msr,
     read_u64, write_u64,
-};
-
-// The library's copies of the ABI (it does not link `ipc`) are the ABI's.
-const _: () = {
-    assert!(abi::HypercallError::ALL.len() == ERROR_CODES.len());
-    let mut index = 0;
-    while index < ERROR_CODES.len() {
-        assert!(abi::HypercallError::ALL[index].guest_code() == ERROR_CODES[index]);
-        index += 1;
-    }
-    assert!(numbers::NULL == abi::NULL);
-    assert!(numbers::YIELD == abi::YIELD);
-    assert!(numbers::TIMER_ONESHOT == abi::TIMER_ONESHOT);
-    assert!(numbers::MEMORY_POPULATE == abi::MEMORY_POPULATE);
-    assert!(numbers::MEMORY_RELEASE == abi::MEMORY_RELEASE);
-    assert!(numbers::GRANT == abi::GRANT);
-    assert!(numbers::QUERY_FRAME == abi::QUERY_FRAME);
-    assert!(numbers::MULTICALL == abi::MULTICALL);
-    assert!(numbers::CONSOLE_WRITE == abi::CONSOLE_WRITE);
-    assert!(numbers::VM_EXIT == abi::VM_EXIT);
-    assert!(numbers::MAP_GRANT == abi::MAP_GRANT);
-    assert!(numbers::UNMAP_GRANT == abi::UNMAP_GRANT);
-    assert!(numbers::EVTCHN_ALLOC == abi::EVTCHN_ALLOC);
-    assert!(numbers::EVTCHN_BIND == abi::EVTCHN_BIND);
-    assert!(numbers::EVTCHN_SEND == abi::EVTCHN_SEND);
-    assert!(numbers::EVTCHN_CLOSE == abi::EVTCHN_CLOSE);
-    assert!(numbers::EVENT_WAIT == abi::EVENT_WAIT);
-    assert!(numbers::GRANT_REVOKE == abi::GRANT_REVOKE);
-    assert!(numbers::VM_CREATE == abi::VM_CREATE);
-    assert!(numbers::VM_START == abi::VM_START);
-    assert!(numbers::VM_STATUS == abi::VM_STATUS);
-    assert!(numbers::VM_DESTROY == abi::VM_DESTROY);
-    assert!(CONSOLE_MAX == abi::CONSOLE_MAX as u64);
-    assert!(MULTICALL_MAX == abi::MULTICALL_MAX);
-    assert!(EVENT_PORTS == abi::EVENT_PORTS as u64);
-    assert!(WINDOW_FIRST_GFN == layout::WINDOW_FIRST_GFN);
-    assert!(WINDOW_END_GFN == layout::WINDOW_FIRST_GFN + layout::WINDOW_PAGES);
 };
 
 /// What the deterministic checks have learnt so far.
@@ -98,7 +61,7 @@ fn main(info: &StartInfo) -> Verdict {
     let mut mismatches = 0u64;
 
     // Readable and long enough for every length tried: only the arguments are wrong.
-    let text = [b'!'; 2 * CONSOLE_MAX as usize];
+    let text = [b'!'; 2 * CONSOLE_MAX];
     core::hint::black_box(&text);
     let mut context = Context {
         vm,
@@ -237,7 +200,7 @@ fn perform(check: Check, context: &mut Context) -> i64 {
     match check {
         Check::ConsoleOutsideMemory => call2(abi::CONSOLE_WRITE, OUTSIDE_ADDRESS, 8),
         Check::ConsoleEmpty => call2(abi::CONSOLE_WRITE, context.text, 0),
-        Check::ConsoleTooLong => call2(abi::CONSOLE_WRITE, context.text, CONSOLE_MAX + 1),
+        Check::ConsoleTooLong => call2(abi::CONSOLE_WRITE, context.text, CONSOLE_MAX as u64 + 1),
         Check::ConsoleUnusedArgument => {
             hypercall(abi::CONSOLE_WRITE, [context.text, 8, 1, 0, 0, 0])
         }
