@@ -524,6 +524,19 @@ mod tests {
     }
 
     #[test]
+    fn scenarios_run_bochs_faster_than_plain_boots() {
+        assert_eq!(bochs_ips(""), BOOT_IPS);
+        assert_eq!(bochs_ips("inject=failstop:memory"), BOOT_IPS);
+        assert_eq!(
+            bochs_ips("scenario=3appvm inject=failstop:timer"),
+            SCENARIO_IPS
+        );
+        assert_eq!(bochs_ips("fault=ud xscenario=3appvm"), BOOT_IPS);
+        let rc = bochsrc(2, SCENARIO_IPS, Path::new("/t/x.iso"), Path::new("/t/run"));
+        assert!(rc.contains("count=2, ips=50000000,"), "{rc}");
+    }
+
+    #[test]
     fn bochsrc_has_the_expected_options() {
         let rc = bochsrc(4, BOOT_IPS, Path::new("/t/x.iso"), Path::new("/t/run"));
         for line in [
