@@ -54,7 +54,7 @@ pub fn account(summary: &Value) -> Vec<String> {
         let recovery = &summary["last_recovery"];
         let tsc = &recovery["tsc"];
         lines.push(format!(
-            "last recovery: {} of {}, decided by {}; TSC: decide {}, discard threads {}, release locks {}, reload image {}, total {}",
+            "last recovery: {} of {}, decided by {}; TSC: decide {}, discard threads {}, release locks {}, reload image {}, total {}{}",
             text(&recovery["mode"]),
             text(&recovery["domain"]),
             text(&recovery["decided_by"]),
@@ -62,7 +62,8 @@ pub fn account(summary: &Value) -> Vec<String> {
             tsc["discard_threads"],
             tsc["release_locks"],
             tsc["reload_image"],
-            tsc["total"]
+            tsc["total"],
+            latency(&tsc["total"], &summary["tsc_khz"])
         ));
     }
     if summary["workload"].is_object() {
@@ -102,6 +103,17 @@ pub fn account(summary: &Value) -> Vec<String> {
     lines
 }
 
+/// The recovery's latency in milliseconds of the machine's clock (under bochs, emulated time:
+/// the TSC counts instructions), or nothing without a TSC rate.
+fn latency(total: &Value, tsc_khz: &Value) -> String {
+    match (total.as_f64(), tsc_khz.as_f64()) {
+        (Some(total), Some(khz)) if khz > 0.0 => {
+            format!(" (= {:.3} ms at {khz:.0} kHz)", total / khz)
+        }
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +143,7 @@ mod tests {
             text.contains("microreboot of memory, decided by recovery-manager"),
             "{text}"
         );
+        assert!(text.contains("total 10 (= 0.002 ms at 4006 kHz)"), "{text}");
         assert!(
             text.contains("workload synthetic-hypercalls: ok, 32 requests, 1 retried"),
             "{text}"
