@@ -1073,6 +1073,11 @@ fn recover(
             detected,
             "core",
         );
+        log_recovery(
+            system
+                .domain(RECOVERY_MANAGER)
+                .map_or(0, |manager| manager.generation),
+        );
         match abandoned {
             // The manager was deciding another domain's recovery: finish it with the default.
             Some(pending) => execute(system, cpu, pending, None, frame, fx),
@@ -1203,6 +1208,20 @@ fn execute(
     if let Some(report) = LAST_RECOVERY.lock().as_mut() {
         report.total = apic::tsc() - pending.detected;
     }
+    // Logged after the timing is taken: a line on the serial console costs emulated time.
+    log_recovery(generation);
+}
+
+/// Logs the last recovery.
+fn log_recovery(generation: u32) {
+    if let Some(report) = LAST_RECOVERY.lock().as_ref() {
+        log::warn!(
+            "{} of {}, decided by {}: generation now {generation}",
+            report.mode,
+            report.domain,
+            report.decided_by
+        );
+    }
 }
 
 /// The recovery order that carries out a boot's recovery mode.
@@ -1267,7 +1286,7 @@ fn apply(
         RecoveryOrder::Microreboot => domain.pending_start = abi::start::AFTER_MICROREBOOT,
         RecoveryOrder::Fail => domain.failed_for_good = true,
     }
-    let (name, generation) = (domain.name, domain.generation);
+    let name = domain.name;
     let done = apic::tsc();
     *LAST_RECOVERY.lock() = Some(RecoveryReport {
         domain: name,
@@ -1279,8 +1298,4 @@ fn apply(
         reload_image: reloaded - unlocked,
         total: done - detected,
     });
-    log::warn!(
-        "{} of {name}, decided by {decided_by}: generation now {generation}",
-        order_name(order)
-    );
 }
