@@ -14,6 +14,22 @@ pub mod netbench;
 pub mod ring;
 pub mod unixbench;
 
+/// Guest-physical memory, word by word: the rings' [`ring::Memory`] inside a guest (guest
+/// builds only; host tests use arrays).
+#[cfg(feature = "guest")]
+pub struct GuestMemory;
+
+#[cfg(feature = "guest")]
+impl ring::Memory for GuestMemory {
+    fn read(&self, address: u64) -> u64 {
+        microvisor_guest_runtime::read_u64(address)
+    }
+
+    fn write(&mut self, address: u64, value: u64) {
+        microvisor_guest_runtime::write_u64(address, value)
+    }
+}
+
 /// FNV-1a over 64-bit words: the checksum guests report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checksum(pub u64);

@@ -6,28 +6,16 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
+use guests::GuestMemory;
 use guests::blockfs::{self, Block, BlockDevice, DISK_BLOCKS, run_workload};
 use guests::control::{BUFFER_GFN, BUFFERS, Connection, RING_GFN};
-use guests::ring::{Frontend, Memory, block};
+use guests::ring::{Frontend, block};
 use microvisor_guest_runtime::{
     StartInfo, Verdict, abi, call2, print, read_u64, wait_for_event, write_u64,
 };
 
 /// Rounds of the workload when the control VM gives none.
 const DEFAULT_ROUNDS: u64 = 3;
-
-/// Guest-physical memory, word by word.
-struct Guest;
-
-impl Memory for Guest {
-    fn read(&self, address: u64) -> u64 {
-        read_u64(address)
-    }
-
-    fn write(&mut self, address: u64, value: u64) {
-        write_u64(address, value)
-    }
-}
 
 /// The block device: one request at a time over the ring, data through buffer 0.
 struct RingDisk {
@@ -44,14 +32,14 @@ impl RingDisk {
         self.next_id += 1;
         self.requests += 1;
         let request = block::request(op, id, block_number, 0);
-        if self.front.push_request(&mut Guest, &request).is_err() {
+        if self.front.push_request(&mut GuestMemory, &request).is_err() {
             return Err(block::BAD_BUFFER);
         }
         if call2(abi::EVTCHN_SEND, self.port, 0) < 0 {
             return Err(block::BAD_OP);
         }
         loop {
-            match self.front.pop_response(&mut Guest) {
+            match self.front.pop_response(&mut GuestMemory) {
                 Ok(Some(response)) => {
                     let (answered, status) = block::parse_response(&response);
                     if answered != id {

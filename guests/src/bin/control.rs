@@ -5,27 +5,14 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
-use guests::Checksum;
 use guests::blockfs::DISK_BLOCKS;
 use guests::control::{BUFFERS, Connection, DISK_GFN, Role, backend_gfn, home_cpu, role};
-use guests::ring::{self, Backend, Memory, block, net};
+use guests::ring::{self, Backend, block, net};
+use guests::{Checksum, GuestMemory};
 use microvisor_guest_runtime::{
     StartInfo, Verdict, abi, call2, enable_interrupts, hypercall, interrupts, layout, print,
     read_u64, tsc, wait_for_event, write_u64,
 };
-
-/// Guest-physical memory, word by word.
-struct Guest;
-
-impl Memory for Guest {
-    fn read(&self, address: u64) -> u64 {
-        read_u64(address)
-    }
-
-    fn write(&mut self, address: u64, value: u64) {
-        write_u64(address, value)
-    }
-}
 
 /// `HypercallError::NotFound` as RAX.
 const NOT_FOUND: i64 = -7;
@@ -101,7 +88,7 @@ fn launch(info: &StartInfo, index: usize, params: &mut StartParams) -> Result<Ap
             check("GRANT", call2(abi::GRANT, frame, vm))?;
             app.granted[page] = frame;
         }
-        ring::init(&mut Guest, app.gfn * 4096);
+        ring::init(&mut GuestMemory, app.gfn * 4096);
         app.port = check("EVTCHN_ALLOC", call2(abi::EVTCHN_ALLOC, vm, 0))?;
         let mut buffers = [0; BUFFERS];
         if app.role == Role::Block {
@@ -139,7 +126,7 @@ fn serve(app: &AppVm) -> Result<bool, ()> {
     };
     let mut served = false;
     loop {
-        let request = match backend.pop_request(&mut Guest) {
+        let request = match backend.pop_request(&mut GuestMemory) {
             Ok(Some(request)) => request,
             Ok(None) => break,
             Err(error) => {
@@ -163,7 +150,7 @@ fn serve(app: &AppVm) -> Result<bool, ()> {
             },
             Role::Plain => return Ok(false),
         };
-        if let Err(error) = backend.push_response(&mut Guest, &reply) {
+        if let Err(error) = backend.push_response(&mut GuestMemory, &reply) {
             print(format_args!("control: VM {}'s ring: {error:?}", app.vm));
             return Err(());
         }

@@ -5,31 +5,18 @@
 #![no_main]
 #![forbid(unsafe_code)]
 
+use guests::GuestMemory;
 use guests::control::{Connection, RING_GFN};
 use guests::netbench::{self, PERIOD_MS, Tracker};
-use guests::ring::{Frontend, Memory};
+use guests::ring::Frontend;
 use microvisor_guest_runtime::{
-    StartInfo, Verdict, abi, call2, enable_interrupts, interrupts, print, read_u64, tsc,
-    wait_for_event, write_u64,
+    StartInfo, Verdict, abi, call2, enable_interrupts, interrupts, print, tsc, wait_for_event,
 };
 
 /// Pings when the control VM gives no count (two one-second windows).
 const DEFAULT_PINGS: u64 = 2000;
 /// How long to wait for late replies after the last ping (ms).
 const GRACE_MS: u64 = 500;
-
-/// Guest-physical memory, word by word.
-struct Guest;
-
-impl Memory for Guest {
-    fn read(&self, address: u64) -> u64 {
-        read_u64(address)
-    }
-
-    fn write(&mut self, address: u64, value: u64) {
-        write_u64(address, value)
-    }
-}
 
 fn main(info: &StartInfo) -> Verdict {
     let failed = Verdict {
@@ -82,7 +69,7 @@ fn main(info: &StartInfo) -> Verdict {
             match tracker.sent(tracker.next_seq(), now) {
                 // A full ring drops the ping: it stays unanswered, as on a real link.
                 Ok(ping) => {
-                    if front.push_request(&mut Guest, &ping).is_ok() {
+                    if front.push_request(&mut GuestMemory, &ping).is_ok() {
                         pushed = true;
                         pushed_total += 1;
                     }
@@ -94,7 +81,7 @@ fn main(info: &StartInfo) -> Verdict {
             return failed;
         }
         loop {
-            match front.pop_response(&mut Guest) {
+            match front.pop_response(&mut GuestMemory) {
                 Ok(Some(reply)) => {
                     // A bad reply is booked in the tracker's report.
                     let _ = tracker.replied(&reply, tsc());
