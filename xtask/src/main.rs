@@ -79,7 +79,7 @@ struct RunArgs {
     /// Number of CPUs.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpus: u32,
-    /// Build with the release profile.
+    /// Build with the release profile (a plain `cargo xtask run`, the main job, always does).
     #[arg(long)]
     release: bool,
     /// Kernel command line (space-separated key=value words, e.g. `fault=gp@1`).
@@ -161,14 +161,24 @@ fn parse_inject(value: &str) -> Result<String, String> {
 
 impl RunArgs {
     /// The kernel command line: `--cmdline` plus what `--inject` and `--recovery` add.
+    /// A plain `cargo xtask run`: no scenario, fault or command line chosen.
+    fn is_main_job(&self) -> bool {
+        self.scenario.is_none() && self.inject.is_none() && self.cmdline.trim().is_empty()
+    }
+
+    /// The main job boots the release build: its pings every millisecond need the optimised
+    /// hypercall path (in a debug build a healthy run already drops pings to a full ring).
+    fn release(&self) -> bool {
+        self.release || self.is_main_job()
+    }
+
     fn kernel_cmdline(&self) -> String {
         let mut words: Vec<String> = self
             .cmdline
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        let main_job = self.scenario.is_none() && self.inject.is_none() && words.is_empty();
-        if main_job {
+        if self.is_main_job() {
             words.push(format!("scenario={DEFAULT_SCENARIO}"));
             words.push(format!("inject={DEFAULT_INJECT}"));
             if self.recovery.is_none() {
@@ -335,7 +345,7 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
     host::ensure_tools(&tools)?;
     let elf = match &args.kernel {
         Some(elf) => elf.clone(),
-        None => image::build_kernel(args.release, false)?,
+        None => image::build_kernel(args.release(), false)?,
     };
     emulator::prune_run_dirs(30);
     let run_dir = emulator::new_run_dir("run")?;
@@ -517,6 +527,17 @@ mod tests {
             "scenario=3appvm inject=failstop:hypercall recovery=microreset"
         );
         assert_eq!(cmdline(&["xtask", "run", "--scenario", "none"]), "");
+        let Command::Run(plain) = Cli::try_parse_from(["xtask", "run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(plain.release(), "the main job boots the release build");
+        let Command::Run(chosen) = Cli::try_parse_from(["xtask", "run", "--scenario", "3appvm"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert!(!chosen.release());
         assert_eq!(
             cmdline(&["xtask", "run", "--scenario", "3appvm"]),
             "scenario=3appvm"
