@@ -122,6 +122,15 @@ struct Vm {
     vcpu: Vcpu,
 }
 
+impl Vm {
+    /// Whether host frame `frame` is mapped in this VM through `MAP_GRANT`.
+    fn maps_as_grant(&self, frame: u64) -> bool {
+        (0..GUEST_FRAMES).any(|gfn| {
+            u64::from(self.frames[gfn]) == frame && self.granted[gfn / 64] & (1 << (gfn % 64)) != 0
+        })
+    }
+}
+
 /// One vCPU: its VMCS and everything the core saves across its exits.
 #[derive(Clone, Copy)]
 struct Vcpu {
@@ -1247,15 +1256,9 @@ fn handle_vmcall(
         hc::MEMORY_RELEASE => {
             // Unmap first, so the guest cannot touch the frame once it is free; put it back
             // if the release is refused.
-            let aliased = {
-                let table = TABLE.lock();
-                table.vms[slot].as_ref().is_some_and(|vm| {
-                    (0..GUEST_FRAMES).any(|gfn| {
-                        u64::from(vm.frames[gfn]) == args[0]
-                            && vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0
-                    })
-                })
-            };
+            let aliased = TABLE.lock().vms[slot]
+                .as_ref()
+                .is_some_and(|vm| vm.maps_as_grant(args[0]));
             let unmapped = {
                 let mut table = TABLE.lock();
                 table.vms[slot].as_mut().filter(|_| !aliased).and_then(|vm| {
@@ -1401,12 +1404,11 @@ fn handle_vmcall(
 /// Whether VM `peer` has host frame `frame` mapped as a granted page.
 fn peer_maps(peer: u64, frame: u64) -> bool {
     let table = TABLE.lock();
-    table.vms.iter().flatten().any(|vm| {
-        u64::from(vm.id) == peer
-            && (0..GUEST_FRAMES).any(|gfn| {
-                u64::from(vm.frames[gfn]) == frame && vm.granted[gfn / 64] & (1 << (gfn % 64)) != 0
-            })
-    })
+    table
+        .vms
+        .iter()
+        .flatten()
+        .any(|vm| u64::from(vm.id) == peer && vm.maps_as_grant(frame))
 }
 
 /// The control VM's calls, served by the core (it owns VMX): RAX, or `None` when the call
