@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -457,7 +457,16 @@ pub fn boot(
         seen.take(tail.poll());
         if let Some(status) = emulator.try_wait() {
             seen.take(tail.finish());
-            break EmulatorEnd::Exited(status.code());
+            break match status.signal() {
+                Some(signal)
+                    if seen.summary.is_some()
+                        && matches!(spec.kind, EmulatorKind::Bochs)
+                        && stopped_at_breakpoint(run_dir) =>
+                {
+                    EmulatorEnd::SignalledAfterBreakpoint(signal)
+                }
+                _ => EmulatorEnd::Exited(status.code()),
+            };
         }
         let stop = if seen
             .summary_at
@@ -485,6 +494,13 @@ pub fn boot(
         end,
         elapsed: start.elapsed(),
     })
+}
+
+/// Whether bochs' debugger reported the kernel's final magic breakpoint (`xchg bx,bx`) in
+/// the run's `emulator.stdout`, which it prints before running the `quit` of its rc file.
+fn stopped_at_breakpoint(run_dir: &Path) -> bool {
+    fs::read(run_dir.join("emulator.stdout"))
+        .is_ok_and(|out| out.windows(17).any(|w| w == b"Magic breakpoint\n"))
 }
 
 #[cfg(test)]

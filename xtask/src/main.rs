@@ -403,6 +403,9 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
         system_tests::EmulatorEnd::KilledAfterSummary => {
             "the emulator did not exit by itself after the summary; stopped it".into()
         }
+        system_tests::EmulatorEnd::SignalledAfterBreakpoint(signal) => format!(
+            "bochs stopped at the final breakpoint, then died by signal {signal} in its own exit"
+        ),
         system_tests::EmulatorEnd::TimedOut => {
             format!("timeout after {} s; stopped the emulator", args.timeout)
         }
