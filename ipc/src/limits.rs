@@ -18,3 +18,8 @@ pub const MAX_VCPUS_PER_VM: u16 = 8;
 /// Frames in the memory domain's pool: the physical RAM guests are given (the core reserves
 /// that many contiguous frames and places the pool on them).
 pub const POOL_FRAMES: usize = 1024;
+
+/// Pages of RAM at guest-physical 0 every VM has (the guest boot contract's `RAM_PAGES`). They
+/// are demand-zero: the core backs the pages it writes at creation, and the memory domain
+/// backs any other on the guest's first touch (an EPT violation, `memory::Request::EptViolation`).
+pub const GUEST_RAM_PAGES: u32 = 64;

@@ -133,6 +133,18 @@ pub enum Request {
         /// The VM that would map it.
         vm: u16,
     },
+    /// The core's message for a guest's EPT violation at guest frame `gfn` (a page with no
+    /// EPT entry). Guest RAM (`gfn < limits::GUEST_RAM_PAGES`) is demand-zero: the answer is
+    /// `Allocated(frame)`, a new frame owned by `vm` that the core checks, scrubs and maps
+    /// before the guest retries the access. Anything else answers `Error(NotGuestRam)` and the
+    /// core stops the VM. Non-idempotent: it takes a frame (a repeat takes another; the core
+    /// frees one it cannot use).
+    EptViolation {
+        /// The faulting VM (the new frame's owner).
+        vm: u16,
+        /// The guest frame number it touched.
+        gfn: u32,
+    },
 }
 
 /// Memory replies.
@@ -183,6 +195,8 @@ pub enum Error {
     Inconsistent,
     /// `Configure` of another base while frames are allocated.
     PoolInUse,
+    /// `EptViolation` outside the VM's guest RAM: nothing backs that page on demand.
+    NotGuestRam,
 }
 
 impl Request {
@@ -197,7 +211,8 @@ impl Request {
             Request::Allocate { .. }
             | Request::Free { .. }
             | Request::Share { .. }
-            | Request::Unshare { .. } => Idempotence::NonIdempotent,
+            | Request::Unshare { .. }
+            | Request::EptViolation { .. } => Idempotence::NonIdempotent,
         }
     }
 
@@ -213,13 +228,14 @@ impl Request {
             Request::Stats => 6,
             Request::Configure { .. } => 7,
             Request::MayMap { .. } => 8,
+            Request::EptViolation { .. } => 9,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 9;
+    const OPERATION_COUNT: u16 = 10;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -237,7 +253,7 @@ mod tests {
 
     const F: FrameNumber = FrameNumber(0x1234);
 
-    fn samples() -> [Request; 9] {
+    fn samples() -> [Request; 10] {
         [
             Request::Allocate { owner: 2 },
             Request::Free { frame: F, owner: 2 },
@@ -252,6 +268,7 @@ mod tests {
             Request::Stats,
             Request::Configure { base: F },
             Request::MayMap { frame: F, vm: 2 },
+            Request::EptViolation { vm: 2, gfn: 0x3f },
         ]
     }
 
@@ -270,6 +287,10 @@ mod tests {
         assert_golden_request(&Request::Unshare { frame: F, from: 3 }, &[3, 180, 36, 3]);
         assert_golden_request(&Request::Configure { base: F }, &[7, 180, 36]);
         assert_golden_request(&Request::MayMap { frame: F, vm: 2 }, &[8, 180, 36, 2]);
+        assert_golden_request(
+            &Request::EptViolation { vm: 3, gfn: 0x130 },
+            &[9, 3, 176, 2],
+        );
         assert_golden_request(
             &Request::Query {
                 frame: FrameNumber(7),
@@ -318,6 +339,7 @@ mod tests {
         assert_golden(&Reply::Error(Error::StillShared), &[4, 4]);
         assert_golden(&Reply::Error(Error::Inconsistent), &[4, 10]);
         assert_golden(&Reply::Error(Error::PoolInUse), &[4, 11]);
+        assert_golden(&Reply::Error(Error::NotGuestRam), &[4, 12]);
     }
 
     #[test]
@@ -326,7 +348,9 @@ mod tests {
             assert_eq!(usize::from(request.tag()), index);
         }
         assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
-        let idempotent = [false, false, false, false, true, true, true, true, true];
+        let idempotent = [
+            false, false, false, false, true, true, true, true, true, false,
+        ];
         for (request, expected) in samples().iter().zip(idempotent) {
             assert_eq!(
                 request.idempotence() == Idempotence::Idempotent,

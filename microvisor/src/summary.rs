@@ -201,6 +201,8 @@ pub struct VmReport<'a> {
     pub hypercalls: u64,
     /// Hypercalls re-issued because a service restarted under them.
     pub retries: u64,
+    /// Guest RAM pages the memory domain backed on the VM's first touch (EPT violations).
+    pub demand_pages: u64,
     /// TSC from its creation to its last vCPU's exit (0 if it did not finish).
     pub run_tsc: u64,
     /// Why the core stopped it, if it did.
@@ -217,6 +219,7 @@ impl VmReport<'_> {
         exits: 0,
         hypercalls: 0,
         retries: 0,
+        demand_pages: 0,
         run_tsc: 0,
         stop_reason: "",
     };
@@ -226,7 +229,7 @@ impl Display for VmReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"vm":{},"guest":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"run_tsc":{},"stop_reason":{}}}"#,
+            r#"{{"vm":{},"guest":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"stop_reason":{}}}"#,
             self.vm,
             JsonStr(self.guest),
             JsonStr(self.verdict),
@@ -234,6 +237,7 @@ impl Display for VmReport<'_> {
             self.exits,
             self.hypercalls,
             self.retries,
+            self.demand_pages,
             self.run_tsc,
             JsonStr(self.stop_reason)
         )
@@ -559,6 +563,7 @@ mod tests {
                 exits: 300,
                 hypercalls: 250,
                 retries: 1,
+                demand_pages: 9,
                 run_tsc: 123_456,
                 stop_reason: "",
             }],
@@ -590,6 +595,7 @@ mod tests {
         assert_eq!(value["vms"][0]["verdict"], "passed");
         assert_eq!(value["vms"][0]["checksum"], "0x0000000000000abc");
         assert_eq!(value["vms"][0]["run_tsc"], 123_456);
+        assert_eq!(value["vms"][0]["demand_pages"], 9);
         assert_eq!(value["vmx"]["cpus_in_root"], 2);
         assert!(value["vmx"]["unavailable"].is_null());
         assert_eq!(value["workload"]["retries"], 1);

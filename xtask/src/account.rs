@@ -81,7 +81,7 @@ pub fn account(summary: &Value) -> Vec<String> {
         lines.push(format!("scenario {name}:"));
         for vm in summary["vms"].as_array().into_iter().flatten() {
             let mut line = format!(
-                "  VM {} ({}): {}, checksum {}, {} hypercalls ({} retried after a recovery), {} VM exits, ran {} TSC",
+                "  VM {} ({}): {}, checksum {}, {} hypercalls ({} retried after a recovery), {} VM exits, {} RAM pages backed on first touch, ran {} TSC",
                 vm["vm"],
                 text(&vm["guest"]),
                 text(&vm["verdict"]),
@@ -89,6 +89,7 @@ pub fn account(summary: &Value) -> Vec<String> {
                 vm["hypercalls"],
                 vm["retries"],
                 vm["exits"],
+                vm["demand_pages"],
                 vm["run_tsc"]
             );
             if let Some(reason) = vm["stop_reason"].as_str().filter(|r| !r.is_empty()) {

@@ -543,7 +543,9 @@ fn transport(error: CallError) -> Outcome {
 
 fn memory_error(error: memory::Error) -> HypercallError {
     match error {
-        memory::Error::BadFrame | memory::Error::BadOwner => HypercallError::InvalidArgument,
+        memory::Error::BadFrame | memory::Error::BadOwner | memory::Error::NotGuestRam => {
+            HypercallError::InvalidArgument
+        }
         memory::Error::FrameFree | memory::Error::NotShared => HypercallError::NotFound,
         memory::Error::NotOwner | memory::Error::SelfShare => HypercallError::PermissionDenied,
         memory::Error::StillShared | memory::Error::AlreadyShared => HypercallError::InUse,

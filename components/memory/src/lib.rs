@@ -331,7 +331,18 @@ impl MemoryState {
             Request::Stats => Ok(Reply::Stats(self.stats())),
             Request::Configure { base } => self.configure(base),
             Request::MayMap { frame, vm } => self.may_map(frame, vm),
+            Request::EptViolation { vm, gfn } => self.ept_violation(vm, gfn, &mut writes),
         }
+    }
+
+    /// Serves a guest's touch of a page with no EPT entry: guest RAM is demand-zero, so it
+    /// gets a new frame; any other page is not the memory domain's to back.
+    fn ept_violation(&mut self, vm: u16, gfn: u32, writes: &mut Writes) -> Result<Reply, Error> {
+        Self::vm(vm)?;
+        if gfn >= ipc::limits::GUEST_RAM_PAGES {
+            return Err(Error::NotGuestRam);
+        }
+        self.allocate(vm, writes)
     }
 
     /// Moves the pool to `base` while nothing is allocated (a no-op if it is there).

@@ -384,9 +384,10 @@ fn share_table_full() {
 }
 
 /// The non-idempotent updates of a busy state, with the number of table writes each makes.
-fn updates(shared: FrameNumber, private: FrameNumber) -> [(Request, u32); 5] {
+fn updates(shared: FrameNumber, private: FrameNumber) -> [(Request, u32); 6] {
     [
         (Request::Allocate { owner: 5 }, 2),
+        (Request::EptViolation { vm: 6, gfn: 0x31 }, 2),
         (
             Request::Free {
                 frame: private,
@@ -632,8 +633,12 @@ fn random_request(random: &mut XorShift) -> Request {
     let frame = FrameNumber(BASE - 2 + (random.next() % 40) as u32);
     let owner = (random.next() % 6) as u16;
     let with = (random.next() % 6) as u16;
-    match random.next() % 7 {
+    match random.next() % 8 {
         0 | 1 => Request::Allocate { owner },
+        7 => Request::EptViolation {
+            vm: owner,
+            gfn: (random.next() % 80) as u32,
+        },
         2 => Request::Free { frame, owner },
         3 => Request::Share { frame, owner, with },
         4 => Request::Unshare { frame, from: with },
@@ -783,5 +788,56 @@ fn may_map_only_owned_or_shared_frames() {
             vm: 2,
         },
         Error::BadFrame,
+    );
+}
+
+#[test]
+fn ept_violations_back_guest_ram_on_demand_and_nothing_else() {
+    let mut state = fresh();
+    let last = ipc::limits::GUEST_RAM_PAGES - 1;
+    for gfn in [0, 0x3f, last] {
+        let frame = match state.handle(Request::EptViolation { vm: 4, gfn }) {
+            Reply::Allocated(frame) => frame,
+            other => panic!("gfn {gfn:#x}: {other:?}"),
+        };
+        assert_eq!(state.validate(), Ok(()));
+        let entry = info(&mut state, frame);
+        assert_eq!(entry.owner, Some(4));
+        assert_eq!(entry.kind, FrameKind::Ram);
+        assert!(!entry.validated, "the core validates after scrubbing");
+        expect(&mut state, Request::MayMap { frame, vm: 4 }, Reply::Done);
+    }
+    assert_eq!(state.usage[4], 3);
+    // The window, above the identity map, and the far end: not RAM, so not backed.
+    for gfn in [ipc::limits::GUEST_RAM_PAGES, 0x100, 0x1ff, 0x200, u32::MAX] {
+        refused(
+            &mut state,
+            Request::EptViolation { vm: 4, gfn },
+            Error::NotGuestRam,
+        );
+    }
+    refused(
+        &mut state,
+        Request::EptViolation {
+            vm: ipc::limits::MAX_VMS,
+            gfn: 0,
+        },
+        Error::BadOwner,
+    );
+}
+
+#[test]
+fn ept_violations_stop_at_an_empty_pool() {
+    let mut state = fresh();
+    for _ in 0..POOL_FRAMES {
+        assert!(matches!(
+            state.handle(Request::EptViolation { vm: 1, gfn: 2 }),
+            Reply::Allocated(_)
+        ));
+    }
+    refused(
+        &mut state,
+        Request::EptViolation { vm: 1, gfn: 2 },
+        Error::OutOfFrames,
     );
 }

@@ -29,6 +29,9 @@ use x86_64::registers::model_specific::{GsBase, Msr};
 use crate::vm::{self, GuestRegisters, read_msr, vmread, vmwrite};
 use crate::{apic, domain, paging};
 
+// The memory domain backs guest RAM on demand up to the boot contract's RAM size.
+const _: () = assert!(ipc::limits::GUEST_RAM_PAGES as u64 == layout::RAM_PAGES);
+
 /// VMs the core runs at once.
 pub const MAX_VMS: usize = 8;
 /// Guest frames the EPT covers: the identity-mapped first 2 MiB.
@@ -116,6 +119,8 @@ struct Vm {
     exits: u64,
     hypercalls: u64,
     retries: u64,
+    /// Guest RAM pages backed on first touch (EPT violations the memory domain answered).
+    demand_pages: u64,
     created_tsc: u64,
     run_tsc: u64,
     /// The vCPU (one per VM for now).
@@ -306,10 +311,13 @@ fn validate(vm: u16, frame: u32) -> Result<(), HypercallError> {
     if !in_pool(frame) {
         return Err(HypercallError::InvalidArgument);
     }
-    match memory_call(memory::Request::MayMap {
+    let request = memory::Request::MayMap {
         frame: FrameNumber(frame),
         vm,
-    }) {
+    };
+    // `MayMap` is idempotent: if the memory domain failed under it (and was recovered by the
+    // time the call returns), ask once more rather than fail the caller's whole operation.
+    match memory_call(request).or_else(|_| memory_call(request)) {
         Ok(memory::Reply::Done) => Ok(()),
         Ok(_) => Err(HypercallError::PermissionDenied),
         Err(_) => Err(HypercallError::Internal),
@@ -507,6 +515,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         exits: 0,
         hypercalls: 0,
         retries: 0,
+        demand_pages: 0,
         created_tsc: apic::tsc(),
         run_tsc: 0,
         vcpu: Vcpu {
@@ -529,6 +538,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         release_frames(&mut vm);
         return Err(error);
     }
+    let backed_pages = vm.frames.iter().filter(|&&frame| frame != 0).count();
     let slot = {
         let mut table = TABLE.lock();
         let Some(slot) = table.vms.iter().position(Option::is_none) else {
@@ -546,9 +556,10 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         slot
     };
     log::info!(
-        "VM {id} created: guest {guest}{}, {} KiB RAM from the memory domain, vCPU 0 homed on CPU {home_cpu}",
+        "VM {id} created: guest {guest}{}, {} KiB demand-zero RAM ({} pages backed at creation), vCPU 0 homed on CPU {home_cpu}",
         if privileged { " (control VM)" } else { "" },
-        layout::RAM_PAGES * 4
+        layout::RAM_PAGES * 4,
+        backed_pages
     );
     if start {
         start_vm(slot, None).map_err(|_| CreateError::Scheduler)?;
@@ -564,10 +575,12 @@ fn build_memory(
     params: [u64; layout::PARAMS],
     modules: &[(&'static str, &[u8])],
 ) -> Result<(), CreateError> {
-    for gfn in 0..layout::RAM_PAGES as usize {
-        let frame = new_frame(vm.id)?;
-        set_ept(vm, gfn, frame);
-    }
+    // Guest RAM is demand-zero: the core backs the pages it writes now (boot structures,
+    // image, modules); the memory domain backs the rest (stack, bss) on the guest's first
+    // touch of each page.
+    back_for_build(vm, layout::PML4, 0x3000)?;
+    back_for_build(vm, layout::GDT, 24)?;
+    back_for_build(vm, layout::START_INFO, layout::start_info::WORDS as u64 * 8)?;
     // Boot modules: each from a page boundary of the module area.
     let mut table = [layout::Module::default(); layout::MAX_MODULES];
     if modules.len() > layout::MAX_MODULES {
@@ -579,10 +592,7 @@ fn build_memory(
         if cursor + pages * 4096 > layout::MODULES_END {
             return Err(CreateError::Image("the boot modules do not fit"));
         }
-        for gfn in cursor / 4096..cursor / 4096 + pages {
-            let frame = new_frame(vm.id)?;
-            set_ept(vm, gfn as usize, frame);
-        }
+        back_for_build(vm, cursor, pages * 4096)?;
         write_guest(vm, cursor, bytes).map_err(|_| CreateError::Image("cannot copy a module"))?;
         table[index] = layout::Module {
             name: layout::name_word(name),
@@ -639,9 +649,122 @@ fn build_memory(
                 "segment file size exceeds its memory size",
             ));
         }
+        back_for_build(vm, start, data.len() as u64)?;
         write_guest(vm, start, data).map_err(|_| CreateError::Image("cannot copy a segment"))?;
     }
     Ok(())
+}
+
+/// Backs every unbacked page of `gpa..gpa + length` of a VM under construction with a fresh
+/// frame (the core is about to write there).
+fn back_for_build(vm: &mut Vm, gpa: u64, length: u64) -> Result<(), CreateError> {
+    if length == 0 {
+        return Ok(());
+    }
+    let last = gpa
+        .checked_add(length - 1)
+        .ok_or(CreateError::Image("an area overflows"))?;
+    for gfn in gpa >> 12..=last >> 12 {
+        let gfn = usize::try_from(gfn)
+            .ok()
+            .filter(|&gfn| gfn < GUEST_FRAMES)
+            .ok_or(CreateError::Image("an area lies beyond guest memory"))?;
+        if vm.frames[gfn] == 0 {
+            let frame = new_frame(vm.id)?;
+            set_ept(vm, gfn, frame);
+        }
+    }
+    Ok(())
+}
+
+/// What backing a guest page on demand came to.
+enum Demand {
+    /// The page is backed (now, or it already was).
+    Backed,
+    /// The memory domain failed under the request and was recovered: touch the page again.
+    Interrupted,
+    /// The memory domain refused: the page is not the VM's RAM, or no frame is left.
+    Refused(memory::Error),
+}
+
+/// Serves a touch of guest frame `gfn` with no EPT entry, by the VM in `slot` or by the core on
+/// its behalf: an EPT violation as a message to the memory domain, which answers a new frame
+/// for demand-zero RAM or refuses. The frame is checked (in the pool, `MayMap`), scrubbed and
+/// mapped here; the guest's access is retried (RIP is not advanced).
+fn back_page(slot: usize, vm_id: u16, gfn: u64) -> Demand {
+    let backed = |table: &Table| {
+        table.vms[slot]
+            .as_ref()
+            .and_then(|vm| vm.frames.get(gfn as usize))
+            .is_some_and(|&frame| frame != 0)
+    };
+    if backed(&TABLE.lock()) {
+        return Demand::Backed;
+    }
+    let request = memory::Request::EptViolation {
+        vm: vm_id,
+        gfn: u32::try_from(gfn).unwrap_or(u32::MAX),
+    };
+    let frame = match memory_call(request) {
+        Ok(memory::Reply::Allocated(frame)) => frame.0,
+        Ok(memory::Reply::Error(error)) => return Demand::Refused(error),
+        Ok(_) => return Demand::Refused(memory::Error::Inconsistent),
+        Err(_) => return Demand::Interrupted,
+    };
+    if usize::try_from(gfn).map_or(true, |gfn| gfn >= GUEST_FRAMES)
+        || validate(vm_id, frame).is_err()
+    {
+        log::error!(
+            "VM {vm_id}: the memory domain backed guest frame {gfn:#x} with frame {frame:#x}, \
+             which fails the core's check"
+        );
+        return Demand::Refused(memory::Error::NotOwner);
+    }
+    scrub(frame);
+    let _ = memory_call(memory::Request::Validate {
+        frame: FrameNumber(frame),
+    });
+    let mut table = TABLE.lock();
+    if !backed(&table)
+        && let Some(vm) = table.vms[slot].as_mut()
+    {
+        set_ept(vm, gfn as usize, frame);
+        vm.demand_pages += 1;
+        return Demand::Backed;
+    }
+    // Backed meanwhile, or the VM is gone: the new frame is not needed.
+    drop(table);
+    let _ = memory_call(memory::Request::Free {
+        frame: FrameNumber(frame),
+        owner: vm_id,
+    });
+    Demand::Backed
+}
+
+/// Backs the guest RAM pages of `gpa..gpa + length` the core is about to read or write for a
+/// hypercall of the VM in `slot` (a guest may hand the core a buffer it never touched). Pages
+/// outside guest RAM are left to the copy's own check. `Ok(false)`: a service failed under
+/// it, issue the hypercall again.
+fn back_for_hypercall(
+    slot: usize,
+    vm_id: u16,
+    gpa: u64,
+    length: usize,
+) -> Result<bool, HypercallError> {
+    if length == 0 {
+        return Ok(true);
+    }
+    let last = gpa
+        .checked_add(length as u64 - 1)
+        .ok_or(HypercallError::InvalidArgument)?;
+    for gfn in (gpa >> 12..=last >> 12).take_while(|&gfn| gfn < layout::RAM_PAGES) {
+        match back_page(slot, vm_id, gfn) {
+            Demand::Backed => {}
+            Demand::Interrupted => return Ok(false),
+            Demand::Refused(_) => return Err(HypercallError::NoResources),
+        }
+    }
+    Ok(true)
 }
 
 /// Writes the start information words at `layout::START_INFO`.
@@ -1001,6 +1124,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
     let quantum = (apic::tsc_khz() * QUANTUM_MS).max(1);
     let shift = preemption_shift();
     let mut exits = 0u64;
+    let mut retried = 0u64;
     let started = apic::tsc();
     let next = loop {
         service_timers(cpu);
@@ -1063,14 +1187,29 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             }
             EXIT_VMCALL => handle_vmcall(cpu, slot, vcpu, &mut state),
             EXIT_EPT_VIOLATION => {
-                log::warn!(
-                    "VM {}: EPT violation at guest-physical {:#x} (qualification {:#x}, RIP {:#x})",
-                    vcpu.vm,
-                    vmread(GUEST_PHYSICAL_ADDRESS),
-                    vmread(EXIT_QUALIFICATION),
-                    vmread(vm::GUEST_RIP)
-                );
-                Err("it touched guest-physical memory it has not got (EPT violation)")
+                let gpa = vmread(GUEST_PHYSICAL_ADDRESS);
+                match back_page(slot, vcpu.vm, gpa >> 12) {
+                    Demand::Backed => Ok(Next::Resume),
+                    Demand::Interrupted => {
+                        retried += 1;
+                        Ok(Next::Resume)
+                    }
+                    Demand::Refused(error) => {
+                        log::warn!(
+                            "VM {}: EPT violation at guest-physical {gpa:#x} (qualification \
+                             {:#x}, RIP {:#x}) refused by the memory domain: {error:?}",
+                            vcpu.vm,
+                            vmread(EXIT_QUALIFICATION),
+                            vmread(vm::GUEST_RIP)
+                        );
+                        Err(match error {
+                            memory::Error::OutOfFrames => {
+                                "no frame left to back its RAM (EPT violation)"
+                            }
+                            _ => "it touched guest-physical memory it has not got (EPT violation)",
+                        })
+                    }
+                }
             }
             EXIT_EXCEPTION => {
                 log::warn!(
@@ -1101,6 +1240,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         if let Some(vm) = table.vms[slot].as_mut() {
             vm.vcpu = state;
             vm.exits += exits;
+            vm.retries += retried;
         }
     }
     match next {
@@ -1415,9 +1555,9 @@ fn peer_maps(peer: u64, frame: u64) -> bool {
 /// must be issued again (a service failed under it and was recovered).
 fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
     let result = (|| -> Result<Option<i64>, HypercallError> {
-        let privileged = TABLE.lock().vms[slot]
+        let (vm_id, privileged) = TABLE.lock().vms[slot]
             .as_ref()
-            .is_some_and(|vm| vm.privileged);
+            .map_or((0, false), |vm| (vm.id, vm.privileged));
         if !privileged {
             return Err(HypercallError::PermissionDenied);
         }
@@ -1449,6 +1589,9 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
                 let mut params = [0u64; layout::PARAMS];
                 if args[1] != 0 {
                     let mut bytes = [0u8; layout::PARAMS * 8];
+                    if !back_for_hypercall(slot, vm_id, args[1], bytes.len())? {
+                        return Ok(None);
+                    }
                     {
                         let table = TABLE.lock();
                         let vm = table.vms[slot].as_ref().ok_or(HypercallError::BadVcpu)?;
@@ -1502,6 +1645,13 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         .ok()
         .filter(|&cpu| usize::from(cpu) < crate::run::cpus_registered())
         .ok_or(HypercallError::InvalidArgument)?;
+    let vm_id = TABLE.lock().vms[slot]
+        .as_ref()
+        .ok_or(HypercallError::BadVcpu)?
+        .id;
+    if !back_for_hypercall(slot, vm_id, args[0], length)? {
+        return Ok(None);
+    }
     let mut stage = IMAGE_STAGE.lock();
     {
         let table = TABLE.lock();
@@ -1645,6 +1795,11 @@ fn console(cpu: usize, slot: usize, vcpu: VcpuId, args: &[u64; 6]) -> Option<(i6
         return refuse(HypercallError::InvalidArgument);
     }
     let mut bytes = [0u8; hc::CONSOLE_MAX];
+    match back_for_hypercall(slot, vcpu.vm, args[0], length) {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(error) => return refuse(error),
+    }
     {
         let table = TABLE.lock();
         let Some(vm) = table.vms[slot].as_ref() else {
@@ -1679,6 +1834,13 @@ fn multicall(
         return refuse(HypercallError::InvalidArgument);
     }
     let mut raw = [0u8; hc::MULTICALL_MAX * 24];
+    for (address, length) in [(args[0], count * 24), (args[2], count * 8)] {
+        match back_for_hypercall(slot, vcpu.vm, address, length) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(error) => return refuse(error),
+        }
+    }
     {
         let table = TABLE.lock();
         let Some(vm) = table.vms[slot].as_ref() else {
@@ -1839,6 +2001,7 @@ pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: boo
             exits: vm.exits,
             hypercalls: vm.hypercalls,
             retries: vm.retries,
+            demand_pages: vm.demand_pages,
             run_tsc: vm.run_tsc,
             stop_reason: vm.stop_reason,
         };
