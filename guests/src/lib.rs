@@ -12,6 +12,7 @@ pub mod control;
 pub mod hostile;
 pub mod netbench;
 pub mod ring;
+pub mod smpbench;
 pub mod unixbench;
 
 /// Guest-physical memory, word by word: the rings' [`ring::Memory`] inside a guest (guest

@@ -14,7 +14,14 @@ pub const FIRST_VM: u16 = 2;
 pub const CONTROL_VM: u16 = 1;
 
 /// The guest kernels every boot bundle carries (`guests/src/bin/`), by name.
-pub const GUEST_KERNELS: &[&str] = &["unixbench", "control", "blkbench", "netbench", "hostile"];
+pub const GUEST_KERNELS: &[&str] = &[
+    "unixbench",
+    "control",
+    "blkbench",
+    "netbench",
+    "hostile",
+    "smpbench",
+];
 
 /// One VM of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +36,8 @@ pub struct VmSpec {
     pub modules: &'static [&'static str],
     /// The core must stop this VM (it attacks the system); every other VM must pass.
     pub expect_stopped: bool,
+    /// Its vCPUs (spread over the CPUs from its home CPU).
+    pub vcpus: u8,
 }
 
 impl VmSpec {
@@ -40,6 +49,15 @@ impl VmSpec {
             privileged: false,
             modules: &[],
             expect_stopped: false,
+            vcpus: 1,
+        }
+    }
+
+    /// An unprivileged VM running `guest` with `params` on `vcpus` vCPUs.
+    pub const fn smp(guest: &'static str, params: [u64; 8], vcpus: u8) -> VmSpec {
+        VmSpec {
+            vcpus,
+            ..VmSpec::app(guest, params)
         }
     }
 
@@ -69,6 +87,7 @@ impl VmSpec {
             privileged: true,
             modules,
             expect_stopped: false,
+            vcpus: 1,
         }
     }
 }
@@ -158,6 +177,23 @@ pub const SCENARIOS: &[Scenario] = &[
         vms: &[UNIXBENCH; 5],
         inject_after: INJECT_AFTER,
     },
+    Scenario {
+        name: "smp",
+        about: "multi-vCPU VMs: SMP workloads on 4 and 2 vCPUs (shared counter, shared \
+                demand-zero page, populate/release with EPT shootdowns) beside a one-vCPU \
+                UnixBench-like VM: more vCPUs than CPUs; a fourth, 2-vCPU VM's second vCPU \
+                writes outside its memory and the whole VM must be stopped alone",
+        vms: &[
+            VmSpec::smp("smpbench", [0; 8], 4),
+            VmSpec::smp("smpbench", [0; 8], 2),
+            UNIXBENCH,
+            VmSpec {
+                expect_stopped: true,
+                ..VmSpec::smp("smpbench", [0, 1, 0, 0, 0, 0, 0, 0], 2)
+            },
+        ],
+        inject_after: INJECT_AFTER,
+    },
 ];
 
 /// The scenario called `name`.
@@ -193,6 +229,7 @@ mod tests {
                 );
                 assert!(vm.modules.len() <= microvisor_abi::guest::MAX_MODULES);
                 assert!(vm.privileged || vm.modules.is_empty());
+                assert!((1..=microvisor_abi::guest::MAX_VCPUS).contains(&u16::from(vm.vcpus)));
             }
             assert!(scenario.vms.iter().filter(|vm| vm.privileged).count() <= 1);
         }

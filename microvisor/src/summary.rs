@@ -190,6 +190,8 @@ pub struct VmReport<'a> {
     pub vm: u16,
     /// The guest kernel it ran.
     pub guest: &'a str,
+    /// Its vCPUs.
+    pub vcpus: u8,
     /// `passed`, `failed` (the guest's own checks), `stopped` (the core stopped it) or
     /// `unfinished`.
     pub verdict: &'a str,
@@ -214,6 +216,7 @@ impl VmReport<'_> {
     pub const EMPTY: VmReport<'static> = VmReport {
         vm: 0,
         guest: "",
+        vcpus: 0,
         verdict: "",
         checksum: 0,
         exits: 0,
@@ -229,9 +232,10 @@ impl Display for VmReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"vm":{},"guest":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"stop_reason":{}}}"#,
+            r#"{{"vm":{},"guest":{},"vcpus":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"stop_reason":{}}}"#,
             self.vm,
             JsonStr(self.guest),
+            self.vcpus,
             JsonStr(self.verdict),
             self.checksum,
             self.exits,
@@ -558,6 +562,7 @@ mod tests {
             vms: &[VmReport {
                 vm: 2,
                 guest: "unixbench",
+                vcpus: 2,
                 verdict: "passed",
                 checksum: 0xabc,
                 exits: 300,
@@ -596,6 +601,7 @@ mod tests {
         assert_eq!(value["vms"][0]["checksum"], "0x0000000000000abc");
         assert_eq!(value["vms"][0]["run_tsc"], 123_456);
         assert_eq!(value["vms"][0]["demand_pages"], 9);
+        assert_eq!(value["vms"][0]["vcpus"], 2);
         assert_eq!(value["vmx"]["cpus_in_root"], 2);
         assert!(value["vmx"]["unavailable"].is_null());
         assert_eq!(value["workload"]["retries"], 1);

@@ -175,6 +175,14 @@ fn isolation(name: &'static str, cpus: u32) -> BootCase {
     case
 }
 
+/// The SMP scenario: multi-vCPU VMs that must pass, and one 2-vCPU VM the core must stop
+/// whole when one of its vCPUs writes outside its memory.
+fn smp(name: &'static str, cpus: u32) -> BootCase {
+    let mut case = scenario(name, cpus, "scenario=smp", 4);
+    case.expect.vms_stopped = 1;
+    case
+}
+
 /// Stages a scenario boot must run, beyond bring-up.
 pub const SCENARIO_STAGES: &[&str] = &["workload", "vmx-guest", "scenario-vms-created", "scenario"];
 
@@ -386,6 +394,18 @@ pub fn catalogue() -> Vec<BootCase> {
         ),
         isolation("bochs-isolation-2cpu", 2),
         isolation("bochs-isolation-4cpu", 4),
+        smp("bochs-smp-2cpu", 2),
+        smp("bochs-smp-4cpu", 4),
+        {
+            let mut case = scenario_fault(
+                "bochs-smp-failstop-memory",
+                "memory",
+                "scenario=smp inject=failstop:memory recovery=microreset",
+                4,
+            );
+            case.expect.vms_stopped = 1;
+            case
+        },
         scenario("bochs-5vm-unixbench-4cpu", 4, "scenario=5vm-unixbench", 5),
         scenario("bochs-5vm-unixbench-2cpu", 2, "scenario=5vm-unixbench", 5),
         scenario("bochs-1vm-unixbench-4cpu", 4, "scenario=1vm-unixbench", 1),

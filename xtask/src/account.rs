@@ -81,9 +81,10 @@ pub fn account(summary: &Value) -> Vec<String> {
         lines.push(format!("scenario {name}:"));
         for vm in summary["vms"].as_array().into_iter().flatten() {
             let mut line = format!(
-                "  VM {} ({}): {}, checksum {}, {} hypercalls ({} retried after a recovery), {} VM exits, {} RAM pages backed on first touch, ran {} TSC",
+                "  VM {} ({}, {} vCPU): {}, checksum {}, {} hypercalls ({} retried after a recovery), {} VM exits, {} RAM pages backed on first touch, ran {} TSC",
                 vm["vm"],
                 text(&vm["guest"]),
+                vm["vcpus"],
                 text(&vm["verdict"]),
                 text(&vm["checksum"]),
                 vm["hypercalls"],

@@ -6,7 +6,8 @@
 //! the first 2 MiB (one 2 MiB page, PML4 at [`PML4`]), a flat 64-bit GDT at [`GDT`] and the
 //! [`StartInfo`] words at [`START_INFO`], copies the image's `PT_LOAD` segments to their
 //! physical addresses, and enters `_start` in 64-bit mode with RDI = [`START_INFO`],
-//! RSP = [`STACK_TOP`] - 8 (as after a call), interrupts off. Guest-physical pages [`WINDOW_FIRST_GFN`] up to 2 MiB
+//! RSI = the vCPU's number, RSP = [`stack_top`]`(vcpu)` - 8 (as after a call), interrupts
+//! off. Every vCPU of the VM enters `_start` that way, sharing the VM's memory. Guest-physical pages [`WINDOW_FIRST_GFN`] up to 2 MiB
 //! are the window where the guest asks for more memory or maps granted pages; touching a
 //! window page that is not mapped is an EPT violation the memory domain answers.
 
@@ -22,8 +23,18 @@ pub const START_INFO: u64 = 0x5000;
 pub const IMAGE_BASE: u64 = 0x1_0000;
 /// The image (code, data, bss) must end below this address; the stack lies above it.
 pub const IMAGE_END: u64 = 0x3_0000;
-/// Initial RSP: the top of RAM.
+/// Initial RSP of vCPU 0: the top of RAM (see [`stack_top`]).
 pub const STACK_TOP: u64 = RAM_PAGES * 4096;
+/// The most vCPUs a VM has.
+pub const MAX_VCPUS: u16 = 4;
+/// Bytes of stack each vCPU after the first starts with: vCPU `n` starts at
+/// [`stack_top`]`(n)`, `n` stacks of this size below the top of RAM.
+pub const VCPU_STACK_BYTES: u64 = 0x2000;
+
+/// The top of vCPU `vcpu`'s initial stack (it is entered with RSP = this - 8).
+pub const fn stack_top(vcpu: u16) -> u64 {
+    STACK_TOP - vcpu as u64 * VCPU_STACK_BYTES
+}
 /// First guest frame number of the window for populated and granted pages.
 pub const WINDOW_FIRST_GFN: u64 = 0x100;
 /// Pages in the window (up to the end of the identity-mapped 2 MiB).
@@ -72,8 +83,9 @@ pub mod start_info {
     pub const MAGIC: usize = 0;
     /// The VM's number (its memory owner and hypercall identity).
     pub const VM: usize = 1;
-    /// The vCPU's number inside the VM.
-    pub const VCPU: usize = 2;
+    /// How many vCPUs the VM has (1 to [`MAX_VCPUS`](super::MAX_VCPUS)); every one enters
+    /// `_start` with RDI = the start information and RSI = its own number.
+    pub const VCPUS: usize = 2;
     /// Bytes of RAM at guest-physical 0.
     pub const RAM_BYTES: usize = 3;
     /// Physical CPUs in the system.
@@ -98,8 +110,10 @@ pub mod start_info {
 pub struct StartInfo {
     /// The VM's number.
     pub vm: u16,
-    /// The vCPU's number.
+    /// This vCPU's number (not in the words: the guest runtime takes it from RSI at entry).
     pub vcpu: u16,
+    /// vCPUs the VM has.
+    pub vcpus: u16,
     /// Bytes of RAM.
     pub ram_bytes: u64,
     /// Physical CPUs.
@@ -122,7 +136,7 @@ impl StartInfo {
         let mut words = [0; start_info::WORDS];
         words[start_info::MAGIC] = START_MAGIC;
         words[start_info::VM] = u64::from(self.vm);
-        words[start_info::VCPU] = u64::from(self.vcpu);
+        words[start_info::VCPUS] = u64::from(self.vcpus);
         words[start_info::RAM_BYTES] = self.ram_bytes;
         words[start_info::CPUS] = self.cpus;
         words[start_info::PRIVILEGED] = u64::from(self.privileged);
@@ -158,7 +172,10 @@ impl StartInfo {
         }
         Some(StartInfo {
             vm: u16::try_from(words[start_info::VM]).ok()?,
-            vcpu: u16::try_from(words[start_info::VCPU]).ok()?,
+            vcpu: 0,
+            vcpus: u16::try_from(words[start_info::VCPUS])
+                .ok()
+                .filter(|vcpus| (1..=MAX_VCPUS).contains(vcpus))?,
             ram_bytes: words[start_info::RAM_BYTES],
             cpus: words[start_info::CPUS],
             privileged: words[start_info::PRIVILEGED] == 1,
@@ -175,6 +192,7 @@ const _: () = {
     assert!(PML4 + 3 * 4096 <= GDT);
     assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
     assert!(IMAGE_BASE < IMAGE_END && IMAGE_END < STACK_TOP);
+    assert!(IMAGE_END + 0x6000 <= stack_top(MAX_VCPUS));
     assert!(STACK_TOP <= WINDOW_FIRST_GFN * 4096);
     assert!(MODULES_BASE.is_multiple_of(4096) && MODULES_BASE < MODULES_END);
     assert!(START_INFO + (start_info::WORDS as u64) * 8 <= IMAGE_BASE);
@@ -189,7 +207,8 @@ mod tests {
     fn start_info_round_trips() {
         let info = StartInfo {
             vm: 3,
-            vcpu: 1,
+            vcpu: 0,
+            vcpus: 2,
             ram_bytes: RAM_PAGES * 4096,
             cpus: 4,
             privileged: false,
@@ -219,5 +238,10 @@ mod tests {
         let mut bad = info.to_words();
         bad[start_info::MODULE_COUNT] = MAX_MODULES as u64 + 1;
         assert_eq!(StartInfo::from_words(&bad), None);
+        for vcpus in [0, u64::from(MAX_VCPUS) + 1] {
+            let mut bad = info.to_words();
+            bad[start_info::VCPUS] = vcpus;
+            assert_eq!(StartInfo::from_words(&bad), None);
+        }
     }
 }

@@ -256,10 +256,23 @@ pub fn start_info(address: u64) -> Option<StartInfo> {
     StartInfo::from_words(&words)
 }
 
-/// Runs `main` for the entry point the macro defines.
-pub fn run(start_info_address: u64, main: fn(&StartInfo) -> Verdict) -> ! {
+/// Runs `main` for the entry point the macro defines, on vCPU `vcpu` (every vCPU of the VM
+/// runs it; [`StartInfo::vcpu`] tells them apart).
+pub fn run(start_info_address: u64, vcpu: u64, main: fn(&StartInfo) -> Verdict) -> ! {
     match start_info(start_info_address) {
-        Some(info) => exit(main(&info)),
+        Some(mut info) if vcpu < u64::from(info.vcpus) => {
+            info.vcpu = vcpu as u16;
+            exit(main(&info))
+        }
+        Some(_) => {
+            print(format_args!(
+                "entered as vCPU {vcpu}, beyond the VM's vCPUs"
+            ));
+            exit(Verdict {
+                passed: false,
+                checksum: 0,
+            })
+        }
         None => {
             print(format_args!(
                 "no start information at {start_info_address:#x}"
@@ -289,10 +302,11 @@ pub fn report_panic(info: &core::panic::PanicInfo<'_>) -> ! {
 #[macro_export]
 macro_rules! guest_entry {
     ($main:path) => {
-        /// Entry point: RDI = the start information's guest-physical address.
+        /// Entry point: RDI = the start information's guest-physical address, RSI = this
+        /// vCPU's number.
         #[unsafe(no_mangle)]
-        pub extern "C" fn _start(start_info: u64) -> ! {
-            $crate::run(start_info, $main)
+        pub extern "C" fn _start(start_info: u64, vcpu: u64) -> ! {
+            $crate::run(start_info, vcpu, $main)
         }
 
         #[panic_handler]

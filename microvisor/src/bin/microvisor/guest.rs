@@ -8,8 +8,11 @@
 //! written. The core keeps, per VM, the one record it must own: which host frame backs each
 //! guest frame (the EPT itself).
 //!
-//! vCPUs are pinned to a home CPU (their VMCS stays loaded there, built on that CPU at the
-//! first run); a CPU runs every vCPU the scheduler queues on it, so more vCPUs than CPUs work.
+//! A VM has 1 to `MAX_VCPUS` vCPUs sharing its EPT. vCPUs are pinned to a home CPU (their
+//! VMCS stays loaded there, built on that CPU at the first run; a VM's vCPUs are spread over
+//! the CPUs from its first home); a CPU runs every vCPU the scheduler queues on it, so more
+//! vCPUs than CPUs work. An EPT entry removed while the VM may run elsewhere is shot down:
+//! every other CPU inside a guest is made to exit and flushes (INVEPT) before it enters again.
 //! A slice ends at a VMX-preemption-timer exit ([`QUANTUM_MS`]), a yield, a HLT or the
 //! vCPU's exit. The guest's FPU/SSE state is switched with FXSAVE/FXRSTOR around every entry.
 
@@ -34,6 +37,8 @@ const _: () = assert!(ipc::limits::GUEST_RAM_PAGES as u64 == layout::RAM_PAGES);
 
 /// VMs the core runs at once.
 pub const MAX_VMS: usize = 8;
+/// vCPUs one VM may have.
+const VCPUS: usize = layout::MAX_VCPUS as usize;
 /// Guest frames the EPT covers: the identity-mapped first 2 MiB.
 const GUEST_FRAMES: usize = 512;
 /// Length of a vCPU's time slice.
@@ -123,8 +128,11 @@ struct Vm {
     demand_pages: u64,
     created_tsc: u64,
     run_tsc: u64,
-    /// The vCPU (one per VM for now).
-    vcpu: Vcpu,
+    /// Its vCPUs (the first `vcpu_count`).
+    vcpus: [Vcpu; VCPUS],
+    vcpu_count: u8,
+    /// A vCPU exited with a failed verdict.
+    vcpu_failed: bool,
 }
 
 impl Vm {
@@ -150,6 +158,10 @@ struct Vcpu {
     entry: u64,
     /// Interrupt-window exiting is on (a vector waits for the guest to enable interrupts).
     window_exiting: bool,
+    /// Its initial RSP + 8.
+    stack_top: u64,
+    /// It called VM_EXIT.
+    exited: bool,
 }
 
 /// An FXSAVE area.
@@ -200,12 +212,27 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 /// Per VM slot: its VM number + 1 (0 = free), readable without the table lock (virtual
 /// interrupts are raised from a system call of the timer domain).
 static SLOT_IDS: [AtomicU32; MAX_VMS] = [const { AtomicU32::new(0) }; MAX_VMS];
-/// Per VM slot: its vCPU's home CPU.
-static SLOT_HOMES: [AtomicU8; MAX_VMS] = [const { AtomicU8::new(0) }; MAX_VMS];
-/// Per VM slot: pending virtual interrupt vectors (a 256-bit request register).
-static PENDING: [[AtomicU64; 4]; MAX_VMS] = [const { [const { AtomicU64::new(0) }; 4] }; MAX_VMS];
-/// Per VM slot: a virtual interrupt arrived; its home CPU must wake the vCPU (scheduler `Wake`).
-static WAKE: [AtomicBool; MAX_VMS] = [const { AtomicBool::new(false) }; MAX_VMS];
+/// Per VM slot: how many vCPUs it has.
+static SLOT_VCPUS: [AtomicU8; MAX_VMS] = [const { AtomicU8::new(0) }; MAX_VMS];
+/// Per VM slot and vCPU: the vCPU's home CPU.
+static SLOT_HOMES: [[AtomicU8; VCPUS]; MAX_VMS] =
+    [const { [const { AtomicU8::new(0) }; VCPUS] }; MAX_VMS];
+/// Per VM slot and vCPU: pending virtual interrupt vectors (a 256-bit request register).
+static PENDING: [[[AtomicU64; 4]; VCPUS]; MAX_VMS] =
+    [const { [const { [const { AtomicU64::new(0) }; 4] }; VCPUS] }; MAX_VMS];
+/// Per VM slot and vCPU: a virtual interrupt arrived; the vCPU's home CPU must wake it
+/// (scheduler `Wake`).
+static WAKE: [[AtomicBool; VCPUS]; MAX_VMS] =
+    [const { [const { AtomicBool::new(false) }; VCPUS] }; MAX_VMS];
+/// Per VM slot: the VM was stopped; its vCPUs running elsewhere must not enter again.
+static ENDED: [AtomicBool; MAX_VMS] = [const { AtomicBool::new(false) }; MAX_VMS];
+/// Per CPU: between the last check before a VM entry and the end of the exit (EPT-derived
+/// translations may be in use).
+static IN_GUEST: [AtomicBool; crate::cpu::MAX_CPUS] =
+    [const { AtomicBool::new(false) }; crate::cpu::MAX_CPUS];
+/// Per CPU: an EPT entry was removed elsewhere: INVEPT before the next VM entry.
+static NEED_INVEPT: [AtomicBool; crate::cpu::MAX_CPUS] =
+    [const { AtomicBool::new(false) }; crate::cpu::MAX_CPUS];
 /// Per CPU: something may have become runnable here; do not sleep.
 static KICKED: [AtomicBool; crate::cpu::MAX_CPUS] =
     [const { AtomicBool::new(false) }; crate::cpu::MAX_CPUS];
@@ -377,6 +404,35 @@ fn invept() {
     }
 }
 
+/// After EPT entries of the VM in `slot` were removed: flushes this CPU, and makes every other
+/// CPU that may hold the VM's translations (the homes of its vCPUs) flush before its next VM
+/// entry, waiting for each that is inside a guest now to leave it (a kick IPI exits it).
+/// Called with no lock held.
+fn shoot_down(slot: usize) {
+    invept();
+    let me = crate::cpu::current_index();
+    let count = usize::from(SLOT_VCPUS[slot].load(Ordering::Relaxed)).min(VCPUS);
+    let mut targets = 0u64;
+    for home in &SLOT_HOMES[slot][..count] {
+        let cpu = usize::from(home.load(Ordering::Relaxed));
+        if cpu != me && cpu < crate::cpu::MAX_CPUS {
+            targets |= 1 << cpu;
+        }
+    }
+    if targets == 0 {
+        return;
+    }
+    for cpu in (0..crate::cpu::MAX_CPUS).filter(|cpu| targets & (1 << cpu) != 0) {
+        NEED_INVEPT[cpu].store(true, Ordering::SeqCst);
+    }
+    apic::send_to_others(crate::trap::KICK_VECTOR);
+    for cpu in (0..crate::cpu::MAX_CPUS).filter(|cpu| targets & (1 << cpu) != 0) {
+        while IN_GUEST[cpu].load(Ordering::SeqCst) && NEED_INVEPT[cpu].load(Ordering::SeqCst) {
+            core::hint::spin_loop();
+        }
+    }
+}
+
 /// Walks guest-physical `gpa..gpa + length` of `vm` page by page (within mapped frames),
 /// calling `copy(host pointer, offset into the range, chunk length)` for each piece.
 fn walk_guest(
@@ -431,8 +487,10 @@ pub struct VmConfig<'a> {
     pub guest: &'static str,
     /// The guest kernel (an ELF linked for the guest layout).
     pub image: &'a [u8],
-    /// The CPU its vCPU is pinned to.
+    /// The CPU its vCPU 0 is pinned to (vCPU `n` to the `n`th CPU after it, wrapping).
     pub home_cpu: u8,
+    /// How many vCPUs it has (1 to `MAX_VCPUS`).
+    pub vcpus: u8,
     /// Its start parameters.
     pub params: [u64; layout::PARAMS],
     /// The control VM.
@@ -459,7 +517,11 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         privileged,
         modules,
         start,
+        vcpus,
     } = *config;
+    if vcpus == 0 || usize::from(vcpus) > VCPUS {
+        return Err(CreateError::Image("vCPU count out of range"));
+    }
     {
         let table = TABLE.lock();
         if table.pool.is_none() {
@@ -491,7 +553,28 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
     let (pdpt, pdpt_ptr) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
     let (pd, pd_ptr) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
     let (pt, _) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
-    let (vmcs, _) = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?;
+    let cpus = crate::run::cpus_registered().max(1);
+    let mut vcpu_states = [Vcpu {
+        home_cpu,
+        vmcs: 0,
+        launched: false,
+        registers: GuestRegisters {
+            rdi: layout::START_INFO,
+            ..GuestRegisters::default()
+        },
+        fpu: FpuArea::initial(),
+        batch: 0,
+        entry,
+        window_exiting: false,
+        stack_top: layout::STACK_TOP,
+        exited: false,
+    }; VCPUS];
+    for (index, vcpu) in vcpu_states.iter_mut().enumerate().take(usize::from(vcpus)) {
+        vcpu.vmcs = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?.0;
+        vcpu.home_cpu = ((usize::from(home_cpu) + index) % cpus) as u8;
+        vcpu.registers.rsi = index as u64;
+        vcpu.stack_top = layout::stack_top(index as u16);
+    }
     // SAFETY: fresh zeroed pages viewed as 512-entry tables.
     unsafe {
         *(pml4_ptr as *mut u64) = pdpt | 0b111;
@@ -518,19 +601,9 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         demand_pages: 0,
         created_tsc: apic::tsc(),
         run_tsc: 0,
-        vcpu: Vcpu {
-            home_cpu,
-            vmcs,
-            launched: false,
-            registers: GuestRegisters {
-                rdi: layout::START_INFO,
-                ..GuestRegisters::default()
-            },
-            fpu: FpuArea::initial(),
-            batch: 0,
-            entry,
-            window_exiting: false,
-        },
+        vcpus: vcpu_states,
+        vcpu_count: vcpus,
+        vcpu_failed: false,
     };
     // Any failure from here returns the frames taken so far.
     let built = build_memory(&mut vm, &elf, &segments, params, modules);
@@ -546,17 +619,21 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
             release_frames(&mut vm);
             return Err(CreateError::NoSlot);
         };
-        PENDING[slot]
-            .iter()
-            .for_each(|word| word.store(0, Ordering::Relaxed));
-        WAKE[slot].store(false, Ordering::Relaxed);
-        SLOT_HOMES[slot].store(home_cpu, Ordering::Relaxed);
+        for (index, vcpu) in vm.vcpus.iter().enumerate() {
+            PENDING[slot][index]
+                .iter()
+                .for_each(|word| word.store(0, Ordering::Relaxed));
+            WAKE[slot][index].store(false, Ordering::Relaxed);
+            SLOT_HOMES[slot][index].store(vcpu.home_cpu, Ordering::Relaxed);
+        }
+        SLOT_VCPUS[slot].store(vcpus, Ordering::Relaxed);
+        ENDED[slot].store(false, Ordering::Relaxed);
         SLOT_IDS[slot].store(u32::from(id) + 1, Ordering::Release);
         table.vms[slot] = Some(vm);
         slot
     };
     log::info!(
-        "VM {id} created: guest {guest}{}, {} KiB demand-zero RAM ({} pages backed at creation), vCPU 0 homed on CPU {home_cpu}",
+        "VM {id} created: guest {guest}{}, {} KiB demand-zero RAM ({} pages backed at creation), {vcpus} vCPU(s) from CPU {home_cpu}",
         if privileged { " (control VM)" } else { "" },
         layout::RAM_PAGES * 4,
         backed_pages
@@ -622,6 +699,7 @@ fn build_memory(
     let info = StartInfo {
         vm: vm.id,
         vcpu: 0,
+        vcpus: u16::from(vm.vcpu_count),
         ram_bytes: layout::RAM_PAGES * 4096,
         cpus: crate::run::cpus_registered() as u64,
         privileged: vm.privileged,
@@ -796,7 +874,7 @@ fn release_frames(vm: &mut Vm) {
 /// Starts the VM in `slot`: optionally new start parameters, then its vCPU goes to the
 /// scheduler.
 fn start_vm(slot: usize, params: Option<[u64; layout::PARAMS]>) -> Result<(), HypercallError> {
-    let (vcpu, home_cpu) = {
+    let (id, homes, count) = {
         let mut table = TABLE.lock();
         let vm = table.vms[slot].as_mut().ok_or(HypercallError::NotFound)?;
         if vm.started || vm.destroyed {
@@ -812,38 +890,57 @@ fn start_vm(slot: usize, params: Option<[u64; layout::PARAMS]>) -> Result<(), Hy
         }
         vm.started = true;
         vm.created_tsc = apic::tsc();
-        (VcpuId { vm: vm.id, vcpu: 0 }, vm.vcpu.home_cpu)
+        (
+            vm.id,
+            vm.vcpus.map(|vcpu| vcpu.home_cpu),
+            usize::from(vm.vcpu_count),
+        )
     };
-    match scheduler_call(scheduler::Request::CreateVcpu { vcpu, home_cpu }) {
-        Ok(scheduler::Reply::Done) => {
-            kick(usize::from(home_cpu));
-            Ok(())
-        }
-        _ => {
+    for (index, &home_cpu) in homes.iter().enumerate().take(count) {
+        let vcpu = VcpuId {
+            vm: id,
+            vcpu: index as u16,
+        };
+        if !matches!(
+            scheduler_call(scheduler::Request::CreateVcpu { vcpu, home_cpu }),
+            Ok(scheduler::Reply::Done)
+        ) {
+            for created in 0..index {
+                let vcpu = VcpuId {
+                    vm: id,
+                    vcpu: created as u16,
+                };
+                let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+            }
             if let Some(vm) = TABLE.lock().vms[slot].as_mut() {
                 vm.started = false;
             }
-            Err(HypercallError::Internal)
+            return Err(HypercallError::Internal);
         }
     }
+    for &home_cpu in homes.iter().take(count) {
+        kick(usize::from(home_cpu));
+    }
+    Ok(())
 }
 
 /// Raises virtual interrupt `vector` in vCPU `vcpu` of VM `vm` (the timer domain's `INJECT`):
 /// pending until the vCPU can take it; its home CPU wakes it if it is blocked. Lock-free (runs
 /// in a system call). Returns whether the VM exists.
 pub fn inject(vm: u16, vcpu: u8, vector: u8) -> bool {
-    if vcpu != 0 {
-        return false;
-    }
     let Some(slot) = SLOT_IDS
         .iter()
         .position(|id| id.load(Ordering::Acquire) == u32::from(vm) + 1)
     else {
         return false;
     };
-    PENDING[slot][usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::AcqRel);
-    WAKE[slot].store(true, Ordering::Release);
-    kick(usize::from(SLOT_HOMES[slot].load(Ordering::Relaxed)));
+    if vcpu >= SLOT_VCPUS[slot].load(Ordering::Relaxed) {
+        return false;
+    }
+    let vcpu = usize::from(vcpu);
+    PENDING[slot][vcpu][usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+    WAKE[slot][vcpu].store(true, Ordering::Release);
+    kick(usize::from(SLOT_HOMES[slot][vcpu].load(Ordering::Relaxed)));
     true
 }
 
@@ -883,42 +980,46 @@ fn service_timers(cpu: usize) {
 fn wake_local(cpu: usize) {
     for slot in 0..MAX_VMS {
         let id = SLOT_IDS[slot].load(Ordering::Acquire);
-        if id == 0
-            || usize::from(SLOT_HOMES[slot].load(Ordering::Relaxed)) != cpu
-            || !WAKE[slot].swap(false, Ordering::AcqRel)
-        {
+        if id == 0 {
             continue;
         }
-        let vcpu = VcpuId {
-            vm: (id - 1) as u16,
-            vcpu: 0,
-        };
-        if scheduler_call(scheduler::Request::Wake { vcpu }).is_err() {
-            // The scheduler is being recovered: try again next time round.
-            WAKE[slot].store(true, Ordering::Release);
+        for index in 0..usize::from(SLOT_VCPUS[slot].load(Ordering::Relaxed)).min(VCPUS) {
+            if usize::from(SLOT_HOMES[slot][index].load(Ordering::Relaxed)) != cpu
+                || !WAKE[slot][index].swap(false, Ordering::AcqRel)
+            {
+                continue;
+            }
+            let vcpu = VcpuId {
+                vm: (id - 1) as u16,
+                vcpu: index as u16,
+            };
+            if scheduler_call(scheduler::Request::Wake { vcpu }).is_err() {
+                // The scheduler is being recovered: try again next time round.
+                WAKE[slot][index].store(true, Ordering::Release);
+            }
         }
     }
 }
 
-/// The highest pending virtual interrupt of the VM in `slot`.
-fn highest_pending(slot: usize) -> Option<u8> {
+/// The highest pending virtual interrupt of vCPU `vcpu` of the VM in `slot`.
+fn highest_pending(slot: usize, vcpu: usize) -> Option<u8> {
     (0..4).rev().find_map(|word| {
-        let bits = PENDING[slot][word].load(Ordering::Acquire);
+        let bits = PENDING[slot][vcpu][word].load(Ordering::Acquire);
         (bits != 0).then(|| (word * 64 + 63 - bits.leading_zeros() as usize) as u8)
     })
 }
 
 /// Before a VM entry: injects the highest pending vector if the guest can take it now, else
 /// asks for an exit as soon as it can (interrupt-window exiting).
-fn prepare_injection(slot: usize, state: &mut Vcpu) -> Result<(), vm::GuestError> {
-    let want_window = match highest_pending(slot) {
+fn prepare_injection(slot: usize, vcpu: usize, state: &mut Vcpu) -> Result<(), vm::GuestError> {
+    let want_window = match highest_pending(slot, vcpu) {
         None => false,
         Some(vector) => {
             let interrupts_on = vmread(vm::GUEST_RFLAGS) & (1 << 9) != 0;
             // Blocking by STI or MOV SS.
             let blocked = vmread(vm::GUEST_INTERRUPTIBILITY) & 0b11 != 0;
             if interrupts_on && !blocked {
-                PENDING[slot][usize::from(vector / 64)]
+                PENDING[slot][vcpu][usize::from(vector / 64)]
                     .fetch_and(!(1 << (vector % 64)), Ordering::AcqRel);
                 // Valid, external interrupt (type 0), the vector.
                 vmwrite(ENTRY_INTERRUPTION_INFO, (1 << 31) | u64::from(vector))?;
@@ -1048,7 +1149,7 @@ fn build_vmcs(vcpu: &Vcpu, ept_pointer: u64) -> Result<(), vm::GuestError> {
     vmwrite(vm::GUEST_IDTR_LIMIT, 0)?;
     vmwrite(vm::GUEST_DR7, 0x400)?;
     // As if `_start` had been called: RSP + 8 is 16-byte aligned (System V ABI).
-    vmwrite(vm::GUEST_RSP, layout::STACK_TOP - 8)?;
+    vmwrite(vm::GUEST_RSP, vcpu.stack_top - 8)?;
     vmwrite(vm::GUEST_RIP, vcpu.entry)?;
     vmwrite(vm::GUEST_RFLAGS, 0x2)?;
     vmwrite(vm::GUEST_INTERRUPTIBILITY, 0)?;
@@ -1090,8 +1191,21 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             return;
         };
         let vm = table.vms[slot].as_ref().expect("slot found above");
-        (slot, vm.vcpu, vm.ept_pointer)
+        let Some(state) = vm
+            .vcpus
+            .get(usize::from(vcpu.vcpu))
+            .filter(|_| vcpu.vcpu < u16::from(vm.vcpu_count))
+        else {
+            drop(table);
+            log::error!(
+                "the scheduler picked vCPU {vcpu:?}, which its VM has not got: removing it"
+            );
+            let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+            return;
+        };
+        (slot, *state, vm.ept_pointer)
     };
+    let index = usize::from(vcpu.vcpu);
     if usize::from(state.home_cpu) != cpu {
         log::error!(
             "the scheduler picked vCPU {vcpu:?} on CPU {cpu}, its VMCS lives on CPU {}",
@@ -1127,6 +1241,10 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
     let mut retried = 0u64;
     let started = apic::tsc();
     let next = loop {
+        // A sibling vCPU's fault stopped the VM: do not enter it again.
+        if ENDED[slot].load(Ordering::Acquire) {
+            break Ok(Next::Finished);
+        }
         service_timers(cpu);
         // A vCPU of this CPU was woken (an event, a timer): let the scheduler choose again
         // now rather than at the end of the quantum.
@@ -1148,11 +1266,18 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         if vmwrite(GUEST_PREEMPTION_TIMER, ticks).is_err() {
             break Err("the preemption timer cannot be set");
         }
-        if prepare_injection(slot, &mut state).is_err() {
+        if prepare_injection(slot, index, &mut state).is_err() {
             break Err("a virtual interrupt cannot be injected");
         }
         let mut host_fpu = FpuArea::initial();
         let entry_failed = x86_64::instructions::interrupts::without_interrupts(|| {
+            // Announce the entry, then honour any shootdown posted before it (see
+            // `shoot_down`): either that CPU sees IN_GUEST and waits for this one to exit, or
+            // this one sees its request and flushes first.
+            IN_GUEST[cpu].store(true, Ordering::SeqCst);
+            if NEED_INVEPT[cpu].swap(false, Ordering::SeqCst) {
+                invept();
+            }
             host_fpu.save();
             state.fpu.restore();
             // SAFETY: the vCPU's VMCS is current and complete; `vmx_enter` saves and restores
@@ -1160,6 +1285,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             let failed = unsafe { vm::vmx_enter(&mut state.registers, u64::from(state.launched)) };
             state.fpu.save();
             host_fpu.restore();
+            IN_GUEST[cpu].store(false, Ordering::SeqCst);
             failed
         });
         if entry_failed != 0 {
@@ -1238,7 +1364,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
     {
         let mut table = TABLE.lock();
         if let Some(vm) = table.vms[slot].as_mut() {
-            vm.vcpu = state;
+            vm.vcpus[index] = state;
             vm.exits += exits;
             vm.retries += retried;
         }
@@ -1262,8 +1388,20 @@ fn advance_rip() {
 
 /// Stops a VM the core will not run again, and removes its vCPU from the scheduler.
 fn stop(slot: usize, vcpu: VcpuId, reason: &'static str) {
+    if ENDED[slot].swap(true, Ordering::AcqRel) {
+        // A sibling vCPU stopped the VM already.
+        let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+        return;
+    }
     log::warn!("VM {} stopped by the core: {reason}", vcpu.vm);
-    let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+    let count = SLOT_VCPUS[slot].load(Ordering::Relaxed);
+    for index in 0..u16::from(count) {
+        let vcpu = VcpuId {
+            vm: vcpu.vm,
+            vcpu: index,
+        };
+        let _ = scheduler_call(scheduler::Request::DestroyVcpu { vcpu });
+    }
     let mut table = TABLE.lock();
     if let Some(vm) = table.vms[slot].as_mut() {
         vm.verdict = Verdict::Stopped;
@@ -1274,8 +1412,22 @@ fn stop(slot: usize, vcpu: VcpuId, reason: &'static str) {
     release_memory(slot);
 }
 
-/// Returns a finished VM's frames to the memory domain and clears its EPT.
+/// Returns a finished VM's frames to the memory domain and clears its EPT: first every EPT
+/// entry, then a shootdown (a sibling vCPU may still be inside the guest on another CPU), and
+/// only then the frames.
 fn release_memory(slot: usize) {
+    {
+        let mut table = TABLE.lock();
+        let Some(vm) = table.vms[slot].as_mut() else {
+            return;
+        };
+        let table = paging::phys_to_virt(vm.ept_table).as_mut_ptr::<u64>();
+        for gfn in 0..GUEST_FRAMES {
+            // SAFETY: the VM's EPT page table, 512 entries.
+            unsafe { table.add(gfn).write_volatile(0) };
+        }
+    }
+    shoot_down(slot);
     for gfn in 0..GUEST_FRAMES {
         let (id, frame, granted) = {
             let mut table = TABLE.lock();
@@ -1412,7 +1564,7 @@ fn handle_vmcall(
                 })
             };
             if unmapped.is_some() {
-                invept();
+                shoot_down(slot);
             }
             // Still mapped elsewhere in this VM (a MAP_GRANT alias): freeing it would leave
             // that mapping pointing at a free frame.
@@ -1466,7 +1618,7 @@ fn handle_vmcall(
                             set_ept(vm, gfn, 0);
                         }
                         drop(table);
-                        invept();
+                        shoot_down(slot);
                         (0, Next::Resume)
                     }
                     other => reply_value(other),
@@ -1475,30 +1627,47 @@ fn handle_vmcall(
         }
         hc::VM_EXIT => forward(&plain).map(|reply| match reply {
             hc::Reply::Blocked => {
+                // This vCPU is done; the VM ends with its last vCPU (passed only if every
+                // vCPU passed; the checksum is vCPU 0's).
+                state.exited = true;
                 let mut table = TABLE.lock();
+                let mut ended = false;
                 if let Some(vm) = table.vms[slot].as_mut() {
-                    vm.verdict = if args[0] == 0 {
-                        Verdict::Passed
-                    } else {
-                        Verdict::Failed
-                    };
-                    vm.checksum = args[1];
-                    vm.run_tsc = apic::tsc() - vm.created_tsc;
-                    log::info!(
-                        "VM {} ({}) exited: {}, checksum {:#018x}",
-                        vm.id,
-                        vm.guest,
-                        vm.verdict.name(),
-                        vm.checksum
-                    );
+                    vm.vcpu_failed |= args[0] != 0;
+                    if vcpu.vcpu == 0 {
+                        vm.checksum = args[1];
+                    }
+                    // Marked in the table now (not only when the slice ends), so the last
+                    // vCPU to exit, on whichever CPU, sees every other one exited.
+                    vm.vcpus[usize::from(vcpu.vcpu)].exited = true;
+                    ended = vm.vcpus[..usize::from(vm.vcpu_count)]
+                        .iter()
+                        .all(|other| other.exited);
+                    if ended {
+                        vm.verdict = if vm.vcpu_failed {
+                            Verdict::Failed
+                        } else {
+                            Verdict::Passed
+                        };
+                        vm.run_tsc = apic::tsc() - vm.created_tsc;
+                        log::info!(
+                            "VM {} ({}) exited: {}, checksum {:#018x}",
+                            vm.id,
+                            vm.guest,
+                            vm.verdict.name(),
+                            vm.checksum
+                        );
+                    }
                 }
                 drop(table);
-                release_memory(slot);
+                if ended {
+                    release_memory(slot);
+                }
                 (0, Next::Finished)
             }
             other => reply_value(other),
         }),
-        hc::EVENT_WAIT if highest_pending(slot).is_some() && args.iter().all(|&a| a == 0) => {
+        hc::EVENT_WAIT if highest_pending(slot, usize::from(vcpu.vcpu)).is_some() && args.iter().all(|&a| a == 0) => {
             // A virtual interrupt is waiting: it is the event; do not block.
             Some((0, Next::Resume))
         }
@@ -1668,6 +1837,7 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         privileged: false,
         modules: &[],
         start: false,
+        vcpus: 1,
     };
     match create_vm(&config) {
         Ok(()) => Ok(Some(i64::from(id))),
@@ -1996,6 +2166,7 @@ pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: boo
         *report = microvisor::summary::VmReport {
             vm: vm.id,
             guest: vm.guest,
+            vcpus: vm.vcpu_count,
             verdict: vm.verdict.name(),
             checksum: vm.checksum,
             exits: vm.exits,

@@ -318,6 +318,7 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
             privileged: spec.privileged,
             modules: &modules,
             start: true,
+            vcpus: spec.vcpus,
         };
         if let Err(error) = guest::create_vm(&config) {
             fail("scenario", format_args!("creating VM {id}: {error}"));
