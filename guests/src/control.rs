@@ -28,6 +28,15 @@ pub fn role(name: &str) -> Role {
     }
 }
 
+/// The vCPUs the control VM gives an AppVM running the image called `name` (`VM_CREATE`
+/// arg4): the SMP workload gets two, every other one.
+pub fn vcpus(name: &str) -> u64 {
+    match name {
+        "smpbench" => 2,
+        _ => 1,
+    }
+}
+
 /// Where an AppVM maps its ring page (a guest frame number in its window).
 pub const RING_GFN: u64 = 0x1f0;
 /// Where an AppVM maps its first block data buffer (the others follow).
@@ -125,6 +134,8 @@ mod tests {
         assert_eq!(role("blkbench"), Role::Block);
         assert_eq!(role("netbench"), Role::Net);
         assert_eq!(role("unixbench"), Role::Plain);
+        assert_eq!(vcpus("smpbench"), 2);
+        assert_eq!(vcpus("unixbench"), 1);
         assert_eq!(home_cpu(0, 2), 1);
         assert_eq!(home_cpu(1, 2), 0);
         assert_eq!(home_cpu(2, 4), 3);

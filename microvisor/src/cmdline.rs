@@ -12,6 +12,9 @@ pub enum DeliberateFault {
     PageFault,
     /// `gp`: read of a non-canonical address, vector 13.
     GeneralProtection,
+    /// `stack`: unbounded recursion on the CPU's stack until it runs into the unmapped guard
+    /// page below it, vector 14 (the exception is taken on its own IST stack).
+    StackOverflow,
 }
 
 /// A deliberate fault and the CPU index that raises it.
@@ -67,7 +70,7 @@ pub enum InjectedFault<'a> {
 /// Options the command line can set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options<'a> {
-    /// `fault=ud|pf|gp[@CPU]`.
+    /// `fault=ud|pf|gp|stack[@CPU]`.
     pub fault: Option<FaultRequest>,
     /// `bench=ipc|hypercall|all`.
     pub bench: Option<Benchmark>,
@@ -106,7 +109,7 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                 None => on_error(CmdlineError::BadValue {
                     key,
                     value,
-                    expected: "ud|pf|gp, optionally @CPU",
+                    expected: "ud|pf|gp|stack, optionally @CPU",
                 }),
             },
             "recovery" => match value {
@@ -161,6 +164,7 @@ fn parse_fault(value: &str) -> Option<FaultRequest> {
         "ud" => DeliberateFault::InvalidOpcode,
         "pf" => DeliberateFault::PageFault,
         "gp" => DeliberateFault::GeneralProtection,
+        "stack" => DeliberateFault::StackOverflow,
         _ => return None,
     };
     Some(FaultRequest { fault, cpu })
@@ -199,6 +203,14 @@ mod tests {
             Some(FaultRequest {
                 fault: DeliberateFault::InvalidOpcode,
                 cpu: 0
+            })
+        );
+        let (options, _) = parse_collect("fault=stack@1");
+        assert_eq!(
+            options.fault,
+            Some(FaultRequest {
+                fault: DeliberateFault::StackOverflow,
+                cpu: 1
             })
         );
     }

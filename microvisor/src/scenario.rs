@@ -152,6 +152,13 @@ pub const SCENARIOS: &[Scenario] = &[
         inject_after: INJECT_AFTER,
     },
     Scenario {
+        name: "1appvm-smpbench",
+        about: "control VM + one 2-vCPU AppVM running the SMP workload (VM_CREATE with a vCPU \
+                count)",
+        vms: &[VmSpec::control(&["smpbench"], 1, 0)],
+        inject_after: INJECT_AFTER,
+    },
+    Scenario {
         name: "isolation",
         about: "three malicious VMs (bad pointers, foreign frames, double unmaps, privileged \
                 calls, random hypercalls; one then writes outside its memory, one reads an MSR: \

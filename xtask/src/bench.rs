@@ -91,7 +91,7 @@ fn boot_bench_with_rate(elf: &Path, kind: EmulatorKind) -> Result<(Vec<Value>, f
 }
 
 /// Scenarios whose run times the benchmark reports (bochs, 2 CPUs, release build).
-const SCENARIOS: &[&str] = &["1appvm-unixbench", "1appvm-blkbench", "3appvm"];
+const SCENARIOS: &[&str] = &["1appvm-unixbench", "1appvm-blkbench", "3appvm", "smp"];
 
 /// Boots each of [`SCENARIOS`] and prints every VM's run time (TSC ticks from its start to its
 /// exit: under bochs the emulated clock, which advances one tick per instruction) and the
@@ -111,9 +111,10 @@ fn scenario_run_times(elf: &Path) -> Result<(), String> {
         for vm in &vms {
             let tsc = vm["run_tsc"].as_u64().unwrap_or(0);
             println!(
-                "    VM {} ({}): {}, ran {} TSC ticks (emulated instructions, all CPUs' time) = {:.1} ms of guest time, {} hypercalls",
+                "    VM {} ({}, {} vCPU): {}, ran {} TSC ticks (emulated instructions, all CPUs' time) = {:.1} ms of guest time, {} hypercalls",
                 vm["vm"],
                 vm["guest"].as_str().unwrap_or("?"),
+                vm["vcpus"],
                 vm["verdict"].as_str().unwrap_or("?"),
                 tsc,
                 tsc as f64 / khz,

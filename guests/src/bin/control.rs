@@ -65,7 +65,14 @@ fn launch(info: &StartInfo, index: usize, params: &mut StartParams) -> Result<Ap
         "VM_CREATE",
         hypercall(
             abi::VM_CREATE,
-            [module.address, module.length, module.name, cpu, 0, 0],
+            [
+                module.address,
+                module.length,
+                module.name,
+                cpu,
+                guests::control::vcpus(name),
+                0,
+            ],
         ),
     )?;
     let mut app = AppVm {

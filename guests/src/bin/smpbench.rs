@@ -14,7 +14,7 @@ use guests::smpbench::{
     DEFAULT_ROUNDS, POPULATES, WINDOW_OFFSET, WORDS_PER_VCPU, YIELD_EVERY, golden, shared_word,
 };
 use microvisor_guest_runtime::{
-    StartInfo, Verdict, abi, call2, hypercall, layout, print, read_u64, write_u64,
+    StartInfo, Verdict, abi, call2, hypercall, layout, print, read_u64, tsc, write_u64,
 };
 
 /// Incremented by every vCPU, `rounds` times each.
@@ -98,6 +98,7 @@ fn main(info: &StartInfo) -> Verdict {
             populate_fill_release(vcpu, gfn, round);
         }
     }
+    own_timer(vcpu, info.tsc_khz);
     DONE.fetch_add(1, Ordering::SeqCst);
     if vcpu != 0 {
         return Verdict {
@@ -140,6 +141,38 @@ fn main(info: &StartInfo) -> Verdict {
     Verdict {
         passed,
         checksum: sum.0,
+    }
+}
+
+/// Arms a one-shot timer 1 ms ahead for this vCPU and blocks in `EVENT_WAIT` until it has
+/// fired. Interrupts stay off, so the vector stays pending and `EVENT_WAIT` answers at once
+/// from then on; were the vector raised in another vCPU, this one would sleep forever (and
+/// the run fail): the timer and the wake-up must reach exactly the vCPU that armed it.
+fn own_timer(vcpu: u16, tsc_khz: u64) {
+    let deadline = tsc() + tsc_khz.max(1);
+    let timer = call2(
+        abi::TIMER_ONESHOT,
+        deadline,
+        abi::VECTOR_MIN + u64::from(vcpu),
+    );
+    if timer < 0 {
+        fail(vcpu, format_args!("TIMER_ONESHOT answered {timer}"));
+        return;
+    }
+    while tsc() < deadline {
+        let woken = hypercall(abi::EVENT_WAIT, [0; 6]);
+        if woken < 0 {
+            fail(vcpu, format_args!("EVENT_WAIT answered {woken}"));
+            return;
+        }
+    }
+    // The deadline passed: the vector is pending (or about to be), so this returns.
+    let woken = hypercall(abi::EVENT_WAIT, [0; 6]);
+    if woken < 0 {
+        fail(
+            vcpu,
+            format_args!("EVENT_WAIT after the deadline answered {woken}"),
+        );
     }
 }
 

@@ -14,9 +14,10 @@ pub const PROTOCOL_MULTIBOOT2: u64 = 1;
 /// Boot protocol code passed to `kmain`: PVH (QEMU `-kernel`).
 pub const PROTOCOL_PVH: u64 = 2;
 
-/// Bytes of the bootstrap processor's first stack. It has no guard page (it lies in .bss,
-/// right above the core's statics), and the BSP runs guests on it: 64 KiB overflowed into the
-/// guest module's statics once VM records grew to four vCPUs (a debug build copies them on
+/// Bytes of the bootstrap processor's stack, its lowest page included: once the core's page
+/// tables are live that page is left unmapped as a guard (the stack lies in .bss right above
+/// the core's statics). The BSP runs guests on it; 64 KiB once overflowed, silently, into the
+/// guest module's statics when VM records grew to four vCPUs (a debug build copies them on
 /// the stack), so it is generous.
 pub const BSP_STACK_BYTES: usize = 256 * 1024;
 

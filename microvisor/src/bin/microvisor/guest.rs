@@ -58,6 +58,7 @@ const EXIT_INTERRUPTION_INFO: u64 = 0x4404;
 const IA32_VMX_MISC: u32 = 0x485;
 const IA32_EFER: u32 = 0xc000_0080;
 const ENTRY_INTERRUPTION_INFO: u64 = 0x4016;
+const IDT_VECTORING_INFO: u64 = 0x4408;
 /// Primary processor-based control: exit as soon as the guest can take an interrupt.
 const INTERRUPT_WINDOW_EXITING: u64 = 1 << 2;
 /// The largest image VM_CREATE accepts (it is staged in the core before loading).
@@ -1298,6 +1299,15 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         }
         state.launched = true;
         exits += 1;
+        // A virtual interrupt the core injected whose delivery the exit cut short (an EPT
+        // violation on a stack page not backed yet, while the CPU pushed the frame): raise it
+        // again, so it is delivered at a later entry instead of lost.
+        let vectoring = vmread(IDT_VECTORING_INFO);
+        if vectoring & (1 << 31) != 0 && (vectoring >> 8) & 0b111 == 0 {
+            let vector = (vectoring & 0xff) as u8;
+            PENDING[slot][index][usize::from(vector / 64)]
+                .fetch_or(1 << (vector % 64), Ordering::AcqRel);
+        }
         let reason = (vmread(vm::EXIT_REASON) & 0xffff) as u32;
         let handled = match reason {
             // The quantum's end is checked at the top of the loop; an earlier expiry was a
@@ -1731,7 +1741,7 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
             return Err(HypercallError::PermissionDenied);
         }
         let used = match number {
-            hc::VM_CREATE => 4,
+            hc::VM_CREATE => 5,
             hc::VM_START => 2,
             _ => 1,
         };
@@ -1814,6 +1824,14 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         .ok()
         .filter(|&cpu| usize::from(cpu) < crate::run::cpus_registered())
         .ok_or(HypercallError::InvalidArgument)?;
+    // arg4: vCPUs, 0 meaning 1.
+    let vcpus = match args[4] {
+        0 => 1,
+        count => u8::try_from(count)
+            .ok()
+            .filter(|&count| usize::from(count) <= VCPUS)
+            .ok_or(HypercallError::InvalidArgument)?,
+    };
     let vm_id = TABLE.lock().vms[slot]
         .as_ref()
         .ok_or(HypercallError::BadVcpu)?
@@ -1837,7 +1855,7 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         privileged: false,
         modules: &[],
         start: false,
-        vcpus: 1,
+        vcpus,
     };
     match create_vm(&config) {
         Ok(()) => Ok(Some(i64::from(id))),
@@ -2150,13 +2168,21 @@ pub fn run_all(budget_tsc: u64) -> bool {
 }
 
 /// Fills `reports` with the VMs' outcomes; returns how many. With `wait`, waits for the VM
-/// table (a CPU may still be finishing a slice); without, gives up (0) if it is busy, for the
-/// summary of a failing run, which must not hang.
+/// table (a CPU may still be finishing a slice); without, tries for a bounded while and gives
+/// up (0) if it stays busy, for the summary of a failing run, which must not hang (this CPU
+/// may hold the lock itself).
 pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: bool) -> usize {
+    const TRIES: u32 = 1_000_000;
     let table = if wait {
         TABLE.lock()
     } else {
-        match TABLE.try_lock() {
+        match (0..TRIES).find_map(|_| {
+            let table = TABLE.try_lock();
+            if table.is_none() {
+                core::hint::spin_loop();
+            }
+            table
+        }) {
             Some(table) => table,
             None => return 0,
         }

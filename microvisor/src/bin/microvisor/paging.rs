@@ -54,6 +54,8 @@ unsafe extern "C" {
     static __rodata_end: u8;
     static __data_start: u8;
     static __data_end: u8;
+    /// The lowest page of the bootstrap processor's stack (in .bss; see `boot.rs`).
+    static bsp_stack_bottom: u8;
 }
 
 /// Where physical address `phys` can be reached right now.
@@ -181,8 +183,14 @@ pub fn init(highest_usable: u64) {
             Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE,
         ),
     ];
+    // The BSP's stack lies in .bss right above the core's statics: its lowest page stays
+    // unmapped, a guard, so an overflow faults instead of overwriting them.
+    let bsp_guard = &raw const bsp_stack_bottom as u64;
     for (start, end, flags) in sections {
-        for virt in (start..end).step_by(PAGE_SIZE as usize) {
+        for virt in (start..end)
+            .step_by(PAGE_SIZE as usize)
+            .filter(|&virt| virt != bsp_guard)
+        {
             let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
             let frame = PhysFrame::containing_address(PhysAddr::new(virt - KERNEL_BASE));
             // SAFETY: maps the image's own pages to their load addresses, in new tables

@@ -140,8 +140,23 @@ fn raise(fault: DeliberateFault) {
             DeliberateFault::GeneralProtection => {
                 core::arch::asm!("mov rax, [{0}]", in(reg) 0x8000_0000_0000_0000u64, out("rax") _, options(nostack))
             }
+            DeliberateFault::StackOverflow => {
+                let depth = overflow_stack(0);
+                log::error!("the stack never overflowed ({depth} frames)");
+            }
         }
     }
+}
+
+/// Recurses with 1 KiB frames until the stack's guard page stops it (a #PF the trap path
+/// reports); returns only if it does not within `u32::MAX` frames.
+fn overflow_stack(depth: u64) -> u64 {
+    let mut frame = [depth; 128];
+    core::hint::black_box(&mut frame);
+    if depth == u64::from(u32::MAX) {
+        return depth;
+    }
+    overflow_stack(depth + 1).wrapping_add(frame[7])
 }
 
 /// Work the bootstrap processor hands to the application processors: call a domain from
@@ -252,6 +267,10 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
     if FINISHING.swap(true, Ordering::AcqRel) {
         halt_forever();
     }
+    // The VMs' outcomes before the other CPUs stop: one of them may hold the VM table for a
+    // moment (the end of a slice), and halted there it would never let go.
+    let mut vms = [VmReport::EMPTY; crate::guest::MAX_VMS];
+    let vm_count = crate::guest::reports(&mut vms, false);
     apic::halt_other_cpus();
     let registered = CPUS_REGISTERED.load(Ordering::Acquire).min(MAX_CPUS);
     let apic_ids: [u32; MAX_CPUS] =
@@ -291,8 +310,6 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         failures: 0,
     }; crate::domain::MAX_DOMAINS];
     let domain_count = crate::domain::reports(&mut domains);
-    let mut vms = [VmReport::EMPTY; crate::guest::MAX_VMS];
-    let vm_count = crate::guest::reports(&mut vms, false);
     let summary = Summary {
         outcome: if failure.is_some() {
             Outcome::Failed
