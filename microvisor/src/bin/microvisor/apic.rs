@@ -218,6 +218,14 @@ pub fn send_startup(apic_id: u32, page: u8) {
     send_ipi(apic_id, 0x0000_4600 | u32::from(page));
 }
 
+/// Sends a fixed interrupt with `vector` to the CPU with local APIC ID `apic_id`.
+pub fn send_to(apic_id: u32, vector: u8) {
+    if BASE.load(Ordering::Relaxed) != 0 {
+        // Fixed delivery, assert, physical destination, no shorthand.
+        send_ipi(apic_id, u32::from(vector) | (1 << 14));
+    }
+}
+
 /// Sends a fixed interrupt with `vector` to every other CPU.
 pub fn send_to_others(vector: u8) {
     if BASE.load(Ordering::Relaxed) != 0 {

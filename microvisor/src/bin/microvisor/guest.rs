@@ -159,8 +159,6 @@ struct Vcpu {
     entry: u64,
     /// Interrupt-window exiting is on (a vector waits for the guest to enable interrupts).
     window_exiting: bool,
-    /// Its initial RSP + 8.
-    stack_top: u64,
     /// It called VM_EXIT.
     exited: bool,
 }
@@ -425,8 +423,8 @@ fn shoot_down(slot: usize) {
     }
     for cpu in (0..crate::cpu::MAX_CPUS).filter(|cpu| targets & (1 << cpu) != 0) {
         NEED_INVEPT[cpu].store(true, Ordering::SeqCst);
+        send_kick(cpu);
     }
-    apic::send_to_others(crate::trap::KICK_VECTOR);
     for cpu in (0..crate::cpu::MAX_CPUS).filter(|cpu| targets & (1 << cpu) != 0) {
         while IN_GUEST[cpu].load(Ordering::SeqCst) && NEED_INVEPT[cpu].load(Ordering::SeqCst) {
             core::hint::spin_loop();
@@ -567,14 +565,12 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         batch: 0,
         entry,
         window_exiting: false,
-        stack_top: layout::STACK_TOP,
         exited: false,
     }; VCPUS];
     for (index, vcpu) in vcpu_states.iter_mut().enumerate().take(usize::from(vcpus)) {
         vcpu.vmcs = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?.0;
         vcpu.home_cpu = ((usize::from(home_cpu) + index) % cpus) as u8;
         vcpu.registers.rsi = index as u64;
-        vcpu.stack_top = layout::stack_top(index as u16);
     }
     // SAFETY: fresh zeroed pages viewed as 512-entry tables.
     unsafe {
@@ -952,7 +948,14 @@ fn kick(cpu: usize) {
         flag.store(true, Ordering::Release);
     }
     if cpu != crate::cpu::current_index() {
-        apic::send_to_others(crate::trap::KICK_VECTOR);
+        send_kick(cpu);
+    }
+}
+
+/// The kick IPI to CPU index `cpu` alone: it ends a HLT, and a CPU inside a guest exits.
+fn send_kick(cpu: usize) {
+    if let Some(apic_id) = crate::run::apic_id(cpu) {
+        apic::send_to(apic_id, crate::trap::KICK_VECTOR);
     }
 }
 
@@ -1043,8 +1046,8 @@ fn prepare_injection(slot: usize, vcpu: usize, state: &mut Vcpu) -> Result<(), v
     Ok(())
 }
 
-/// Builds the VMCS of a vCPU on its home CPU (host state is this CPU's).
-fn build_vmcs(vcpu: &Vcpu, ept_pointer: u64) -> Result<(), vm::GuestError> {
+/// Builds the VMCS of vCPU `index` on its home CPU (host state is this CPU's).
+fn build_vmcs(vcpu: &Vcpu, index: u16, ept_pointer: u64) -> Result<(), vm::GuestError> {
     use microvisor::vmx::{VmxBasic, adjust_controls};
     use vm::GuestError::Unsupported;
     let basic = VmxBasic::from_msr(read_msr(vm::IA32_VMX_BASIC));
@@ -1150,7 +1153,7 @@ fn build_vmcs(vcpu: &Vcpu, ept_pointer: u64) -> Result<(), vm::GuestError> {
     vmwrite(vm::GUEST_IDTR_LIMIT, 0)?;
     vmwrite(vm::GUEST_DR7, 0x400)?;
     // As if `_start` had been called: RSP + 8 is 16-byte aligned (System V ABI).
-    vmwrite(vm::GUEST_RSP, vcpu.stack_top - 8)?;
+    vmwrite(vm::GUEST_RSP, layout::stack_top(index) - 8)?;
     vmwrite(vm::GUEST_RIP, vcpu.entry)?;
     vmwrite(vm::GUEST_RFLAGS, 0x2)?;
     vmwrite(vm::GUEST_INTERRUPTIBILITY, 0)?;
@@ -1216,7 +1219,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         return;
     }
     if !state.launched {
-        if let Err(error) = build_vmcs(&state, ept_pointer) {
+        if let Err(error) = build_vmcs(&state, vcpu.vcpu, ept_pointer) {
             log::error!("VM {}: cannot build its VMCS: {error}", vcpu.vm);
             stop(slot, vcpu, "its VMCS could not be built");
             return;

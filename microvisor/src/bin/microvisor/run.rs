@@ -66,6 +66,11 @@ pub fn register_cpu(apic_id: u32) -> usize {
     index
 }
 
+/// The local APIC ID of CPU index `cpu`, if it has registered.
+pub fn apic_id(cpu: usize) -> Option<u32> {
+    (cpu < cpus_registered().min(MAX_CPUS)).then(|| APIC_IDS[cpu].load(Ordering::Relaxed))
+}
+
 /// How many CPUs have an index.
 pub fn cpus_registered() -> usize {
     CPUS_REGISTERED.load(Ordering::Acquire)
