@@ -776,6 +776,10 @@ fn back_page(slot: usize, vm_id: u16, gfn: u64) -> Demand {
     if backed(&TABLE.lock()) {
         return Demand::Backed;
     }
+    // A sibling vCPU stopped the VM (its memory is being released): back nothing more.
+    if ENDED[slot].load(Ordering::Acquire) {
+        return Demand::Refused(memory::Error::NotGuestRam);
+    }
     let request = memory::Request::EptViolation {
         vm: vm_id,
         gfn: u32::try_from(gfn).unwrap_or(u32::MAX),
