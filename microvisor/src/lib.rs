@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod exception;
 pub mod frames;
 pub mod gate;
+pub mod guest_cpu;
 pub mod memmap;
 pub mod scenario;
 pub mod summary;

@@ -24,13 +24,16 @@ use elf::endian::LittleEndian;
 use ipc::hypercall::{self as hc, HypercallError};
 use ipc::memory::{self, FrameNumber};
 use ipc::scheduler::{self, VcpuId};
+use microvisor::guest_cpu::{
+    CR4_GUEST_HOST_MASK as CR4_OWNED, CR4_GUEST_VIEW, TprGate, VTPR_OFFSET, tpr_gate,
+};
 use microvisor_abi::guest::{self as layout, StartInfo};
 use spin::Mutex;
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::{GsBase, Msr};
 
 use crate::vm::{self, GuestRegisters, read_msr, vmread, vmwrite};
-use crate::{apic, domain, paging};
+use crate::{apic, domain, guest_state, paging};
 
 // The memory domain backs guest RAM on demand up to the boot contract's RAM size.
 const _: () = assert!(ipc::limits::GUEST_RAM_PAGES as u64 == layout::RAM_PAGES);
@@ -61,6 +64,13 @@ const ENTRY_INTERRUPTION_INFO: u64 = 0x4016;
 const IDT_VECTORING_INFO: u64 = 0x4408;
 /// Primary processor-based control: exit as soon as the guest can take an interrupt.
 const INTERRUPT_WINDOW_EXITING: u64 = 1 << 2;
+/// Primary processor-based control: MOV to or from a debug register exits.
+const MOV_DR_EXITING: u64 = 1 << 23;
+const VIRTUAL_APIC_PAGE: u64 = 0x2012;
+const TPR_THRESHOLD: u64 = 0x401c;
+const CR4_GUEST_HOST_MASK: u64 = 0x6002;
+const CR4_READ_SHADOW: u64 = 0x6006;
+const GUEST_IA32_DEBUGCTL: u64 = 0x2802;
 /// The largest image VM_CREATE accepts (it is staged in the core before loading).
 const IMAGE_STAGE_BYTES: usize = 128 * 1024;
 
@@ -70,6 +80,9 @@ const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
 const EXIT_TRIPLE_FAULT: u32 = 2;
 const EXIT_INTERRUPT_WINDOW: u32 = 7;
 const EXIT_CPUID: u32 = 10;
+const EXIT_CR_ACCESS: u32 = 28;
+const EXIT_DR_ACCESS: u32 = 29;
+const EXIT_TPR_BELOW_THRESHOLD: u32 = 43;
 const EXIT_HLT: u32 = 12;
 const EXIT_VMCALL: u32 = 18;
 const EXIT_IO: u32 = 30;
@@ -161,6 +174,10 @@ struct Vcpu {
     window_exiting: bool,
     /// It called VM_EXIT.
     exited: bool,
+    /// CR2, KERNEL_GS_BASE and the debug registers, which VMX does not switch.
+    switched: guest_state::SwitchedState,
+    /// Physical address of its virtual-APIC page (the TPR shadow: its CR8).
+    virtual_apic: u64,
 }
 
 /// An FXSAVE area.
@@ -566,9 +583,13 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         entry,
         window_exiting: false,
         exited: false,
+        switched: guest_state::SwitchedState::initial(),
+        virtual_apic: 0,
     }; VCPUS];
     for (index, vcpu) in vcpu_states.iter_mut().enumerate().take(usize::from(vcpus)) {
         vcpu.vmcs = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?.0;
+        // Its own virtual-APIC page: CR8 reads and writes land there, zeroed (TPR 0).
+        vcpu.virtual_apic = vm::allocate(1).map_err(|_| CreateError::OutOfMemory)?.0;
         vcpu.home_cpu = ((usize::from(home_cpu) + index) % cpus) as u8;
         vcpu.registers.rsi = index as u64;
     }
@@ -1020,13 +1041,22 @@ fn highest_pending(slot: usize, vcpu: usize) -> Option<u8> {
 /// Before a VM entry: injects the highest pending vector if the guest can take it now, else
 /// asks for an exit as soon as it can (interrupt-window exiting).
 fn prepare_injection(slot: usize, vcpu: usize, state: &mut Vcpu) -> Result<(), vm::GuestError> {
+    let mut threshold = 0;
     let want_window = match highest_pending(slot, vcpu) {
         None => false,
         Some(vector) => {
+            // The guest's CR8 (its virtual TPR) may mask the vector: then the guest's lowering
+            // it below the vector's class exits (TPR below threshold) and it is injected then.
+            let vtpr_address = paging::phys_to_virt(state.virtual_apic + VTPR_OFFSET as u64);
+            // SAFETY: the vCPU's own virtual-APIC page, mapped in the direct map.
+            let vtpr = unsafe { vtpr_address.as_ptr::<u32>().read_volatile() } as u8;
             let interrupts_on = vmread(vm::GUEST_RFLAGS) & (1 << 9) != 0;
             // Blocking by STI or MOV SS.
             let blocked = vmread(vm::GUEST_INTERRUPTIBILITY) & 0b11 != 0;
-            if interrupts_on && !blocked {
+            if let TprGate::Masked { threshold: class } = tpr_gate(vector, vtpr) {
+                threshold = class;
+                false
+            } else if interrupts_on && !blocked {
                 PENDING[slot][vcpu][usize::from(vector / 64)]
                     .fetch_and(!(1 << (vector % 64)), Ordering::AcqRel);
                 // Valid, external interrupt (type 0), the vector.
@@ -1037,6 +1067,7 @@ fn prepare_injection(slot: usize, vcpu: usize, state: &mut Vcpu) -> Result<(), v
             }
         }
     };
+    vmwrite(TPR_THRESHOLD, u64::from(threshold))?;
     if want_window != state.window_exiting {
         let primary = vmread(vm::PROC_BASED_CONTROLS);
         let primary = if want_window {
@@ -1055,25 +1086,43 @@ fn build_vmcs(vcpu: &Vcpu, index: u16, ept_pointer: u64) -> Result<(), vm::Guest
     use microvisor::vmx::{VmxBasic, adjust_controls};
     use vm::GuestError::Unsupported;
     let basic = VmxBasic::from_msr(read_msr(vm::IA32_VMX_BASIC));
-    // Secondary: EPT (bit 1).
-    let secondary = adjust_controls(1 << 1, read_msr(vm::IA32_VMX_PROCBASED_CTLS2))
-        .map_err(|_| Unsupported("EPT"))?;
+    // Secondary: EPT (bit 1), WBINVD exiting (6). RDTSCP (3), INVPCID (12) and XSAVES (20)
+    // stay off: those instructions raise #UD in the guest.
+    let secondary = adjust_controls((1 << 1) | (1 << 6), read_msr(vm::IA32_VMX_PROCBASED_CTLS2))
+        .map_err(|_| Unsupported("EPT and WBINVD exiting"))?;
     // Pin-based: external-interrupt exiting (bit 0), VMX-preemption timer (bit 6).
     let pin = adjust_controls(1 | (1 << 6), read_msr(vm::IA32_VMX_TRUE_PINBASED_CTLS))
         .map_err(|_| Unsupported("the VMX-preemption timer"))?;
-    // Primary: HLT exiting (7), unconditional I/O exiting (24), secondary controls (31).
-    // MSR bitmaps are off, so every RDMSR/WRMSR exits.
+    // Primary: HLT exiting (7), MWAIT exiting (10), RDPMC exiting (11), use TPR shadow (21:
+    // CR8 is the vCPU's virtual-APIC page, never the real TPR), MOV-DR exiting (23, until the
+    // guest first touches a debug register: see `guest_state`), unconditional I/O exiting
+    // (24), MONITOR exiting (29), secondary controls (31). CR8-load/store exiting (19, 20)
+    // are off. MSR bitmaps are off, so every RDMSR/WRMSR exits.
     let primary = adjust_controls(
-        (1 << 7) | (1 << 24) | (1 << 31),
+        (1 << 7)
+            | (1 << 10)
+            | (1 << 11)
+            | (1 << 21)
+            | (1 << 24)
+            | (1 << 29)
+            | (1 << 31)
+            | MOV_DR_EXITING as u32,
         read_msr(vm::IA32_VMX_TRUE_PROCBASED_CTLS),
     )
-    .map_err(|_| Unsupported("HLT and I/O exiting"))?;
-    // Exit: 64-bit host (9), load IA32_EFER (21).
-    let exit = adjust_controls((1 << 9) | (1 << 21), read_msr(vm::IA32_VMX_TRUE_EXIT_CTLS))
-        .map_err(|_| Unsupported("loading EFER on exit"))?;
-    // Entry: IA-32e mode guest (9), load IA32_EFER (15).
-    let entry = adjust_controls((1 << 9) | (1 << 15), read_msr(vm::IA32_VMX_TRUE_ENTRY_CTLS))
-        .map_err(|_| Unsupported("64-bit guests"))?;
+    .map_err(|_| Unsupported("HLT, MWAIT, RDPMC, MOV-DR, I/O exiting and the TPR shadow"))?;
+    // Exit: save debug controls (2: the guest's DR7 and DEBUGCTL), 64-bit host (9), load
+    // IA32_EFER (21).
+    let exit = adjust_controls(
+        (1 << 2) | (1 << 9) | (1 << 21),
+        read_msr(vm::IA32_VMX_TRUE_EXIT_CTLS),
+    )
+    .map_err(|_| Unsupported("saving debug controls and loading EFER on exit"))?;
+    // Entry: load debug controls (2), IA-32e mode guest (9), load IA32_EFER (15).
+    let entry = adjust_controls(
+        (1 << 2) | (1 << 9) | (1 << 15),
+        read_msr(vm::IA32_VMX_TRUE_ENTRY_CTLS),
+    )
+    .map_err(|_| Unsupported("64-bit guests"))?;
 
     // SAFETY: the VMCS page is this vCPU's, zeroed at creation; its first 4 bytes take the
     // revision identifier before VMCLEAR.
@@ -1099,6 +1148,13 @@ fn build_vmcs(vcpu: &Vcpu, index: u16, ept_pointer: u64) -> Result<(), vm::Guest
     vmwrite(vm::EXCEPTION_BITMAP, 0xffff_ffff)?;
     vmwrite(vm::EPT_POINTER, ept_pointer)?;
     vmwrite(vm::VMCS_LINK_POINTER, u64::MAX)?;
+    // CR8: the TPR shadow in the vCPU's own page, no threshold until a vector waits on it.
+    vmwrite(VIRTUAL_APIC_PAGE, vcpu.virtual_apic)?;
+    vmwrite(TPR_THRESHOLD, 0)?;
+    // CR4: the core owns every bit the virtual CPU does not offer; the guest reads them as
+    // its starting view (no VMXE) and a write that changes one exits.
+    vmwrite(CR4_GUEST_HOST_MASK, CR4_OWNED)?;
+    vmwrite(CR4_READ_SHADOW, CR4_GUEST_VIEW)?;
 
     // Host state: this CPU.
     let (gdtr, idtr) = (
@@ -1156,6 +1212,7 @@ fn build_vmcs(vcpu: &Vcpu, index: u16, ept_pointer: u64) -> Result<(), vm::Guest
     vmwrite(vm::GUEST_IDTR_BASE, 0)?;
     vmwrite(vm::GUEST_IDTR_LIMIT, 0)?;
     vmwrite(vm::GUEST_DR7, 0x400)?;
+    vmwrite(GUEST_IA32_DEBUGCTL, 0)?;
     // As if `_start` had been called: RSP + 8 is 16-byte aligned (System V ABI).
     vmwrite(vm::GUEST_RSP, layout::stack_top(index) - 8)?;
     vmwrite(vm::GUEST_RIP, vcpu.entry)?;
@@ -1288,9 +1345,14 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             }
             host_fpu.save();
             state.fpu.restore();
+            // SAFETY: interrupts are off from here to `after_exit`, and nothing in between
+            // returns to ring 3 or uses CR2 or the debug registers.
+            let host = unsafe { guest_state::before_entry(&state.switched) };
             // SAFETY: the vCPU's VMCS is current and complete; `vmx_enter` saves and restores
             // the host's callee-saved registers and returns after the next VM exit.
             let failed = unsafe { vm::vmx_enter(&mut state.registers, u64::from(state.launched)) };
+            // SAFETY: right after the exit (or the failed entry), interrupts still off.
+            unsafe { guest_state::after_exit(&mut state.switched, host) };
             state.fpu.save();
             host_fpu.restore();
             IN_GUEST[cpu].store(false, Ordering::SeqCst);
@@ -1319,8 +1381,45 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         let handled = match reason {
             // The quantum's end is checked at the top of the loop; an earlier expiry was a
             // timer deadline, served there too.
-            EXIT_EXTERNAL_INTERRUPT | EXIT_PREEMPTION_TIMER | EXIT_INTERRUPT_WINDOW => {
+            // A TPR-below-threshold exit: the guest lowered its CR8 under a waiting vector,
+            // which the next entry injects.
+            EXIT_EXTERNAL_INTERRUPT
+            | EXIT_PREEMPTION_TIMER
+            | EXIT_INTERRUPT_WINDOW
+            | EXIT_TPR_BELOW_THRESHOLD => Ok(Next::Resume),
+            // The guest's first MOV to or from a debug register: from now on its debug
+            // registers are switched at every entry and exit, and the instruction runs again
+            // without exiting (see `guest_state`).
+            EXIT_DR_ACCESS => {
+                state.switched.debug_live = true;
+                let primary = vmread(vm::PROC_BASED_CONTROLS) & !MOV_DR_EXITING;
+                vmwrite(vm::PROC_BASED_CONTROLS, primary)
+                    .map(|()| Next::Resume)
+                    .map_err(|_| "MOV-DR exiting cannot be turned off")
+            }
+            // Only a MOV to CR4 that changes a bit the core owns exits here (no CR0 mask, no
+            // CR3 exiting, CR8 is the TPR shadow's).
+            EXIT_CR_ACCESS => {
+                log::warn!(
+                    "VM {}: control-register write refused (qualification {:#x}, RIP {:#x})",
+                    vcpu.vm,
+                    vmread(EXIT_QUALIFICATION),
+                    vmread(vm::GUEST_RIP)
+                );
+                Err("it changed a CR4 bit the virtual CPU does not offer")
+            }
+            reason if microvisor::guest_cpu::is_cache_flush(reason) => {
+                advance_rip();
                 Ok(Next::Resume)
+            }
+            reason if microvisor::guest_cpu::refused_instruction(reason).is_some() => {
+                log::warn!(
+                    "VM {}: instruction exit {reason} at RIP {:#x} refused",
+                    vcpu.vm,
+                    vmread(vm::GUEST_RIP)
+                );
+                Err(microvisor::guest_cpu::refused_instruction(reason)
+                    .unwrap_or("an instruction the virtual CPU does not offer"))
             }
             EXIT_HLT => {
                 advance_rip();

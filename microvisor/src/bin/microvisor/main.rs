@@ -17,6 +17,7 @@ mod cpu;
 mod domain;
 mod domains;
 mod guest;
+mod guest_state;
 mod madt;
 mod paging;
 mod run;
