@@ -9,6 +9,7 @@
 
 pub mod blockfs;
 pub mod control;
+pub mod fuzz;
 pub mod hostile;
 pub mod netbench;
 pub mod ring;

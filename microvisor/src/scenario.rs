@@ -21,6 +21,7 @@ pub const GUEST_KERNELS: &[&str] = &[
     "netbench",
     "hostile",
     "smpbench",
+    "fuzz",
 ];
 
 /// One VM of a scenario.
@@ -198,6 +199,59 @@ pub const SCENARIOS: &[Scenario] = &[
                 expect_stopped: true,
                 ..VmSpec::smp("smpbench", [0, 1, 0, 0, 0, 0, 0, 0], 2)
             },
+        ],
+        inject_after: INJECT_AFTER,
+    },
+    Scenario {
+        name: "fuzz",
+        about: "fuzzing guests (seeded values in CR2, CR8, DR0-DR7, XMM, MXCSR, GS and \
+                KERNEL_GS_BASE read back after random hypercalls, exits and yields) on 1 and 2 \
+                vCPUs beside two UnixBench-like VMs; two of them end with a seeded forbidden \
+                instruction and must be stopped alone",
+        vms: &[
+            VmSpec::smp("fuzz", [0x5eed_0001, 0, 0, 0, 0, 0, 0, 0], 2),
+            UNIXBENCH,
+            VmSpec::app("fuzz", [0x5eed_0002, 0, 0, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0x5eed_0003, 4, 1, 0, 0, 0, 0, 0]),
+            UNIXBENCH,
+            VmSpec {
+                expect_stopped: true,
+                ..VmSpec::smp("fuzz", [0x5eed_0004, 4, 1, 0, 0, 0, 0, 0], 2)
+            },
+        ],
+        inject_after: INJECT_AFTER,
+    },
+    Scenario {
+        name: "forbidden-cpu",
+        about: "seven fuzzing guests, each ending with another instruction the virtual CPU does \
+                not offer (XSETBV, RDPMC, CR4.OSXSAVE, CR4.PCE, CR4.FSGSBASE, RDTSCP, MONITOR): \
+                each must be stopped alone, beside a UnixBench-like VM that must pass",
+        vms: &[
+            VmSpec::stopped("fuzz", [0, 2, 2, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 3, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 4, 0, 0, 0, 0, 0]),
+            UNIXBENCH,
+            VmSpec::stopped("fuzz", [0, 2, 5, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 6, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 7, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 8, 0, 0, 0, 0, 0]),
+        ],
+        inject_after: INJECT_AFTER,
+    },
+    Scenario {
+        name: "forbidden-memory",
+        about: "fuzzing guests ending with MWAIT, VMXOFF, a read of KERNEL_GS_BASE, and reads \
+                of the local APIC, the I/O APIC and unbacked guest-physical memory (each must \
+                be stopped alone), beside a UnixBench-like VM that must pass",
+        vms: &[
+            VmSpec::stopped("fuzz", [0, 2, 9, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 10, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 17, 0, 0, 0, 0, 0]),
+            UNIXBENCH,
+            VmSpec::stopped("fuzz", [0, 2, 35, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 36, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 37, 0, 0, 0, 0, 0]),
+            VmSpec::stopped("fuzz", [0, 2, 38, 0, 0, 0, 0, 0]),
         ],
         inject_after: INJECT_AFTER,
     },

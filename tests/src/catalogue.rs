@@ -82,6 +82,9 @@ pub struct Expect {
     pub vms_passed: Option<usize>,
     /// Of those VMs, how many must instead end `"stopped"` (by the core, for attacking).
     pub vms_stopped: usize,
+    /// If not empty: the stopped VMs' `"stop_reason"`s, in VM order, must each contain the
+    /// matching entry (so a VM stopped for another reason than its attack fails the case).
+    pub stop_reasons: &'static [&'static str],
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -153,6 +156,7 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             vmx_root: emulator == Emulator::Bochs,
             vms_passed: None,
             vms_stopped: 0,
+            stop_reasons: &[],
         },
     }
 }
@@ -182,6 +186,59 @@ fn smp(name: &'static str, cpus: u32) -> BootCase {
     case.expect.vms_stopped = 1;
     case
 }
+
+/// Why the core stops a VM that reads an MSR (the hypercall domain refuses it).
+const MSR_REFUSED: &str = "refused a CPUID, port or MSR access";
+/// Why the core stops a VM that changes a CR4 bit it owns.
+const CR4_REFUSED: &str = "CR4 bit the virtual CPU does not offer";
+/// Why the core stops a VM that touches guest-physical memory it has not got.
+const NOT_ITS_MEMORY: &str = "guest-physical memory it has not got";
+
+/// The fuzz scenario: fuzzing guests on 1 and 2 vCPUs that must read back only their own
+/// register values, two that end with a seeded forbidden instruction (both draw an MSR access
+/// from their seeds), and two honest VMs.
+fn fuzz(name: &'static str, cpus: u32) -> BootCase {
+    let mut case = scenario(name, cpus, "scenario=fuzz", 6);
+    case.expect.vms_stopped = 2;
+    case.expect.stop_reasons = &[MSR_REFUSED, MSR_REFUSED];
+    case
+}
+
+/// A scenario of fuzzing guests that each end with one forbidden instruction or access
+/// (`reasons`, in VM order: why each must be stopped) beside one honest VM.
+fn forbidden(
+    name: &'static str,
+    cpus: u32,
+    cmdline: &'static str,
+    reasons: &'static [&'static str],
+) -> BootCase {
+    let mut case = scenario(name, cpus, cmdline, reasons.len() + 1);
+    case.expect.vms_stopped = reasons.len();
+    case.expect.stop_reasons = reasons;
+    case
+}
+
+/// XSETBV, RDPMC, CR4.OSXSAVE, CR4.PCE, CR4.FSGSBASE, RDTSCP (#UD), MONITOR.
+const FORBIDDEN_CPU: &[&str] = &[
+    "XSETBV is not offered",
+    "RDPMC is not offered",
+    CR4_REFUSED,
+    CR4_REFUSED,
+    CR4_REFUSED,
+    "it raised an exception",
+    "MONITOR/MWAIT are not offered",
+];
+
+/// MWAIT, VMXOFF, RDMSR of KERNEL_GS_BASE, the local APIC, the I/O APIC, 1 GiB, 3 GiB.
+const FORBIDDEN_MEMORY: &[&str] = &[
+    "MONITOR/MWAIT are not offered",
+    "VMX instructions are not offered",
+    MSR_REFUSED,
+    NOT_ITS_MEMORY,
+    NOT_ITS_MEMORY,
+    NOT_ITS_MEMORY,
+    NOT_ITS_MEMORY,
+];
 
 /// Stages a scenario boot must run, beyond bring-up.
 pub const SCENARIO_STAGES: &[&str] = &["workload", "vmx-guest", "scenario-vms-created", "scenario"];
@@ -408,6 +465,20 @@ pub fn catalogue() -> Vec<BootCase> {
         isolation("bochs-isolation-4cpu", 4),
         smp("bochs-smp-2cpu", 2),
         smp("bochs-smp-4cpu", 4),
+        fuzz("bochs-fuzz-2cpu", 2),
+        fuzz("bochs-fuzz-4cpu", 4),
+        forbidden(
+            "bochs-forbidden-cpu-2cpu",
+            2,
+            "scenario=forbidden-cpu",
+            FORBIDDEN_CPU,
+        ),
+        forbidden(
+            "bochs-forbidden-memory-2cpu",
+            2,
+            "scenario=forbidden-memory",
+            FORBIDDEN_MEMORY,
+        ),
         {
             let mut case = scenario_fault(
                 "bochs-smp-failstop-memory",

@@ -206,6 +206,19 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
                         expect.vms_stopped
                     ));
                 }
+                let reasons_got = vms
+                    .iter()
+                    .filter(|vm| vm["verdict"] == "stopped")
+                    .map(|vm| vm["stop_reason"].as_str().unwrap_or(""));
+                for (index, (got, want)) in reasons_got.zip(expect.stop_reasons.iter()).enumerate()
+                {
+                    if !got.contains(want) {
+                        reasons.push(format!(
+                            "stopped VM #{index} was stopped because \"{got}\", expected a \
+                             reason containing \"{want}\""
+                        ));
+                    }
+                }
                 for vm in vms {
                     if vm["verdict"] != "passed" && vm["verdict"] != "stopped" {
                         reasons.push(format!(
@@ -614,6 +627,36 @@ mod tests {
         let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0)));
         assert!(
             reasons.iter().any(|r| r.contains("vmx.cpus_in_root")),
+            "{reasons:?}"
+        );
+    }
+    #[test]
+    fn stopped_vms_must_be_stopped_for_their_attack() {
+        let case = case("bochs-fuzz-2cpu");
+        let mut summary = ok_summary("multiboot2", 2);
+        summary["ran"]
+            .as_array_mut()
+            .unwrap()
+            .extend(["scenario-vms-created", "scenario"].map(|stage| json!(stage)));
+        let msr = "the hypercall domain refused a CPUID, port or MSR access";
+        let vm = |verdict: &str, reason: &str| json!({"verdict": verdict, "stop_reason": reason});
+        summary["vms"] = json!([
+            vm("passed", ""),
+            vm("passed", ""),
+            vm("passed", ""),
+            vm("stopped", msr),
+            vm("passed", ""),
+            vm("stopped", msr),
+        ]);
+        assert_eq!(
+            run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0))),
+            Vec::<String>::new()
+        );
+        // The same count of stopped VMs, but one for another reason: the case fails.
+        summary["vms"][5] = vm("stopped", "it raised an exception");
+        let reasons = run(&case, &lines(&summary), EmulatorEnd::Exited(Some(0)));
+        assert!(
+            reasons.iter().any(|r| r.contains("stopped VM #1")),
             "{reasons:?}"
         );
     }

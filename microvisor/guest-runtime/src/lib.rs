@@ -19,6 +19,8 @@ pub use microvisor_abi::guest::{self as layout, StartInfo};
 // The memory functions `core` needs; linked for their symbols.
 use microvisor_freestanding as _;
 
+pub mod cpu;
+
 /// How a guest's work ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
