@@ -76,6 +76,33 @@ pub const fn refused_instruction(reason: u32) -> Option<&'static str> {
     })
 }
 
+/// Why the core stops a VM whose guest raised exception `vector` (every exception exits; the
+/// exception bitmap is all ones): the vector's mnemonic, for the summary's `stop_reason`.
+pub const fn exception_reason(vector: u8) -> &'static str {
+    match vector {
+        0 => "it raised an exception: #DE (divide error)",
+        1 => "it raised an exception: #DB (debug)",
+        3 => "it raised an exception: #BP (breakpoint)",
+        4 => "it raised an exception: #OF (overflow)",
+        5 => "it raised an exception: #BR (bound range)",
+        6 => "it raised an exception: #UD (invalid opcode)",
+        7 => "it raised an exception: #NM (device not available)",
+        8 => "it raised an exception: #DF (double fault)",
+        10 => "it raised an exception: #TS (invalid TSS)",
+        11 => "it raised an exception: #NP (segment not present)",
+        12 => "it raised an exception: #SS (stack fault)",
+        13 => "it raised an exception: #GP (general protection)",
+        14 => "it raised an exception: #PF (page fault)",
+        16 => "it raised an exception: #MF (x87 error)",
+        17 => "it raised an exception: #AC (alignment check)",
+        18 => "it raised an exception: #MC (machine check)",
+        19 => "it raised an exception: #XM (SIMD error)",
+        20 => "it raised an exception: #VE (virtualization)",
+        21 => "it raised an exception: #CP (control protection)",
+        _ => "it raised an exception",
+    }
+}
+
 /// Exit reasons of instructions the core completes as no-ops: INVD (13) would discard the
 /// host's dirty cache lines and WBINVD (54) flushes every cache the CPU shares; guest memory
 /// is write-back and coherent, so neither has anything to do for a guest.
@@ -137,5 +164,15 @@ mod tests {
             assert_eq!(refused_instruction(served), None, "exit {served}");
         }
         assert!(is_cache_flush(13) && is_cache_flush(54) && !is_cache_flush(12));
+    }
+
+    #[test]
+    fn exception_reasons_name_the_vector() {
+        assert!(exception_reason(6).contains("#UD"));
+        assert!(exception_reason(13).contains("#GP"));
+        assert!(exception_reason(14).contains("#PF"));
+        for vector in 0..=255u8 {
+            assert!(exception_reason(vector).starts_with("it raised an exception"));
+        }
     }
 }

@@ -1460,7 +1460,9 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
                     vmread(EXIT_INTERRUPTION_INFO) & 0xff,
                     vmread(vm::GUEST_RIP)
                 );
-                Err("it raised an exception")
+                Err(microvisor::guest_cpu::exception_reason(
+                    (vmread(EXIT_INTERRUPTION_INFO) & 0xff) as u8,
+                ))
             }
             EXIT_TRIPLE_FAULT => Err("triple fault"),
             EXIT_CPUID | EXIT_IO | EXIT_RDMSR | EXIT_WRMSR => {
