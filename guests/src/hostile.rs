@@ -5,8 +5,10 @@
 //!
 //! What it must observe lives here, on plain data: the deterministic checks and their
 //! expected codes ([`Check`]), the fixed-seed generator of random calls ([`Xorshift`]), the
-//! classification of an answer ([`error_index`], [`Tally`]) and what it must undo before it
-//! ends ([`Leftovers`]). The guest binary (`src/bin/hostile.rs`) issues the calls.
+//! classification of an answer ([`error_index`], [`Tally`]), what it must undo before it
+//! ends ([`Leftovers`]), and what mode 3 must get when it takes every shared resource until
+//! refused ([`Resource`], [`Exhaustion`]). The guest binary (`src/bin/hostile.rs`) issues
+//! the calls.
 //!
 //! The ABI it checks against is `ipc::hypercall`'s (numbers, error codes, limits) and
 //! `microvisor_abi::guest`'s (the window).
@@ -14,7 +16,8 @@
 use core::fmt;
 
 use ipc::hypercall::{self, EVENT_PORTS, HypercallError, MULTICALL_MAX};
-use ipc::limits::MAX_VMS;
+use ipc::limits::{GUEST_RAM_PAGES, MAX_VMS};
+use ipc::quota::Quota;
 use microvisor_abi::guest::{WINDOW_FIRST_GFN, WINDOW_PAGES};
 
 use crate::Checksum;
@@ -66,6 +69,11 @@ pub enum Mode {
     /// 2: run every check, print the verdict, then read an MSR (guests have none: the
     /// hypercall domain refuses and the core must stop this VM and only it).
     Msr,
+    /// 3: take every shared resource until refused (frames by populate, grants, event
+    /// channels, far-future timers): each refusal must be `QuotaExceeded`, never
+    /// `NoResources`, and it must have got exactly its quota (the AppVM default), whatever
+    /// the other VMs do; hold them a while, then exit passed.
+    Exhaust,
 }
 
 /// The vendor string the virtual CPU reports (CPUID leaf 0: EBX, EDX, ECX).
@@ -87,6 +95,7 @@ impl Mode {
             0 => Some(Mode::Check),
             1 => Some(Mode::Fault),
             2 => Some(Mode::Msr),
+            3 => Some(Mode::Exhaust),
             _ => None,
         }
     }
@@ -97,6 +106,7 @@ impl Mode {
             Mode::Check => 0,
             Mode::Fault => 1,
             Mode::Msr => 2,
+            Mode::Exhaust => 3,
         }
     }
 }
@@ -389,14 +399,13 @@ pub const RANDOM_CALLS: u64 = 400;
 pub const HIGHEST_NUMBER: u64 = 40;
 
 /// Numbers the random calls never issue: `VM_EXIT` would end the guest, `YIELD` and
-/// `EVENT_WAIT` would park it (nothing wakes it), `CONSOLE_WRITE` would spam the shared
-/// console, and `TIMER_ONESHOT` and `MEMORY_POPULATE` would hog the timer heap and the frame
-/// pool every VM shares (a populated frame is held until the VM ends). Each is covered by
-/// the deterministic checks or by the other guests instead.
-pub const SKIPPED: [u64; 6] = [
+/// `EVENT_WAIT` would park it (nothing wakes it), and `CONSOLE_WRITE` would spam the shared
+/// console. Each is covered by the deterministic checks or by the other guests instead. The
+/// calls that take shared resources (`MEMORY_POPULATE`, `TIMER_ONESHOT`, `GRANT`,
+/// `EVTCHN_ALLOC`) are issued: quotas (`ipc::quota`) bound what this VM can take to its own
+/// reservation, so however many it takes, the other VMs keep theirs.
+pub const SKIPPED: [u64; 4] = [
     hypercall::YIELD,
-    hypercall::TIMER_ONESHOT,
-    hypercall::MEMORY_POPULATE,
     hypercall::CONSOLE_WRITE,
     hypercall::VM_EXIT,
     hypercall::EVENT_WAIT,
@@ -522,8 +531,8 @@ impl Xorshift {
 
     /// One random call. A `MULTICALL` always names its own entry and result buffers (a
     /// random result address would let the core write over its code or stack), with a count
-    /// of 1 to `MULTICALL_MAX + 1`; a `MAP_GRANT` never maps [`FAULT_GFN`] (mode 1 needs it
-    /// unmapped).
+    /// of 1 to `MULTICALL_MAX + 1`; neither a `MAP_GRANT` nor a `MEMORY_POPULATE` ever maps
+    /// [`FAULT_GFN`] (mode 1 needs it unmapped).
     pub fn call(&mut self, targets: &Targets) -> RandomCall {
         let number = self.number();
         let arity = self.pick(&ARITIES);
@@ -538,6 +547,9 @@ impl Xorshift {
         }
         if number == hypercall::MAP_GRANT && args[1] == FAULT_GFN {
             args[1] = ALIAS_GFN;
+        }
+        if number == hypercall::MEMORY_POPULATE && args[0] == FAULT_GFN {
+            args[0] = ALIAS_GFN;
         }
         RandomCall { number, args }
     }
@@ -676,6 +688,136 @@ fn bits(mask: u64) -> impl Iterator<Item = u64> {
     (0..64).filter(move |bit| mask & (1 << bit) != 0)
 }
 
+/// What mode 3 takes until refused, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// Frames: `MEMORY_POPULATE` of window pages ([`EXHAUST_GFNS`]), after it backed every
+    /// page of its guest RAM (so no later touch of its own memory needs a frame).
+    Frames,
+    /// Share records: `GRANT` of its populated frames to [`unoffered_peer`].
+    Grants,
+    /// Event channels: `EVTCHN_ALLOC` offered to [`unoffered_peer`].
+    EventPorts,
+    /// One-shot timers: `TIMER_ONESHOT` at [`FAR_FUTURE`] (they never fire while it runs).
+    Timers,
+}
+
+impl Resource {
+    /// Every resource, in the order mode 3 takes them.
+    pub const ALL: [Resource; 4] = [
+        Resource::Frames,
+        Resource::Grants,
+        Resource::EventPorts,
+        Resource::Timers,
+    ];
+
+    /// A short name for the console.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Resource::Frames => "frames",
+            Resource::Grants => "grants",
+            Resource::EventPorts => "ports",
+            Resource::Timers => "timers",
+        }
+    }
+
+    /// How many mode 3 must get before the refusal, with `quota` and every page of its guest
+    /// RAM backed first.
+    pub const fn expected(self, quota: &Quota) -> u64 {
+        match self {
+            Resource::Frames => (quota.frames as u64).saturating_sub(GUEST_RAM_PAGES as u64),
+            Resource::Grants => quota.grants as u64,
+            Resource::EventPorts => quota.event_ports as u64,
+            Resource::Timers => quota.timers as u64,
+        }
+    }
+}
+
+/// The quota mode 3 expects to hold: the one every scenario VM gets.
+pub const EXHAUST_QUOTA: Quota = Quota::APP_VM;
+
+/// The window pages mode 3 populates: clear of the pages the checks and mode 1 use.
+pub const EXHAUST_GFNS: core::ops::Range<u64> = WINDOW_FIRST_GFN + 0x10..FAULT_GFN;
+
+/// The deadline of mode 3's timers (TSC): centuries away at any clock rate.
+pub const FAR_FUTURE: u64 = 1 << 62;
+
+/// How long mode 3 holds what it took (ms of guest time, yielding), so the other VMs run
+/// beside an exhausted VM; `params[1]` overrides it.
+pub const HOLD_MS: u64 = 200;
+
+// There are window pages for every frame of the quota and one more (the one refused), all
+// inside the window.
+const _: () =
+    assert!(EXHAUST_GFNS.end - EXHAUST_GFNS.start > Resource::Frames.expected(&EXHAUST_QUOTA));
+const _: () = assert!(EXHAUST_GFNS.start >= WINDOW_FIRST_GFN && EXHAUST_GFNS.end <= WINDOW_END_GFN);
+
+/// The guest-physical address mode 3 reads to back RAM page `page` (in the page's middle, so
+/// never the null pointer).
+pub const fn ram_probe(page: u64) -> u64 {
+    page * 4096 + 0x800
+}
+
+/// What mode 3 got of one resource, and the answer that stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// How many it got.
+    pub count: u64,
+    /// The refusal (an error code).
+    pub refusal: i64,
+}
+
+impl Taken {
+    /// Whether it got exactly `expected` and was then refused for its own quota.
+    pub const fn as_expected(&self, expected: u64) -> bool {
+        self.count == expected && self.refusal == HypercallError::QuotaExceeded.guest_code()
+    }
+}
+
+/// Mode 3's summary line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exhaustion {
+    /// Its VM number.
+    pub vm: u16,
+    /// Per [`Resource::ALL`].
+    pub taken: [Taken; 4],
+    /// Every refusal `QuotaExceeded` after exactly its quota, and still refused after the hold.
+    pub passed: bool,
+}
+
+impl Exhaustion {
+    /// Whether every resource was taken exactly to `quota` and then refused `QuotaExceeded`.
+    pub fn all_as_expected(taken: &[Taken; 4], quota: &Quota) -> bool {
+        Resource::ALL
+            .iter()
+            .zip(taken)
+            .all(|(resource, taken)| taken.as_expected(resource.expected(quota)))
+    }
+}
+
+impl fmt::Display for Exhaustion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "hostile: vm {} mode 3:", self.vm)?;
+        for (resource, taken) in Resource::ALL.iter().zip(&self.taken) {
+            write!(f, " {} {}", taken.count, resource.name())?;
+        }
+        let refused = if self
+            .taken
+            .iter()
+            .all(|taken| taken.refusal == HypercallError::QuotaExceeded.guest_code())
+        {
+            "QuotaExceeded"
+        } else {
+            "other refusal"
+        };
+        write!(
+            f,
+            ", {refused}, {}",
+            if self.passed { "passed" } else { "FAILED" }
+        )
+    }
+}
+
 /// The guest's summary line (what scenarios grep for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -740,7 +882,8 @@ mod tests {
     fn codes_are_the_documented_ones() {
         // docs/hypercall-abi.md, "Error codes".
         let codes = HypercallError::ALL.map(HypercallError::guest_code);
-        assert_eq!(codes, [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10]);
+        assert_eq!(codes, [-1, -2, -3, -4, -5, -6, -7, -8, -9, -10, -11, -12]);
+        assert_eq!(HypercallError::QuotaExceeded.guest_code(), -11);
         assert_eq!(HypercallError::InvalidArgument.guest_code(), -3);
         assert_eq!(HypercallError::PermissionDenied.guest_code(), -5);
         assert_eq!(HypercallError::InUse.guest_code(), -6);
@@ -761,7 +904,7 @@ mod tests {
             assert_eq!(error_index(value), None);
             assert!(is_valid_result(value));
         }
-        for bad in [-11, -12, -100, i64::MIN, i64::MIN + 1] {
+        for bad in [-13, -14, -100, i64::MIN, i64::MIN + 1] {
             assert_eq!(error_index(bad), None);
             assert!(!is_valid_result(bad), "{bad}");
         }
@@ -882,9 +1025,10 @@ mod tests {
         assert_eq!(Mode::from_param(0), Some(Mode::Check));
         assert_eq!(Mode::from_param(1), Some(Mode::Fault));
         assert_eq!(Mode::from_param(2), Some(Mode::Msr));
-        assert_eq!(Mode::from_param(3), None);
+        assert_eq!(Mode::from_param(3), Some(Mode::Exhaust));
+        assert_eq!(Mode::from_param(4), None);
         assert_eq!(Mode::from_param(u64::MAX), None);
-        for mode in [Mode::Check, Mode::Fault, Mode::Msr] {
+        for mode in [Mode::Check, Mode::Fault, Mode::Msr, Mode::Exhaust] {
             assert_eq!(Mode::from_param(mode.param()), Some(mode));
         }
     }
@@ -998,15 +1142,117 @@ mod tests {
             ..TARGETS
         };
         let mut random = Xorshift::new(RANDOM_SEED);
-        let mut maps = 0;
+        let (mut maps, mut populates) = (0, 0);
         for _ in 0..20_000 {
             let call = random.call(&targets);
             if call.number == hypercall::MAP_GRANT {
                 maps += 1;
                 assert_ne!(call.args[1], FAULT_GFN);
             }
+            if call.number == hypercall::MEMORY_POPULATE {
+                populates += 1;
+                assert_ne!(call.args[0], FAULT_GFN);
+            }
         }
-        assert!(maps > 0);
+        assert!(maps > 0 && populates > 0);
+    }
+
+    #[test]
+    fn random_calls_take_shared_resources_too() {
+        // The calls that exhaust shared resources are no longer skipped: quotas contain them.
+        let mut random = Xorshift::new(RANDOM_SEED);
+        let calls: Vec<RandomCall> = (0..RANDOM_CALLS).map(|_| random.call(&TARGETS)).collect();
+        for number in [
+            hypercall::MEMORY_POPULATE,
+            hypercall::TIMER_ONESHOT,
+            hypercall::GRANT,
+            hypercall::EVTCHN_ALLOC,
+        ] {
+            assert!(!SKIPPED.contains(&number));
+            assert!(calls.iter().any(|call| call.number == number), "{number}");
+        }
+        // Some populates name a window page (and so may take a frame).
+        let mut random = Xorshift::new(RANDOM_SEED);
+        let calls: Vec<RandomCall> = (0..20_000).map(|_| random.call(&TARGETS)).collect();
+        assert!(calls.iter().any(|call| {
+            call.number == hypercall::MEMORY_POPULATE
+                && (WINDOW_FIRST_GFN..WINDOW_END_GFN).contains(&call.args[0])
+                && call.args[1..].iter().all(|&arg| arg == 0)
+        }));
+    }
+
+    #[test]
+    fn exhaustion_expects_the_app_vm_quota() {
+        let quota = EXHAUST_QUOTA;
+        assert_eq!(quota, Quota::APP_VM);
+        let expected = Resource::ALL.map(|resource| resource.expected(&quota));
+        assert_eq!(
+            expected,
+            [
+                u64::from(quota.frames) - u64::from(GUEST_RAM_PAGES),
+                u64::from(quota.grants),
+                u64::from(quota.event_ports),
+                u64::from(quota.timers),
+            ]
+        );
+        assert!(expected.iter().all(|&count| count > 0));
+        let exceeded = HypercallError::QuotaExceeded.guest_code();
+        let exact = expected.map(|count| Taken {
+            count,
+            refusal: exceeded,
+        });
+        assert!(Exhaustion::all_as_expected(&exact, &quota));
+        // One short, or refused for the pool instead of its quota: not what quotas promise.
+        let mut short = exact;
+        short[0].count -= 1;
+        assert!(!Exhaustion::all_as_expected(&short, &quota));
+        let mut pool = exact;
+        pool[3].refusal = HypercallError::NoResources.guest_code();
+        assert!(!Exhaustion::all_as_expected(&pool, &quota));
+        // Its pages: clear of the checks' and mode 1's, inside the window.
+        for gfn in [
+            POPULATE_GFN,
+            ALIAS_GFN,
+            FOREIGN_GFN,
+            NEVER_MAPPED_GFN,
+            FAULT_GFN,
+        ] {
+            assert!(!EXHAUST_GFNS.contains(&gfn), "{gfn:#x}");
+        }
+        // RAM probes: one per page, never the null pointer.
+        assert_eq!(ram_probe(0), 0x800);
+        assert_eq!(ram_probe(63) >> 12, 63);
+    }
+
+    #[test]
+    fn the_exhaustion_line_is_pinned() {
+        let exceeded = HypercallError::QuotaExceeded.guest_code();
+        let taken = [32, 8, 4, 8].map(|count| Taken {
+            count,
+            refusal: exceeded,
+        });
+        let line = Exhaustion {
+            vm: 7,
+            taken,
+            passed: true,
+        };
+        assert_eq!(
+            format!("{line}"),
+            "hostile: vm 7 mode 3: 32 frames 8 grants 4 ports 8 timers, QuotaExceeded, passed"
+        );
+        let mut refused = taken;
+        refused[1].refusal = HypercallError::NoResources.guest_code();
+        let longest = Exhaustion {
+            vm: u16::MAX,
+            taken: refused.map(|taken| Taken {
+                count: 999,
+                ..taken
+            }),
+            passed: false,
+        };
+        let text = format!("{longest}");
+        assert!(text.ends_with("other refusal, FAILED"), "{text}");
+        assert!(text.len() <= CONSOLE_MAX, "{}", text.len());
     }
 
     #[test]
@@ -1051,10 +1297,10 @@ mod tests {
         for result in [0, 5, -1, -7, -7, -10] {
             assert!(tally.record(result));
         }
-        assert!(!tally.record(-11));
+        assert!(!tally.record(-13));
         assert!(!tally.record(i64::MIN));
         assert_eq!(tally.values, 2);
-        assert_eq!(tally.errors, [1, 0, 0, 0, 0, 0, 2, 0, 0, 1]);
+        assert_eq!(tally.errors, [1, 0, 0, 0, 0, 0, 2, 0, 0, 1, 0, 0]);
         assert_eq!(tally.invalid, 2);
         assert_eq!(tally.total(), 8);
         let mut sum = Checksum::new();

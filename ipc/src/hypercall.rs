@@ -77,9 +77,12 @@ pub const EVENT_WAIT: u64 = 16;
 /// with `InUse` while VM arg1 still maps it. Answers 0. Non-idempotent.
 pub const GRANT_REVOKE: u64 = 17;
 /// Control VM only: builds a new VM from the ELF image at guest-physical arg0, arg1 bytes
-/// long, named by arg2 (up to 8 ASCII bytes, little-endian), its vCPU homed on CPU arg3. The
-/// VM does not run until [`VM_START`]. Answers the new VM's number. Served by the core (it
-/// owns VMX); other VMs get `PermissionDenied`. Non-idempotent.
+/// long, named by arg2 (up to 8 ASCII bytes, little-endian), its vCPU 0 homed on CPU arg3,
+/// with arg4 vCPUs (0 means 1), and the quota record (`crate::quota::RECORD_WORDS` words,
+/// `Quota::to_words`) at guest-physical arg5 (0: `Quota::APP_VM`). The core reserves the
+/// quota in the services before it takes anything for the VM (`QuotaUnavailable` if it does
+/// not fit). The VM does not run until [`VM_START`]. Answers the new VM's number. Served by
+/// the core (it owns VMX); other VMs get `PermissionDenied`. Non-idempotent.
 pub const VM_CREATE: u64 = 18;
 /// Control VM only: starts VM arg0 (created, not started) with the eight start parameters at
 /// guest-physical arg1 (0: all zero). Answers 0. Served by the core. Non-idempotent.
@@ -118,6 +121,19 @@ pub const fn timer_cookie(vm: u16, vcpu: u8, vector: u8) -> u32 {
 /// The (vm, vcpu, vector) of a guest timer's cookie.
 pub const fn timer_target(cookie: u32) -> (u16, u8, u8) {
     ((cookie >> 16) as u16, (cookie >> 8) as u8, cookie as u8)
+}
+
+/// The VM whose timer quota (`crate::quota`) a timer with this cookie is charged to: the
+/// target VM of a guest timer, one whose expiry raises a vector (at least [`VECTOR_MIN`]) in
+/// a VM below `limits::MAX_VMS`. `None` for any other cookie: a system timer, served from the
+/// host's reserve of each heap.
+pub const fn timer_charge(cookie: u32) -> Option<u16> {
+    let (vm, _, vector) = timer_target(cookie);
+    if vector as u64 >= VECTOR_MIN && vm < crate::limits::MAX_VMS {
+        Some(vm)
+    } else {
+        None
+    }
 }
 
 /// The most entries one multicall batch carries.
@@ -208,6 +224,26 @@ pub enum Request {
         vcpu: u16,
         /// What the guest did.
         exit: GuestExit,
+    },
+    /// From the core: reserves VM `vm`'s quota of event channels (`crate::quota`): from then
+    /// on its `EVTCHN_ALLOC` is refused with `QuotaExceeded` while it holds `event_ports`
+    /// channels it allocated. Replaces the VM's previous limit. Answer: `Complete { value: 0 }`,
+    /// or `Error(QuotaUnavailable)` (nothing changed) if the limits every VM has reserved
+    /// would no longer fit the channel table (`Error(BadVcpu)` for a VM number out of range).
+    /// Idempotent.
+    SetQuota {
+        /// The VM.
+        vm: u16,
+        /// The most event channels it may have allocated at once.
+        event_ports: u16,
+    },
+    /// From the core, once VM `vm` is gone: releases its reservation and what this domain
+    /// still holds for it: closes every channel with an end in it, clears its pending and
+    /// waiting bits, frees its vCPUs' multicall logs, and sets its limit to 0. Answer:
+    /// `Complete { value: 0 }`. Idempotent.
+    DropQuota {
+        /// The VM.
+        vm: u16,
     },
 }
 
@@ -321,11 +357,18 @@ pub enum HypercallError {
     /// A service answered something unexpected or refused for an internal reason (a bug in
     /// a domain, not the guest's fault).
     Internal,
+    /// The calling VM holds as much of the resource as its quota allows (frames, grants,
+    /// event channels or armed timers; the VM's own doing; retryable after it releases
+    /// some). Other VMs' use never causes it: quotas are reservations.
+    QuotaExceeded,
+    /// `VM_CREATE`: the quota asked for does not fit beside the quotas other VMs hold (the
+    /// control VM's choice; retryable after VMs are destroyed).
+    QuotaUnavailable,
 }
 
 impl HypercallError {
     /// Every error, in code order.
-    pub const ALL: [HypercallError; 10] = [
+    pub const ALL: [HypercallError; 12] = [
         HypercallError::BadNumber,
         HypercallError::BadVcpu,
         HypercallError::InvalidArgument,
@@ -336,6 +379,8 @@ impl HypercallError {
         HypercallError::NestedMulticall,
         HypercallError::Busy,
         HypercallError::Internal,
+        HypercallError::QuotaExceeded,
+        HypercallError::QuotaUnavailable,
     ];
 
     /// The guest-visible RAX value: `-(declaration index + 1)`.
@@ -363,7 +408,10 @@ impl Request {
                 _ => Idempotence::NonIdempotent,
             },
             Request::Multicall { .. } => Idempotence::NonIdempotent,
-            Request::Console { .. } | Request::Exit { .. } => Idempotence::Idempotent,
+            Request::Console { .. }
+            | Request::Exit { .. }
+            | Request::SetQuota { .. }
+            | Request::DropQuota { .. } => Idempotence::Idempotent,
         }
     }
 
@@ -374,13 +422,15 @@ impl Request {
             Request::Multicall { .. } => 1,
             Request::Console { .. } => 2,
             Request::Exit { .. } => 3,
+            Request::SetQuota { .. } => 4,
+            Request::DropQuota { .. } => 5,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 4;
+    const OPERATION_COUNT: u16 = 6;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -532,6 +582,31 @@ mod tests {
     }
 
     #[test]
+    fn golden_quotas() {
+        assert_golden_request(
+            &Request::SetQuota {
+                vm: 2,
+                event_ports: 4,
+            },
+            &[4, 2, 4],
+        );
+        assert_golden_request(&Request::DropQuota { vm: 2 }, &[5, 2]);
+        assert_golden(&Reply::Error(HypercallError::QuotaExceeded), &[1, 10]);
+        assert_golden(&Reply::Error(HypercallError::QuotaUnavailable), &[1, 11]);
+    }
+
+    #[test]
+    fn timer_charges_name_guest_timers_only() {
+        assert_eq!(timer_charge(timer_cookie(7, 1, 0x20)), Some(7));
+        assert_eq!(timer_charge(timer_cookie(7, 1, 0x1f)), None);
+        assert_eq!(
+            timer_charge(timer_cookie(crate::limits::MAX_VMS, 0, 0xff)),
+            None
+        );
+        assert_eq!(timer_charge(0), None);
+    }
+
+    #[test]
     fn golden_replies() {
         assert_golden(&Reply::Complete { value: 5 }, &[0, 10]);
         assert_golden(&Reply::Complete { value: -1 }, &[0, 1]);
@@ -604,7 +679,9 @@ mod tests {
         }
         assert_eq!(HypercallError::BadNumber.guest_code(), -1);
         assert_eq!(HypercallError::from_guest_code(0), None);
-        assert_eq!(HypercallError::from_guest_code(-11), None);
+        assert_eq!(HypercallError::QuotaExceeded.guest_code(), -11);
+        assert_eq!(HypercallError::QuotaUnavailable.guest_code(), -12);
+        assert_eq!(HypercallError::from_guest_code(-13), None);
         assert_eq!(HypercallError::from_guest_code(i64::MIN), None);
         assert_eq!(HypercallError::from_guest_code(5), None);
     }
@@ -613,7 +690,15 @@ mod tests {
     fn tags_and_idempotence() {
         let [oneshot, null, multicall] = samples();
         assert_eq!((oneshot.tag(), multicall.tag()), (0, 1));
-        assert_eq!(Request::OPERATION_COUNT, 4);
+        assert_eq!(Request::OPERATION_COUNT, 6);
+        let set = Request::SetQuota {
+            vm: 2,
+            event_ports: 4,
+        };
+        let drop = Request::DropQuota { vm: 2 };
+        assert_eq!((set.tag(), drop.tag()), (4, 5));
+        assert_eq!(set.idempotence(), Idempotence::Idempotent);
+        assert_eq!(drop.idempotence(), Idempotence::Idempotent);
         assert_eq!(oneshot.idempotence(), Idempotence::NonIdempotent);
         assert_eq!(null.idempotence(), Idempotence::Idempotent);
         assert_eq!(multicall.idempotence(), Idempotence::NonIdempotent);

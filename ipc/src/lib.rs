@@ -5,9 +5,10 @@
 //!   it. Domains meet only through the types defined here.
 //! - One module per interface ([`scheduler`], [`memory`], [`timer`], [`hypercall`],
 //!   [`recovery`], [`lifecycle`]), each with a `Request` enum, a `Reply` enum and a small `Copy`
-//!   error enum. **Declaration order is the wire format**: variants and fields are never
-//!   reordered, only appended. Golden byte vectors in each module's tests pin the encoding, so
-//!   an accidental reorder fails `cargo test`.
+//!   error enum; what several interfaces share lives beside them ([`limits`], [`quota`]).
+//!   **Declaration order is the wire format**: variants and fields are never reordered, only
+//!   appended. Golden byte vectors in each module's tests pin the encoding, so an accidental
+//!   reorder fails `cargo test`.
 //! - Every message is bounded: heapless containers only, no allocation, and every value of
 //!   every message type encodes into [`MESSAGE_MAX`] bytes (each module tests its largest
 //!   message).
@@ -28,6 +29,7 @@ pub mod hypercall;
 pub mod lifecycle;
 pub mod limits;
 pub mod memory;
+pub mod quota;
 pub mod recovery;
 pub mod scheduler;
 pub mod timer;

@@ -23,3 +23,16 @@ pub const POOL_FRAMES: usize = 1024;
 /// are demand-zero: the core backs the pages it writes at creation, and the memory domain
 /// backs any other on the guest's first touch (an EPT violation, `memory::Request::EptViolation`).
 pub const GUEST_RAM_PAGES: u32 = 64;
+
+/// Share records the memory domain holds (one frame shared with one VM), over all VMs: the
+/// capacity the VMs' grant quotas are reserved from ([`crate::quota`]).
+pub const SHARES: usize = 128;
+
+/// Event-channel records the hypercall domain holds, over all VMs: the capacity the VMs'
+/// event-port quotas are reserved from ([`crate::quota`]).
+pub const CHANNELS: usize = 64;
+
+/// Timers one CPU's heap in the timer domain holds. A VM's vCPUs may arm all its timers on
+/// one CPU, so the VMs' timer quotas are reserved from one heap's worth (less the host's
+/// reserve, [`crate::quota::TIMER_HOST_RESERVE`]), not from all CPUs' together.
+pub const TIMERS_PER_CPU: usize = 128;

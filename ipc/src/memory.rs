@@ -3,7 +3,8 @@
 //!
 //! Owners are VM numbers `0..limits::MAX_VMS`. A frame's reference count is 1 for its owner
 //! plus 1 per VM it is shared with; only the owner frees it, and only once it is no longer
-//! shared.
+//! shared. Every frame and every share record is charged to its owner's quota
+//! ([`crate::quota`], `SetQuota`): a VM at its limit is refused `QuotaExceeded`.
 
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +146,28 @@ pub enum Request {
         /// The guest frame number it touched.
         gfn: u32,
     },
+    /// Reserves VM `vm`'s quota of frames and share records (`crate::quota`): from then on
+    /// `Allocate`, `EptViolation` and `Share` charge `vm` (a share is charged to the frame's
+    /// owner) and refuse with `QuotaExceeded` once it holds `frames` frames or `grants` share
+    /// records. Replaces the VM's previous limits. Answer: `Done`, or `Error(QuotaUnavailable)`
+    /// (nothing changed) if the limits every VM has reserved would no longer fit the pool or
+    /// the share table. Idempotent (it sets limits, it does not add to them).
+    SetQuota {
+        /// The VM.
+        vm: u16,
+        /// The most frames it may own at once.
+        frames: u32,
+        /// The most share records of its frames at once.
+        grants: u16,
+    },
+    /// Releases VM `vm`'s reservation (its limits become 0): what it still holds keeps
+    /// counting against the capacity until it is freed (a frame still shared stays
+    /// allocated). The core sends it once it has freed the VM's frames. Answer: `Done`.
+    /// Idempotent.
+    DropQuota {
+        /// The VM.
+        vm: u16,
+    },
 }
 
 /// Memory replies.
@@ -164,8 +187,8 @@ pub enum Reply {
     Error(Error),
 }
 
-/// Why the memory domain refused a request. All but `OutOfFrames`, `ShareTableFull` and
-/// `Inconsistent` are the caller's fault and not retryable as is.
+/// Why the memory domain refused a request. All but `OutOfFrames`, `ShareTableFull`,
+/// `QuotaUnavailable` and `Inconsistent` are the caller's fault and not retryable as is.
 ///
 /// Declaration order is the wire format: never reorder; append only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -197,6 +220,12 @@ pub enum Error {
     PoolInUse,
     /// `EptViolation` outside the VM's guest RAM: nothing backs that page on demand.
     NotGuestRam,
+    /// The VM holds as many frames (or share records) as its quota allows (the VM's fault;
+    /// retryable after it frees some).
+    QuotaExceeded,
+    /// `SetQuota`: the VMs' reservations together would exceed the pool or the share table
+    /// (the caller's choice of quotas; retryable after other quotas are dropped).
+    QuotaUnavailable,
 }
 
 impl Request {
@@ -207,7 +236,9 @@ impl Request {
             | Request::Validate { .. }
             | Request::Stats
             | Request::Configure { .. }
-            | Request::MayMap { .. } => Idempotence::Idempotent,
+            | Request::MayMap { .. }
+            | Request::SetQuota { .. }
+            | Request::DropQuota { .. } => Idempotence::Idempotent,
             Request::Allocate { .. }
             | Request::Free { .. }
             | Request::Share { .. }
@@ -229,13 +260,15 @@ impl Request {
             Request::Configure { .. } => 7,
             Request::MayMap { .. } => 8,
             Request::EptViolation { .. } => 9,
+            Request::SetQuota { .. } => 10,
+            Request::DropQuota { .. } => 11,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 10;
+    const OPERATION_COUNT: u16 = 12;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -253,7 +286,7 @@ mod tests {
 
     const F: FrameNumber = FrameNumber(0x1234);
 
-    fn samples() -> [Request; 10] {
+    fn samples() -> [Request; 12] {
         [
             Request::Allocate { owner: 2 },
             Request::Free { frame: F, owner: 2 },
@@ -269,6 +302,12 @@ mod tests {
             Request::Configure { base: F },
             Request::MayMap { frame: F, vm: 2 },
             Request::EptViolation { vm: 2, gfn: 0x3f },
+            Request::SetQuota {
+                vm: 2,
+                frames: 96,
+                grants: 8,
+            },
+            Request::DropQuota { vm: 2 },
         ]
     }
 
@@ -304,6 +343,15 @@ mod tests {
             &[5, 255, 255, 255, 255, 15],
         );
         assert_golden_request(&Request::Stats, &[6]);
+        assert_golden_request(
+            &Request::SetQuota {
+                vm: 3,
+                frames: 200,
+                grants: 8,
+            },
+            &[10, 3, 200, 1, 8],
+        );
+        assert_golden_request(&Request::DropQuota { vm: 3 }, &[11, 3]);
     }
 
     #[test]
@@ -340,6 +388,8 @@ mod tests {
         assert_golden(&Reply::Error(Error::Inconsistent), &[4, 10]);
         assert_golden(&Reply::Error(Error::PoolInUse), &[4, 11]);
         assert_golden(&Reply::Error(Error::NotGuestRam), &[4, 12]);
+        assert_golden(&Reply::Error(Error::QuotaExceeded), &[4, 13]);
+        assert_golden(&Reply::Error(Error::QuotaUnavailable), &[4, 14]);
     }
 
     #[test]
@@ -349,7 +399,7 @@ mod tests {
         }
         assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
         let idempotent = [
-            false, false, false, false, true, true, true, true, true, false,
+            false, false, false, false, true, true, true, true, true, false, true, true,
         ];
         for (request, expected) in samples().iter().zip(idempotent) {
             assert_eq!(
@@ -382,6 +432,11 @@ mod tests {
             refcount: u16::MAX,
             validated: true,
         }));
+        assert_fits(&Request::SetQuota {
+            vm: u16::MAX,
+            frames: u32::MAX,
+            grants: u16::MAX,
+        });
         assert_fits(&Reply::Stats(MemoryStats {
             total: u32::MAX,
             free: u32::MAX,

@@ -2,7 +2,10 @@
 //!
 //! Deadlines and periods are in the CPU's TSC units (instructions under bochs). A timer fires
 //! on the CPU it was set on; `Expire` is driven by that CPU's APIC timer interrupt and answers
-//! the cookies of the timers that fired, which the core delivers as notifications.
+//! the cookies of the timers that fired, which the core delivers as notifications. A guest
+//! timer (its cookie names a VM, `hypercall::timer_charge`) is charged to that VM's quota
+//! ([`crate::quota`], `SetQuota`) while it is armed; any other timer comes out of each heap's
+//! host reserve.
 
 use heapless::Vec;
 use serde::{Deserialize, Serialize};
@@ -65,6 +68,25 @@ pub enum Request {
         /// The CPU.
         cpu: u8,
     },
+    /// Reserves VM `vm`'s quota of guest timers (`crate::quota`): from then on a timer whose
+    /// cookie names `vm` as its target (`hypercall::timer_charge`) is refused with
+    /// `QuotaExceeded` while `vm` has `timers` of them armed. Replaces the VM's previous
+    /// limit. Answer: `Done`, or `Error(QuotaUnavailable)` (nothing changed) if the limits
+    /// every VM has reserved would no longer fit one CPU's heap less the host's reserve (a VM
+    /// may arm all its timers on one CPU). Idempotent.
+    SetQuota {
+        /// The VM.
+        vm: u16,
+        /// The most timers it may have armed at once.
+        timers: u16,
+    },
+    /// Releases VM `vm`'s reservation: cancels every timer charged to it (the VM is gone;
+    /// nobody is left to take their vectors) and sets its limit to 0. Answer: `Done`.
+    /// Idempotent.
+    DropQuota {
+        /// The VM.
+        vm: u16,
+    },
 }
 
 /// Timer replies.
@@ -106,13 +128,24 @@ pub enum Error {
     /// The timer heaps are inconsistent (callee's fault: recovery should validate and repair
     /// them). Retryable after repair.
     Inconsistent,
+    /// `SetQuota` or `DropQuota` of a VM number at or over `limits::MAX_VMS` (caller's fault).
+    BadVm,
+    /// The VM a timer is charged to has as many armed as its quota allows (the VM's fault;
+    /// retryable once one fires).
+    QuotaExceeded,
+    /// `SetQuota`: the VMs' reservations together would exceed a heap (the caller's choice
+    /// of quotas; retryable after other quotas are dropped).
+    QuotaUnavailable,
 }
 
 impl Request {
     /// Whether this request may be repeated after the timer domain restarted.
     pub const fn idempotence(&self) -> Idempotence {
         match self {
-            Request::Cancel { .. } | Request::NextDeadline { .. } => Idempotence::Idempotent,
+            Request::Cancel { .. }
+            | Request::NextDeadline { .. }
+            | Request::SetQuota { .. }
+            | Request::DropQuota { .. } => Idempotence::Idempotent,
             Request::SetOneShot { .. } | Request::SetRecurring { .. } | Request::Expire { .. } => {
                 Idempotence::NonIdempotent
             }
@@ -127,13 +160,15 @@ impl Request {
             Request::Cancel { .. } => 2,
             Request::Expire { .. } => 3,
             Request::NextDeadline { .. } => 4,
+            Request::SetQuota { .. } => 5,
+            Request::DropQuota { .. } => 6,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 5;
+    const OPERATION_COUNT: u16 = 7;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -150,7 +185,7 @@ mod tests {
     use crate::test_support::*;
     use crate::{WireError, decode};
 
-    fn samples() -> [Request; 5] {
+    fn samples() -> [Request; 7] {
         [
             Request::SetOneShot {
                 cpu: 1,
@@ -169,6 +204,8 @@ mod tests {
                 now: 1 << 40,
             },
             Request::NextDeadline { cpu: 3 },
+            Request::SetQuota { vm: 2, timers: 8 },
+            Request::DropQuota { vm: 2 },
         ]
     }
 
@@ -204,6 +241,8 @@ mod tests {
             &[3, 2, 128, 128, 128, 128, 128, 32],
         );
         assert_golden_request(&Request::NextDeadline { cpu: 3 }, &[4, 3]);
+        assert_golden_request(&Request::SetQuota { vm: 2, timers: 8 }, &[5, 2, 8]);
+        assert_golden_request(&Request::DropQuota { vm: 300 }, &[6, 172, 2]);
     }
 
     #[test]
@@ -227,6 +266,9 @@ mod tests {
         assert_golden(&Reply::Deadline(None), &[3, 0]);
         assert_golden(&Reply::Deadline(Some(5000)), &[3, 1, 136, 39]);
         assert_golden(&Reply::Error(Error::UnknownTimer), &[4, 3]);
+        assert_golden(&Reply::Error(Error::BadVm), &[4, 5]);
+        assert_golden(&Reply::Error(Error::QuotaExceeded), &[4, 6]);
+        assert_golden(&Reply::Error(Error::QuotaUnavailable), &[4, 7]);
     }
 
     #[test]
@@ -235,7 +277,7 @@ mod tests {
             assert_eq!(usize::from(request.tag()), index);
         }
         assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
-        let idempotent = [false, false, true, false, true];
+        let idempotent = [false, false, true, false, true, true, true];
         for (request, expected) in samples().iter().zip(idempotent) {
             assert_eq!(
                 request.idempotence() == Idempotence::Idempotent,

@@ -163,13 +163,17 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "isolation",
         about: "three malicious VMs (bad pointers, foreign frames, double unmaps, privileged \
                 calls, random hypercalls; one then writes outside its memory, one reads an MSR: \
-                each must be stopped alone) beside two UnixBench-like VMs that must pass",
+                each must be stopped alone) and two that exhaust their quotas of frames, \
+                grants, event ports and timers (each refused QuotaExceeded after exactly its \
+                quota) beside two UnixBench-like VMs that must pass",
         vms: &[
             VmSpec::app("hostile", [0; 8]),
             VmSpec::stopped("hostile", [1, 0, 0, 0, 0, 0, 0, 0]),
             VmSpec::stopped("hostile", [2, 0, 0, 0, 0, 0, 0, 0]),
             UNIXBENCH,
             UNIXBENCH,
+            VmSpec::app("hostile", [3, 0, 0, 0, 0, 0, 0, 0]),
+            VmSpec::app("hostile", [3, 0, 0, 0, 0, 0, 0, 0]),
         ],
         inject_after: INJECT_AFTER,
     },
@@ -311,5 +315,40 @@ mod tests {
         assert_eq!(home_cpu(3, 2), 1);
         assert_eq!(home_cpu(4, 4), 0);
         assert_eq!(home_cpu(2, 0), 0);
+    }
+
+    #[test]
+    fn every_scenarios_quotas_fit_together() {
+        use ipc::quota::{
+            EVENT_PORT_CAPACITY, FRAME_CAPACITY, GRANT_CAPACITY, Quota, SIZED_FOR_VMS,
+            TIMER_CAPACITY,
+        };
+        // The core reserves the defaults for the scenario's VMs, and the control VM's
+        // VM_CREATEs (arg5 = 0) the AppVM default for each of its modules: even with every one
+        // of them alive at once, no reservation may be refused.
+        for scenario in SCENARIOS {
+            let quotas = scenario.vms.iter().flat_map(|vm| {
+                let own = if vm.privileged {
+                    Quota::CONTROL_VM
+                } else {
+                    Quota::APP_VM
+                };
+                core::iter::once(own).chain(vm.modules.iter().map(|_| Quota::APP_VM))
+            });
+            let (mut vms, mut frames, mut grants, mut ports, mut timers) = (0, 0, 0, 0, 0);
+            for quota in quotas {
+                vms += 1;
+                frames += quota.frames;
+                grants += u32::from(quota.grants);
+                ports += u32::from(quota.event_ports);
+                timers += u32::from(quota.timers);
+            }
+            let name = scenario.name;
+            assert!(vms <= SIZED_FOR_VMS, "{name}: {vms} VMs");
+            assert!(frames <= FRAME_CAPACITY, "{name}: {frames} frames");
+            assert!(grants <= GRANT_CAPACITY, "{name}: {grants} grants");
+            assert!(ports <= EVENT_PORT_CAPACITY, "{name}: {ports} event ports");
+            assert!(timers <= TIMER_CAPACITY, "{name}: {timers} timers");
+        }
     }
 }

@@ -171,10 +171,10 @@ fn scenario(name: &'static str, cpus: u32, cmdline: &'static str, vms: usize) ->
     case
 }
 
-/// The isolation scenario: three malicious VMs, two of which the core must stop, beside two
-/// that must pass.
+/// The isolation scenario: three malicious VMs, two of which the core must stop, and two
+/// that exhaust their quotas and must pass, beside two honest VMs that must pass.
 fn isolation(name: &'static str, cpus: u32) -> BootCase {
-    let mut case = scenario(name, cpus, "scenario=isolation", 5);
+    let mut case = scenario(name, cpus, "scenario=isolation", 7);
     case.expect.vms_stopped = 2;
     case
 }

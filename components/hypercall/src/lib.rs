@@ -19,6 +19,13 @@
 //!   VM and a byte per VM of vCPUs blocked in `EVENT_WAIT`. Pending bits are levels, not
 //!   counts, so a send that stopped half-way (a wake failed) can be repeated; a send wakes the
 //!   waiters before it sets the pending bit, so a refused send leaves no event behind.
+//! - Event channels are charged to the VM that allocates them (`EVTCHN_ALLOC`) against its
+//!   quota (`ipc::quota`): a per-VM limit the core reserves (`Request::SetQuota`, refused
+//!   `QuotaUnavailable` when the VMs' committed channels would exceed the channel table) and
+//!   a count of the live channels it owns. A VM at its limit is refused `QuotaExceeded`; one
+//!   under it always finds a free record. The counts are derived from the channel table:
+//!   every repair recounts them. `Request::DropQuota` releases a VM that is gone: its
+//!   channels, pending and waiting bits, multicall logs and reservation.
 //!
 //! Invariants: log slots are free, in progress or done; a log's completion mask covers only its
 //! entries, a done log's covers all of them; each vCPU has at most one log; stored outcomes
@@ -26,7 +33,8 @@
 //! `MAX_VMS`, two different ones; the allocating end's port is in `1..EVENT_PORTS`, the
 //! peer's too once bound and 0 while unbound; no two live ends share (VM, port); a VM's
 //! pending mask has bits only at the ports of its live ends (so bits 0 and 63 are clear);
-//! a VM's waiting byte has bits only below `MAX_VCPUS_PER_VM`.
+//! a VM's waiting byte has bits only below `MAX_VCPUS_PER_VM`; a VM's channel count is the
+//! number of live channels it allocated, and the VMs' committed channels fit the table.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -40,6 +48,7 @@ use ipc::hypercall::{
 };
 use ipc::limits::{MAX_CPUS, MAX_VCPUS, MAX_VCPUS_PER_VM, MAX_VMS};
 use ipc::memory::{self, FrameNumber};
+use ipc::quota::{EVENT_PORT_CAPACITY, committed, reservation_fits};
 use ipc::scheduler::{self, VcpuId};
 use ipc::timer;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -48,7 +57,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const MAX_LOGS: usize = MAX_VCPUS;
 
 /// Event-channel records: the most channels open at once, over all VMs.
-pub const MAX_CHANNELS: usize = 64;
+pub const MAX_CHANNELS: usize = ipc::limits::CHANNELS;
 
 /// The vCPU bits a VM's waiting byte may use.
 const WAITING_MASK: u8 = ((1u16 << MAX_VCPUS_PER_VM) - 1) as u8;
@@ -257,7 +266,7 @@ fn stray_waiting(byte: u8) -> u8 {
     byte & !WAITING_MASK
 }
 
-/// The hypercall domain's whole state (4424 bytes: two pages of state region), as it lies in
+/// The hypercall domain's whole state (4680 bytes: two pages of state region), as it lies in
 /// the state region.
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
@@ -275,6 +284,11 @@ pub struct HypercallState {
     /// Per VM: bit `v` set = its vCPU `v` blocked in `EVENT_WAIT` and is woken by the next
     /// event sent to the VM.
     pub waiting: [u8; MAX_VMS as usize],
+    /// Per VM: the most live channels it may have allocated (its reserved event-port quota;
+    /// 0 = none).
+    pub port_limits: [u16; MAX_VMS as usize],
+    /// Per VM: live channels it allocated (the owner end).
+    pub ports_used: [u16; MAX_VMS as usize],
 }
 
 /// A broken invariant found by [`HypercallState::validate`].
@@ -332,6 +346,13 @@ pub enum StateError {
         /// The VM.
         vm: u8,
     },
+    /// A VM's channel count differs from the live channels it allocated.
+    BadPortCount {
+        /// The VM.
+        vm: u8,
+    },
+    /// The VMs' committed channels exceed the channel table.
+    Overcommitted,
 }
 
 impl StateError {
@@ -349,6 +370,8 @@ impl StateError {
             StateError::DuplicatePort { channel } => (8, channel),
             StateError::BadPending { vm } => (9, vm),
             StateError::BadWaiting { vm } => (10, vm),
+            StateError::BadPortCount { vm } => (11, vm),
+            StateError::Overcommitted => (12, 0),
         };
         (check << 8) | slot as u16
     }
@@ -368,12 +391,22 @@ pub struct RepairReport {
     pub pending_masked: u32,
     /// VMs whose waiting byte lost bits that named no vCPU.
     pub waiting_masked: u32,
+    /// VMs whose channel count was recomputed from the channel table.
+    pub counts_fixed: u32,
+    /// Quota limits lowered to what their VMs hold because the reservations no longer fit
+    /// the table (only a corrupted state region gets there).
+    pub limits_trimmed: u32,
 }
 
 impl RepairReport {
     /// Number of fixes (kept batches are not fixes).
     pub fn fixes(&self) -> u32 {
-        self.logs_dropped + self.channels_freed + self.pending_masked + self.waiting_masked
+        self.logs_dropped
+            + self.channels_freed
+            + self.pending_masked
+            + self.waiting_masked
+            + self.counts_fixed
+            + self.limits_trimmed
     }
 }
 
@@ -550,7 +583,10 @@ fn memory_error(error: memory::Error) -> HypercallError {
         memory::Error::NotOwner | memory::Error::SelfShare => HypercallError::PermissionDenied,
         memory::Error::StillShared | memory::Error::AlreadyShared => HypercallError::InUse,
         memory::Error::OutOfFrames | memory::Error::ShareTableFull => HypercallError::NoResources,
-        memory::Error::Inconsistent | memory::Error::PoolInUse => HypercallError::Internal,
+        memory::Error::QuotaExceeded => HypercallError::QuotaExceeded,
+        memory::Error::Inconsistent
+        | memory::Error::PoolInUse
+        | memory::Error::QuotaUnavailable => HypercallError::Internal,
     }
 }
 
@@ -560,7 +596,10 @@ fn timer_error(error: timer::Error) -> HypercallError {
         timer::Error::BadPeriod => HypercallError::InvalidArgument,
         timer::Error::HeapFull => HypercallError::NoResources,
         timer::Error::UnknownTimer => HypercallError::NotFound,
-        timer::Error::Inconsistent => HypercallError::Internal,
+        timer::Error::QuotaExceeded => HypercallError::QuotaExceeded,
+        timer::Error::Inconsistent | timer::Error::BadVm | timer::Error::QuotaUnavailable => {
+            HypercallError::Internal
+        }
     }
 }
 
@@ -679,6 +718,8 @@ impl HypercallState {
         self.channels = [EventChannel::FREE; MAX_CHANNELS];
         self.pending = [0; MAX_VMS as usize];
         self.waiting = [0; MAX_VMS as usize];
+        self.port_limits = [0; MAX_VMS as usize];
+        self.ports_used = [0; MAX_VMS as usize];
     }
 
     /// Serves one request. Never panics; a refused call changes nothing.
@@ -721,6 +762,14 @@ impl HypercallState {
             } => match caller(cpu, vm, vcpu) {
                 Err(error) => Reply::Error(error),
                 Ok(_) => Reply::Exit(answer_exit(exit)),
+            },
+            Request::SetQuota { vm, event_ports } => match self.set_quota(vm, event_ports) {
+                Ok(()) => Reply::Complete { value: 0 },
+                Err(error) => Reply::Error(error),
+            },
+            Request::DropQuota { vm } => match self.drop_quota(vm) {
+                Ok(()) => Reply::Complete { value: 0 },
+                Err(error) => Reply::Error(error),
             },
             Request::Console {
                 cpu,
@@ -880,17 +929,63 @@ impl HypercallState {
         self.channels.iter().position(|channel| channel.holds(end))
     }
 
-    /// Frees a channel record and drops the pending bits of both its ends.
+    /// Frees a channel record, drops the pending bits of both its ends and uncharges its
+    /// owner.
     fn close_channel(&mut self, index: usize) {
-        for end in self.channels[index].live_ends().into_iter().flatten() {
+        let channel = self.channels[index];
+        for end in channel.live_ends().into_iter().flatten() {
             if let Some(pending) = self.pending.get_mut(usize::from(end.vm)) {
                 *pending &= !port_bit(end.port);
             }
         }
+        if channel.live_ends()[0].is_some()
+            && let Some(count) = self.ports_used.get_mut(usize::from(channel.owner.vm))
+        {
+            *count = count.saturating_sub(1);
+        }
         self.channels[index] = EventChannel::FREE;
     }
 
+    /// Sets VM `vm`'s event-channel limit if every VM's reservation still fits the table.
+    fn set_quota(&mut self, vm: u16, event_ports: u16) -> Result<(), HypercallError> {
+        if vm >= MAX_VMS {
+            return Err(HypercallError::BadVcpu);
+        }
+        let vm = usize::from(vm);
+        if !reservation_fits(
+            &self.port_limits,
+            &self.ports_used,
+            vm,
+            u32::from(event_ports),
+            EVENT_PORT_CAPACITY,
+        ) {
+            return Err(HypercallError::QuotaUnavailable);
+        }
+        self.port_limits[vm] = event_ports;
+        Ok(())
+    }
+
+    /// Releases VM `vm`, which is gone: its channels (and pending and waiting bits), its
+    /// vCPUs' multicall logs (slots other vCPUs need), its reservation.
+    fn drop_quota(&mut self, vm: u16) -> Result<(), HypercallError> {
+        if vm >= MAX_VMS {
+            return Err(HypercallError::BadVcpu);
+        }
+        self.release_vm(vm);
+        for log in self.logs.iter_mut() {
+            if log.state != LogState::Free as u8 && log.vm == vm {
+                *log = MulticallLog::FREE;
+            }
+        }
+        self.port_limits[usize::from(vm)] = 0;
+        Ok(())
+    }
+
     fn channel_alloc(&mut self, caller: Caller, remote: u16) -> Outcome {
+        let vm = usize::from(caller.vm);
+        if self.ports_used[vm] >= self.port_limits[vm] {
+            return Outcome::Refused(HypercallError::QuotaExceeded);
+        }
         let free = self
             .channels
             .iter()
@@ -910,6 +1005,7 @@ impl HypercallState {
             },
             ..EventChannel::FREE
         };
+        self.ports_used[vm] += 1;
         Outcome::Value(i64::from(port))
     }
 
@@ -1225,11 +1321,32 @@ impl HypercallState {
         Ok(())
     }
 
+    /// Live channels each VM allocated, counted from the channel table.
+    fn count_ports(&self) -> [u16; MAX_VMS as usize] {
+        let mut counted = [0u16; MAX_VMS as usize];
+        for channel in &self.channels {
+            if channel.live_ends()[0].is_some()
+                && let Some(count) = counted.get_mut(usize::from(channel.owner.vm))
+            {
+                *count = count.saturating_add(1);
+            }
+        }
+        counted
+    }
+
     /// Checks every invariant; the first broken one is returned.
     pub fn validate(&self) -> Result<(), StateError> {
         (0..MAX_LOGS).try_for_each(|slot| self.check_log(slot))?;
         (0..MAX_CHANNELS).try_for_each(|index| self.check_channel(index))?;
-        (0..MAX_VMS).try_for_each(|vm| self.check_events(vm))
+        (0..MAX_VMS).try_for_each(|vm| self.check_events(vm))?;
+        let counted = self.count_ports();
+        if let Some(vm) = (0..usize::from(MAX_VMS)).find(|&vm| self.ports_used[vm] != counted[vm]) {
+            return Err(StateError::BadPortCount { vm: vm as u8 });
+        }
+        if committed(&self.port_limits, &self.ports_used) > u64::from(EVENT_PORT_CAPACITY) {
+            return Err(StateError::Overcommitted);
+        }
+        Ok(())
     }
 
     /// The repair routine after a microreset or microreboot: frees logs and channel records
@@ -1265,6 +1382,24 @@ impl HypercallState {
             if stray_waiting(self.waiting[index]) != 0 {
                 self.waiting[index] &= WAITING_MASK;
                 report.waiting_masked += 1;
+            }
+        }
+        // The counts from the (now valid) channel table; the limits are the core's and stay,
+        // unless together they no longer fit (a corrupted region): then each is lowered to
+        // what its VM holds, which fits.
+        let counted = self.count_ports();
+        for (used, counted) in self.ports_used.iter_mut().zip(counted) {
+            if *used != counted {
+                *used = counted;
+                report.counts_fixed += 1;
+            }
+        }
+        if committed(&self.port_limits, &self.ports_used) > u64::from(EVENT_PORT_CAPACITY) {
+            for (limit, &used) in self.port_limits.iter_mut().zip(&self.ports_used) {
+                if *limit > used {
+                    *limit = used;
+                    report.limits_trimmed += 1;
+                }
             }
         }
         report

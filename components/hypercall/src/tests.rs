@@ -85,10 +85,34 @@ impl Services for Fake {
     }
 }
 
-fn fresh() -> Box<HypercallState> {
+/// A state just initialised: no log, no channel, no quota.
+fn blank() -> Box<HypercallState> {
     let mut state = Box::new(HypercallState::new_zeroed());
     state.init();
     state
+}
+
+/// VMs `0..QUOTA_VMS` of [`fresh`] hold an equal share of the channel table.
+const QUOTA_VMS: u16 = 8;
+const PORTS_EACH: u16 = (MAX_CHANNELS / QUOTA_VMS as usize) as u16;
+
+/// A state whose VMs `0..QUOTA_VMS` reserved an equal share of the channel table.
+fn fresh() -> Box<HypercallState> {
+    let mut state = blank();
+    for vm in 0..QUOTA_VMS {
+        set_quota(&mut state, vm, PORTS_EACH);
+    }
+    state
+}
+
+#[track_caller]
+fn set_quota(state: &mut HypercallState, vm: u16, event_ports: u16) {
+    assert_eq!(
+        state.dispatch(Request::SetQuota { vm, event_ports }, &mut Fake::default()),
+        Reply::Complete { value: 0 },
+        "quota of {event_ports} ports for VM {vm}"
+    );
+    assert_eq!(state.validate(), Ok(()));
 }
 
 fn hypercall(number: u64, args: [u64; 6]) -> Request {
@@ -149,7 +173,7 @@ fn state_layout_is_fixed() {
     assert_eq!(core::mem::size_of::<MulticallLog>(), 96);
     assert_eq!(core::mem::size_of::<ChannelEnd>(), 4);
     assert_eq!(core::mem::size_of::<EventChannel>(), 12);
-    assert_eq!(core::mem::size_of::<HypercallState>(), 4424);
+    assert_eq!(core::mem::size_of::<HypercallState>(), 4680);
 }
 
 #[test]
@@ -439,6 +463,10 @@ fn service_errors_become_guest_errors() {
         (memory::Error::OutOfFrames, HypercallError::NoResources),
         (memory::Error::SelfShare, HypercallError::PermissionDenied),
         (memory::Error::Inconsistent, HypercallError::Internal),
+        // Over its own quota: the guest's doing, and told apart from an empty pool.
+        (memory::Error::QuotaExceeded, HypercallError::QuotaExceeded),
+        // Only the core sets quotas: a guest call never sees this one.
+        (memory::Error::QuotaUnavailable, HypercallError::Internal),
     ];
     for (error, expected) in cases {
         let mut fake = Fake {
@@ -891,9 +919,12 @@ fn repair_drops_only_what_is_broken() {
             (logs, channels, pending, waiting),
             "{name}"
         );
+        // A freed channel leaves its owner's count one high until the repair recounts.
+        assert!(report.counts_fixed <= channels, "{name}");
+        assert_eq!(report.limits_trimmed, 0, "{name}");
         assert_eq!(
             report.fixes(),
-            logs + channels + pending + waiting,
+            logs + channels + pending + waiting + report.counts_fixed,
             "{name}"
         );
         assert_eq!(state.validate(), Ok(()), "{name}");
@@ -1310,8 +1341,11 @@ fn bad_ports_and_vms_are_refused_without_state_change() {
 }
 
 #[test]
-fn ports_and_records_run_out() {
-    let mut state = fresh();
+fn ports_run_out() {
+    // Each VM names its own ports: VM 1 may reserve more channels than it has ports.
+    let mut state = blank();
+    set_quota(&mut state, 1, EVENT_PORTS);
+    set_quota(&mut state, 3, 1);
     let mut fake = Fake::default();
     // VM 1 offers every one of its ports to VM 2.
     for port in 1..EVENT_PORTS {
@@ -1335,14 +1369,20 @@ fn ports_and_records_run_out() {
         Reply::Error(HypercallError::NoResources)
     );
     assert!(state == before_bind);
-    // The last record goes to VM 4; VM 5 finds none.
+    // The table is all reserved: VM 4 holds no quota and gets no channel.
     assert_eq!(
-        value(state.dispatch(call_as(4, 0, EVTCHN_ALLOC, 5, 0), &mut fake)),
-        1
+        state.dispatch(call_as(4, 0, EVTCHN_ALLOC, 5, 0), &mut fake),
+        Reply::Error(HypercallError::QuotaExceeded)
     );
     assert_eq!(
-        state.dispatch(call_as(5, 0, EVTCHN_ALLOC, 4, 0), &mut fake),
-        Reply::Error(HypercallError::NoResources)
+        state.dispatch(
+            Request::SetQuota {
+                vm: 4,
+                event_ports: 1
+            },
+            &mut fake
+        ),
+        Reply::Error(HypercallError::QuotaUnavailable)
     );
     // Closing VM 1's port 5 frees a record and a port: the bind now gets port 5.
     assert_eq!(
@@ -1656,9 +1696,9 @@ fn event_state_round_trips_through_bytes() {
         0
     );
     assert_eq!(fake.calls, ["Wake { vcpu: VcpuId { vm: 3, vcpu: 0 } }"]);
-    // `init` forgets every channel, event and waiter.
+    // `init` forgets every channel, event, waiter and quota.
     rebooted.init();
-    assert!(rebooted == *fresh());
+    assert!(rebooted == *blank());
     assert!(rebooted.as_bytes().iter().all(|&byte| byte == 0));
 }
 
@@ -1744,4 +1784,237 @@ fn exit_requests_check_the_caller() {
         &mut services,
     );
     assert!(matches!(reply, Reply::Exit(_)));
+}
+
+// Quotas (`ipc::quota`): event channels are charged to the VM that allocates them.
+
+/// A fake whose timer domain refuses every timer with `error`.
+struct RefusingTimer(timer::Error);
+
+impl Services for RefusingTimer {
+    fn scheduler(&mut self, _: scheduler::Request) -> Result<scheduler::Reply, CallError> {
+        Ok(scheduler::Reply::Done)
+    }
+    fn memory(&mut self, _: memory::Request) -> Result<memory::Reply, CallError> {
+        Ok(memory::Reply::Done)
+    }
+    fn timer(&mut self, _: timer::Request) -> Result<timer::Reply, CallError> {
+        Ok(timer::Reply::Error(self.0))
+    }
+    fn console(&mut self, _: u16, _: &str) {}
+}
+
+/// VM `vm` allocates channels offered to `remote` until refused; returns the ports.
+fn allocate_until_refused(
+    state: &mut HypercallState,
+    vm: u16,
+    remote: u16,
+    refusal: HypercallError,
+) -> std::vec::Vec<i64> {
+    let mut ports = std::vec::Vec::new();
+    loop {
+        let request = call_as(vm, 0, EVTCHN_ALLOC, u64::from(remote), 0);
+        let before = state.clone();
+        match state.dispatch(request, &mut Fake::default()) {
+            Reply::Complete { value } => ports.push(value),
+            Reply::Error(error) => {
+                assert_eq!(error, refusal, "vm {vm} after {} ports", ports.len());
+                assert!(*state == before, "a refused allocation changed the state");
+                assert_eq!(state.validate(), Ok(()));
+                return ports;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn timer_quota_refusals_reach_the_guest_as_quota_exceeded() {
+    let mut state = fresh();
+    let oneshot = hypercall(TIMER_ONESHOT, [5000, 40, 0, 0, 0, 0]);
+    for (error, expected) in [
+        (timer::Error::QuotaExceeded, HypercallError::QuotaExceeded),
+        (timer::Error::HeapFull, HypercallError::NoResources),
+        (timer::Error::QuotaUnavailable, HypercallError::Internal),
+        (timer::Error::BadVm, HypercallError::Internal),
+    ] {
+        let reply = state.dispatch(oneshot.clone(), &mut RefusingTimer(error));
+        assert_eq!(reply, Reply::Error(expected), "{error:?}");
+    }
+    assert!(*state == *fresh());
+}
+
+#[test]
+fn a_vm_without_a_quota_allocates_no_channel_but_may_bind() {
+    let mut state = blank();
+    set_quota(&mut state, 1, 1);
+    let mut fake = Fake::default();
+    assert_eq!(
+        state.dispatch(call_as(2, 0, EVTCHN_ALLOC, 1, 0), &mut fake),
+        Reply::Error(HypercallError::QuotaExceeded)
+    );
+    // Binding takes no record: the channel is charged to VM 1, which offered it.
+    assert_eq!(
+        value(state.dispatch(call_as(1, 0, EVTCHN_ALLOC, 2, 0), &mut fake)),
+        1
+    );
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_BIND, 1, 1), &mut fake)),
+        1
+    );
+    assert_eq!((state.ports_used[1], state.ports_used[2]), (1, 0));
+    assert_eq!(state.validate(), Ok(()));
+}
+
+#[test]
+fn reservations_over_the_channel_table_are_refused() {
+    let mut state = blank();
+    let mut fake = Fake::default();
+    set_quota(&mut state, 1, MAX_CHANNELS as u16 - 4);
+    set_quota(&mut state, 2, 4);
+    let before = state.clone();
+    for (vm, ports, error) in [
+        (3, 1, HypercallError::QuotaUnavailable),
+        (2, 5, HypercallError::QuotaUnavailable),
+        (MAX_VMS, 0, HypercallError::BadVcpu),
+    ] {
+        assert_eq!(
+            state.dispatch(
+                Request::SetQuota {
+                    vm,
+                    event_ports: ports
+                },
+                &mut fake
+            ),
+            Reply::Error(error),
+            "VM {vm}, {ports} ports"
+        );
+    }
+    assert_eq!(
+        state.dispatch(Request::DropQuota { vm: MAX_VMS }, &mut fake),
+        Reply::Error(HypercallError::BadVcpu)
+    );
+    assert!(*state == *before);
+    // A retry and a lower limit fit; what is freed can be reserved by another VM.
+    set_quota(&mut state, 2, 4);
+    set_quota(&mut state, 2, 1);
+    set_quota(&mut state, 3, 3);
+    assert!(fake.calls.is_empty());
+}
+
+#[test]
+fn exhausting_vms_cannot_take_an_honest_vms_channels() {
+    // Seven VMs reserve all but an AppVM's quota and allocate until refused; the honest VM
+    // still gets every channel of its quota. Every refusal is QuotaExceeded, never
+    // NoResources.
+    let mut state = blank();
+    let honest = 9;
+    let app = ipc::quota::Quota::APP_VM.event_ports;
+    set_quota(&mut state, honest, app);
+    let hostile = (MAX_CHANNELS as u16 - app) / 7;
+    for vm in 1..=7 {
+        set_quota(&mut state, vm, hostile);
+    }
+    for vm in 1..=7 {
+        let ports = allocate_until_refused(&mut state, vm, honest, HypercallError::QuotaExceeded);
+        assert_eq!(ports.len(), usize::from(hostile));
+    }
+    // A batch is charged the same way.
+    let batch = Request::Multicall {
+        cpu: 0,
+        vm: 1,
+        vcpu: 0,
+        batch: 1,
+        entries: Vec::from_slice(&[entry(EVTCHN_ALLOC, 2, 0)]).unwrap(),
+    };
+    assert_eq!(
+        outcomes(state.dispatch(batch, &mut Fake::default())),
+        [EntryOutcome::Error(HypercallError::QuotaExceeded)]
+    );
+    let ports = allocate_until_refused(&mut state, honest, 1, HypercallError::QuotaExceeded);
+    assert_eq!(ports, [1, 2, 3, 4]);
+    // Closing one gives the slot of the quota back.
+    assert_eq!(
+        value(state.dispatch(call_as(honest, 0, EVTCHN_CLOSE, 2, 0), &mut Fake::default())),
+        0
+    );
+    assert_eq!(
+        allocate_until_refused(&mut state, honest, 1, HypercallError::QuotaExceeded),
+        [2]
+    );
+}
+
+#[test]
+fn dropping_a_quota_releases_the_vm_and_its_reservation() {
+    let mut state = busy();
+    let mut fake = Fake::default();
+    // VM 2 allocated a channel of its own and has a batch log.
+    assert_eq!(
+        value(state.dispatch(call_as(2, 0, EVTCHN_ALLOC, 4, 0), &mut fake)),
+        2
+    );
+    state.dispatch(
+        Request::Multicall {
+            cpu: 0,
+            vm: 2,
+            vcpu: 0,
+            batch: 1,
+            entries: Vec::from_slice(&populate_batch()).unwrap(),
+        },
+        &mut Fake::default(),
+    );
+    assert!(state.log(2, 0).is_some());
+    assert_eq!((state.ports_used[1], state.ports_used[2]), (2, 1));
+    let drop = Request::DropQuota { vm: 2 };
+    assert_eq!(
+        state.dispatch(drop.clone(), &mut fake),
+        Reply::Complete { value: 0 }
+    );
+    assert_eq!(state.validate(), Ok(()));
+    // Its own channel and the one VM 1 bound to it are closed (VM 1 is uncharged for it),
+    // its events and its log are gone, its limit is 0.
+    assert_eq!((state.ports_used[1], state.ports_used[2]), (1, 0));
+    assert_eq!((state.pending[2], state.port_limits[2]), (0, 0));
+    assert!(state.log(2, 0).is_none());
+    assert!(state.log(1, 0).is_some(), "other VMs' logs stay");
+    assert_eq!(
+        state.dispatch(call_as(2, 0, EVTCHN_ALLOC, 4, 0), &mut fake),
+        Reply::Error(HypercallError::QuotaExceeded)
+    );
+    // Idempotent.
+    let after = state.clone();
+    assert_eq!(
+        state.dispatch(drop, &mut fake),
+        Reply::Complete { value: 0 }
+    );
+    assert!(state == after);
+    // Its share of the table can be reserved by another VM.
+    set_quota(&mut state, 20, PORTS_EACH);
+    assert!(fake.calls.is_empty());
+}
+
+#[test]
+fn repair_recounts_the_channels_and_keeps_the_limits() {
+    let mut state = busy();
+    let limits = state.port_limits;
+    state.ports_used[1] = 0;
+    state.ports_used[30] = 5;
+    assert_eq!(state.validate(), Err(StateError::BadPortCount { vm: 1 }));
+    let report = state.repair();
+    assert_eq!((report.counts_fixed, report.limits_trimmed), (2, 0));
+    assert_eq!(state.validate(), Ok(()));
+    assert_eq!((state.ports_used[1], state.ports_used[30]), (2, 0));
+    assert_eq!(state.port_limits, limits);
+    // The recount is what the quota is checked against.
+    let ports = allocate_until_refused(&mut state, 1, 5, HypercallError::QuotaExceeded);
+    assert_eq!(ports.len(), usize::from(PORTS_EACH) - 2);
+    // Reservations that no longer fit (a corrupted region) are cut to what each VM holds.
+    let mut state = busy();
+    state.port_limits[40] = 100;
+    assert_eq!(state.validate(), Err(StateError::Overcommitted));
+    let report = state.repair();
+    assert!(report.limits_trimmed > 0);
+    assert_eq!(state.validate(), Ok(()));
+    assert_eq!((state.port_limits[1], state.port_limits[40]), (2, 0));
+    set_quota(&mut state, 40, 4);
 }

@@ -14,23 +14,32 @@
 //!   state (NiLiHype's undo log for reference counts). That repair costs O(1): proportional to
 //!   the work in flight, not to memory size. The full O(frames) rebuild of derived fields
 //!   ([`RepairScope::Full`]) is only for state that fails [`MemoryState::validate`].
+//! - Quotas are reservations (`ipc::quota`): per VM a frame limit and a share-record limit,
+//!   and the counts they are checked against (frames owned, share records of its frames). A
+//!   VM at its limit is refused `QuotaExceeded`; `SetQuota` is refused `QuotaUnavailable`
+//!   when the VMs' committed amounts (`max(limit, used)`) would exceed the pool or the share
+//!   table, so a VM under its limit always finds a free frame and a free share slot. The
+//!   counts are derived data: a full repair recounts them from the frame table and the share
+//!   records (the authoritative tables); the limits are the core's and are kept.
 //!
 //! Invariants: a free frame has no owner, reference count 0 and is not validated; an owned
 //! frame's reference count is 1 plus its share records, and its kind is `Shared` exactly when
 //! that is more than 1; share records name owned frames, a VM other than the owner, once;
-//! each VM's usage count is the number of frames it owns; the undo log is empty between
-//! requests.
+//! each VM's usage count is the number of frames it owns, its grant count the number of share
+//! records of frames it owns; the VMs' committed frames and share records fit the pool and
+//! the share table; the undo log is empty between requests.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 use ipc::limits::MAX_VMS;
 use ipc::memory::{Error, FrameInfo, FrameKind, FrameNumber, MemoryStats, Reply, Request};
+use ipc::quota::{FRAME_CAPACITY, GRANT_CAPACITY, committed, reservation_fits};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Frames in the pool.
 pub const POOL_FRAMES: usize = ipc::limits::POOL_FRAMES;
 /// Share records (frame shared with one VM) over the whole pool.
-pub const MAX_SHARES: usize = 128;
+pub const MAX_SHARES: usize = ipc::limits::SHARES;
 /// `owner` of a free frame.
 pub const NO_OWNER: u16 = u16::MAX;
 
@@ -114,6 +123,8 @@ impl UndoOperation {
 }
 
 /// The undo log: the old value of everything the update in flight may change (28 bytes).
+/// `usage_owner` / `old_usage` name the count the update changes: a VM's frames owned for
+/// `Allocate` and `Free`, the share records of its frames for `Share` and `Unshare`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct UndoLog {
@@ -127,9 +138,10 @@ pub struct UndoLog {
     pub frame: u32,
     /// The frame's entry before the update.
     pub old_frame: FrameEntry,
-    /// The VM whose usage count the update changes, or [`NO_OWNER`].
+    /// The VM whose usage count (frames, or share records for `Share` / `Unshare`) the
+    /// update changes, or [`NO_OWNER`].
     pub usage_owner: u16,
-    /// That usage count before the update.
+    /// That count before the update.
     pub old_usage: u32,
     /// The share record before the update.
     pub old_share: ShareRecord,
@@ -148,7 +160,7 @@ impl UndoLog {
     };
 }
 
-/// The memory domain's whole state (7460 bytes), as it lies in the state region.
+/// The memory domain's whole state (7972 bytes), as it lies in the state region.
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct MemoryState {
@@ -158,6 +170,12 @@ pub struct MemoryState {
     pub next_hint: u32,
     /// Frames owned, per VM.
     pub usage: [u32; OWNERS],
+    /// Per VM: the most frames it may own (its reserved frame quota; 0 = none).
+    pub frame_limits: [u32; OWNERS],
+    /// Per VM: the most share records of its frames (its reserved grant quota).
+    pub grant_limits: [u16; OWNERS],
+    /// Per VM: share records of the frames it owns.
+    pub grant_usage: [u16; OWNERS],
     /// Share records.
     pub shares: [ShareRecord; MAX_SHARES],
     /// The update in flight.
@@ -215,6 +233,16 @@ pub enum StateError {
         /// The VM.
         owner: u16,
     },
+    /// A VM's grant count differs from the share records of the frames it owns.
+    GrantUsageMismatch {
+        /// The VM.
+        owner: u16,
+    },
+    /// The VMs' committed frames (`resource` 0) or share records (1) exceed the capacity.
+    Overcommitted {
+        /// 0 frames, 1 share records.
+        resource: u16,
+    },
 }
 
 impl StateError {
@@ -233,6 +261,8 @@ impl StateError {
             StateError::BadShare { slot } => (9, slot),
             StateError::DuplicateShare { slot } => (10, slot),
             StateError::UsageMismatch { owner } => (11, owner),
+            StateError::GrantUsageMismatch { owner } => (12, owner),
+            StateError::Overcommitted { resource } => (13, resource),
         };
         (check << 12) | (detail & 0x0fff)
     }
@@ -260,8 +290,11 @@ pub struct RepairReport {
     pub shares_dropped: u32,
     /// Reference counts or kinds recomputed.
     pub refcounts_fixed: u32,
-    /// Usage counts recomputed.
+    /// Usage counts (frames and share records per VM) recomputed.
     pub usage_fixed: u32,
+    /// Quota limits lowered to what their VMs hold because the reservations no longer fit
+    /// the capacity (only a corrupted state region gets there).
+    pub limits_trimmed: u32,
 }
 
 impl RepairReport {
@@ -272,6 +305,7 @@ impl RepairReport {
             + self.shares_dropped
             + self.refcounts_fixed
             + self.usage_fixed
+            + self.limits_trimmed
     }
 }
 
@@ -301,6 +335,9 @@ impl MemoryState {
         self.base = base.0.min(u32::MAX - POOL_FRAMES as u32);
         self.next_hint = 0;
         self.usage = [0; OWNERS];
+        self.frame_limits = [0; OWNERS];
+        self.grant_limits = [0; OWNERS];
+        self.grant_usage = [0; OWNERS];
         self.shares = [ShareRecord::UNUSED; MAX_SHARES];
         self.undo = UndoLog::EMPTY;
         self.frames = [FrameEntry::FREE; POOL_FRAMES];
@@ -332,7 +369,37 @@ impl MemoryState {
             Request::Configure { base } => self.configure(base),
             Request::MayMap { frame, vm } => self.may_map(frame, vm),
             Request::EptViolation { vm, gfn } => self.ept_violation(vm, gfn, &mut writes),
+            Request::SetQuota { vm, frames, grants } => self.set_quota(vm, frames, grants),
+            Request::DropQuota { vm } => {
+                // Lowering a limit needs no room: never refused (the state may even be
+                // overcommitted before a repair).
+                let vm = Self::vm(vm)?;
+                self.frame_limits[vm] = 0;
+                self.grant_limits[vm] = 0;
+                Ok(Reply::Done)
+            }
         }
+    }
+
+    /// Sets VM `vm`'s limits if every VM's reservation still fits (see `ipc::quota`). Two
+    /// plain writes and no undo log: each limit fits on its own, so a failure between them
+    /// leaves a valid state, and the core repeats the (idempotent) request.
+    fn set_quota(&mut self, vm: u16, frames: u32, grants: u16) -> Result<Reply, Error> {
+        let vm = Self::vm(vm)?;
+        let fits = reservation_fits(&self.frame_limits, &self.usage, vm, frames, FRAME_CAPACITY)
+            && reservation_fits(
+                &self.grant_limits,
+                &self.grant_usage,
+                vm,
+                u32::from(grants),
+                GRANT_CAPACITY,
+            );
+        if !fits {
+            return Err(Error::QuotaUnavailable);
+        }
+        self.frame_limits[vm] = frames;
+        self.grant_limits[vm] = grants;
+        Ok(Reply::Done)
     }
 
     /// Serves a guest's touch of a page with no EPT entry: guest RAM is demand-zero, so it
@@ -426,7 +493,10 @@ impl MemoryState {
             frame: index as u32,
             old_frame: self.frames[index],
             usage_owner: usage_owner.map_or(NO_OWNER, |owner| owner as u16),
-            old_usage: usage_owner.map_or(0, |owner| self.usage[owner]),
+            old_usage: usage_owner.map_or(0, |owner| match operation {
+                UndoOperation::Share | UndoOperation::Unshare => u32::from(self.grant_usage[owner]),
+                _ => self.usage[owner],
+            }),
             old_share: share_slot.map_or(ShareRecord::UNUSED, |slot| self.shares[slot]),
         };
         // The operation byte last: a log is live only once all old values are in it.
@@ -439,6 +509,9 @@ impl MemoryState {
 
     fn allocate(&mut self, owner: u16, writes: &mut Writes) -> Result<Reply, Error> {
         let vm = Self::vm(owner)?;
+        if self.usage[vm] >= self.frame_limits[vm] {
+            return Err(Error::QuotaExceeded);
+        }
         let start = self.next_hint as usize % POOL_FRAMES;
         let index = (0..POOL_FRAMES)
             .map(|offset| (start + offset) % POOL_FRAMES)
@@ -505,13 +578,18 @@ impl MemoryState {
         if self.find_share(index, with).is_some() {
             return Err(Error::AlreadyShared);
         }
+        let charged = usize::from(owner);
+        if self.grant_usage[charged] >= self.grant_limits[charged] {
+            return Err(Error::QuotaExceeded);
+        }
+        let grants = self.grant_usage[charged] + 1;
         let slot = self
             .shares
             .iter()
             .position(|share| share.in_use == 0)
             .ok_or(Error::ShareTableFull)?;
         let refcount = entry.refcount.checked_add(1).ok_or(Error::ShareTableFull)?;
-        self.begin(UndoOperation::Share, index, Some(slot), None);
+        self.begin(UndoOperation::Share, index, Some(slot), Some(charged));
         writes.next()?;
         self.shares[slot] = ShareRecord {
             frame: index as u32,
@@ -523,6 +601,8 @@ impl MemoryState {
         self.frames[index].refcount = refcount;
         writes.next()?;
         self.frames[index].kind = FrameKind::Shared as u8;
+        writes.next()?;
+        self.grant_usage[charged] = grants;
         self.commit();
         Ok(Reply::Done)
     }
@@ -542,7 +622,12 @@ impl MemoryState {
             .checked_sub(1)
             .filter(|&count| count >= 1)
             .ok_or(Error::Inconsistent)?;
-        self.begin(UndoOperation::Unshare, index, Some(slot), None);
+        // `owned` checked the owner is below MAX_VMS.
+        let charged = usize::from(entry.owner);
+        let grants = self.grant_usage[charged]
+            .checked_sub(1)
+            .ok_or(Error::Inconsistent)?;
+        self.begin(UndoOperation::Unshare, index, Some(slot), Some(charged));
         writes.next()?;
         self.shares[slot] = ShareRecord::UNUSED;
         writes.next()?;
@@ -553,6 +638,8 @@ impl MemoryState {
         } else {
             FrameKind::Ram
         } as u8;
+        writes.next()?;
+        self.grant_usage[charged] = grants;
         self.commit();
         Ok(Reply::Done)
     }
@@ -604,6 +691,7 @@ impl MemoryState {
             Some(_) => return Err(StateError::UndoPending),
         }
         let mut references = [1u16; POOL_FRAMES];
+        let mut grants = [0u16; OWNERS];
         for (slot, share) in self.shares.iter().enumerate() {
             let slot_number = slot as u16;
             match share.in_use {
@@ -626,6 +714,9 @@ impl MemoryState {
                 return Err(StateError::DuplicateShare { slot: slot_number });
             }
             references[index] = references[index].saturating_add(1);
+            if let Some(count) = grants.get_mut(usize::from(entry.owner)) {
+                *count = count.saturating_add(1);
+            }
         }
         let mut owned = [0u32; OWNERS];
         for (index, entry) in self.frames.iter().enumerate() {
@@ -658,6 +749,19 @@ impl MemoryState {
                 });
             }
         }
+        for (owner, (&usage, &counted)) in self.grant_usage.iter().zip(&grants).enumerate() {
+            if usage != counted {
+                return Err(StateError::GrantUsageMismatch {
+                    owner: owner as u16,
+                });
+            }
+        }
+        if committed(&self.frame_limits, &self.usage) > u64::from(FRAME_CAPACITY) {
+            return Err(StateError::Overcommitted { resource: 0 });
+        }
+        if committed(&self.grant_limits, &self.grant_usage) > u64::from(GRANT_CAPACITY) {
+            return Err(StateError::Overcommitted { resource: 1 });
+        }
         Ok(())
     }
 
@@ -686,8 +790,18 @@ impl MemoryState {
                 if let Some(share) = self.shares.get_mut(usize::from(log.share_slot)) {
                     *share = log.old_share;
                 }
-                if let Some(usage) = self.usage.get_mut(usize::from(log.usage_owner)) {
-                    *usage = log.old_usage;
+                let owner = usize::from(log.usage_owner);
+                match operation {
+                    UndoOperation::Share | UndoOperation::Unshare => {
+                        if let Some(usage) = self.grant_usage.get_mut(owner) {
+                            *usage = u16::try_from(log.old_usage).unwrap_or(u16::MAX);
+                        }
+                    }
+                    _ => {
+                        if let Some(usage) = self.usage.get_mut(owner) {
+                            *usage = log.old_usage;
+                        }
+                    }
                 }
                 report.rolled_back = Some(operation);
             }
@@ -716,6 +830,7 @@ impl MemoryState {
             }
         }
         let mut references = [1u16; POOL_FRAMES];
+        let mut grants = [0u16; OWNERS];
         for slot in 0..MAX_SHARES {
             let share = self.shares[slot];
             if share.in_use == 0 {
@@ -736,6 +851,10 @@ impl MemoryState {
                 });
             if valid {
                 references[index] = references[index].saturating_add(1);
+                // A valid record names an owned frame, whose owner is below MAX_VMS.
+                if let Some(count) = grants.get_mut(usize::from(self.frames[index].owner)) {
+                    *count = count.saturating_add(1);
+                }
             } else {
                 self.shares[slot] = ShareRecord::UNUSED;
                 report.shares_dropped += 1;
@@ -762,6 +881,30 @@ impl MemoryState {
             if *usage != counted {
                 *usage = counted;
                 report.usage_fixed += 1;
+            }
+        }
+        for (usage, counted) in self.grant_usage.iter_mut().zip(grants) {
+            if *usage != counted {
+                *usage = counted;
+                report.usage_fixed += 1;
+            }
+        }
+        // The limits are the core's, not derived data: kept as they are unless together they
+        // no longer fit (a corrupted region), then lowered to what each VM holds, which fits.
+        if committed(&self.frame_limits, &self.usage) > u64::from(FRAME_CAPACITY) {
+            for (limit, &used) in self.frame_limits.iter_mut().zip(&self.usage) {
+                if *limit > used {
+                    *limit = used;
+                    report.limits_trimmed += 1;
+                }
+            }
+        }
+        if committed(&self.grant_limits, &self.grant_usage) > u64::from(GRANT_CAPACITY) {
+            for (limit, &used) in self.grant_limits.iter_mut().zip(&self.grant_usage) {
+                if *limit > used {
+                    *limit = used;
+                    report.limits_trimmed += 1;
+                }
             }
         }
     }

@@ -5,10 +5,31 @@ use zerocopy::FromZeros;
 
 const BASE: u32 = 0x1000;
 
-fn fresh() -> Box<MemoryState> {
+/// VMs `0..QUOTA_VMS` of [`fresh`] have quotas; together they reserve the whole pool and the
+/// whole share table.
+const QUOTA_VMS: u16 = 8;
+const FRAMES_EACH: u32 = POOL_FRAMES as u32 / QUOTA_VMS as u32;
+const GRANTS_EACH: u16 = (MAX_SHARES / QUOTA_VMS as usize) as u16;
+
+/// A pool just initialised: no frame allocated, no quota reserved.
+fn blank() -> Box<MemoryState> {
     let mut state = Box::new(MemoryState::new_zeroed());
     state.init(FrameNumber(BASE));
     state
+}
+
+/// A pool whose VMs `0..QUOTA_VMS` reserved an equal share of it.
+fn fresh() -> Box<MemoryState> {
+    let mut state = blank();
+    for vm in 0..QUOTA_VMS {
+        set_quota(&mut state, vm, FRAMES_EACH, GRANTS_EACH);
+    }
+    state
+}
+
+#[track_caller]
+fn set_quota(state: &mut MemoryState, vm: u16, frames: u32, grants: u16) {
+    expect(state, Request::SetQuota { vm, frames, grants }, Reply::Done);
 }
 
 #[track_caller]
@@ -73,12 +94,27 @@ fn state_layout_is_fixed() {
     assert_eq!(core::mem::size_of::<FrameEntry>(), 6);
     assert_eq!(core::mem::size_of::<ShareRecord>(), 8);
     assert_eq!(core::mem::size_of::<UndoLog>(), 28);
-    assert_eq!(core::mem::size_of::<MemoryState>(), 7460);
+    assert_eq!(core::mem::size_of::<MemoryState>(), 7972);
+}
+
+#[test]
+fn the_state_fits_the_manifests_state_region() {
+    let manifest = include_str!("../../../system.toml");
+    let entry = manifest
+        .split("[[domain]]")
+        .find(|entry| entry.contains("name = \"memory\""))
+        .expect("the manifest lists the memory domain");
+    let pages: usize = entry
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("state_pages = "))
+        .and_then(|pages| pages.trim().parse().ok())
+        .expect("the memory domain has state_pages");
+    assert!(core::mem::size_of::<MemoryState>() <= pages * 4096);
 }
 
 #[test]
 fn init_is_valid_and_is_the_reboot_path() {
-    let state = fresh();
+    let state = blank();
     assert_eq!(state.validate(), Ok(()));
     assert_eq!(
         state.stats(),
@@ -156,24 +192,57 @@ fn allocate_share_unshare_free() {
 #[test]
 fn pool_exhaustion_and_reuse() {
     let mut state = fresh();
+    let owners = POOL_FRAMES / usize::from(QUOTA_VMS);
     for index in 0..POOL_FRAMES {
-        allocate(&mut state, (index % 64) as u16);
+        allocate(&mut state, (index / owners) as u16);
     }
-    refused(
-        &mut state,
-        Request::Allocate { owner: 0 },
-        Error::OutOfFrames,
-    );
+    // Every VM holds its whole quota, which is the whole pool.
+    for owner in 0..QUOTA_VMS {
+        refused(
+            &mut state,
+            Request::Allocate { owner },
+            Error::QuotaExceeded,
+        );
+    }
+    let owner = (500 / owners) as u16;
     expect(
         &mut state,
         Request::Free {
             frame: FrameNumber(BASE + 500),
-            owner: 500 % 64,
+            owner,
         },
         Reply::Done,
     );
-    assert_eq!(allocate(&mut state, 9), FrameNumber(BASE + 500));
+    assert_eq!(allocate(&mut state, owner), FrameNumber(BASE + 500));
     assert_eq!(state.usage.iter().sum::<u32>(), POOL_FRAMES as u32);
+}
+
+#[test]
+fn an_overcommitted_pool_still_refuses_cleanly() {
+    // Only a corrupted region (before its repair) reserves more than the pool: the
+    // allocator then runs dry and says so.
+    let mut state = blank();
+    state.frame_limits[1] = u32::MAX;
+    for _ in 0..POOL_FRAMES {
+        allocate_unchecked(&mut state, 1);
+    }
+    let before = state.clone();
+    assert_eq!(
+        state.handle(Request::Allocate { owner: 1 }),
+        Reply::Error(Error::OutOfFrames)
+    );
+    assert!(*state == *before);
+    assert_eq!(
+        state.validate(),
+        Err(StateError::Overcommitted { resource: 0 })
+    );
+}
+
+fn allocate_unchecked(state: &mut MemoryState, owner: u16) -> FrameNumber {
+    match state.handle(Request::Allocate { owner }) {
+        Reply::Allocated(frame) => frame,
+        other => panic!("allocate: {other:?}"),
+    }
 }
 
 #[test]
@@ -349,38 +418,48 @@ fn every_error_path_changes_nothing() {
     );
 }
 
-#[test]
-fn share_table_full() {
-    let mut state = fresh();
+/// VM 0 shares frames of its own until the memory domain refuses; returns the shares made.
+fn share_until_refused(state: &mut MemoryState, refusal: Error) -> usize {
     let mut shared = 0;
-    'outer: for _ in 0..POOL_FRAMES {
-        let frame = allocate(&mut state, 0);
+    for _ in 0..POOL_FRAMES {
+        let frame = allocate_unchecked(state, 0);
         for with in 1..MAX_VMS {
-            if shared == MAX_SHARES {
-                refused(
-                    &mut state,
-                    Request::Share {
-                        frame,
-                        owner: 0,
-                        with,
-                    },
-                    Error::ShareTableFull,
-                );
-                break 'outer;
+            let request = Request::Share {
+                frame,
+                owner: 0,
+                with,
+            };
+            match state.handle(request) {
+                Reply::Done => shared += 1,
+                Reply::Error(error) => {
+                    assert_eq!(error, refusal);
+                    return shared;
+                }
+                other => panic!("{other:?}"),
             }
-            expect(
-                &mut state,
-                Request::Share {
-                    frame,
-                    owner: 0,
-                    with,
-                },
-                Reply::Done,
-            );
-            shared += 1;
         }
     }
-    assert_eq!(shared, MAX_SHARES);
+    panic!("never refused");
+}
+
+#[test]
+fn a_vm_with_the_whole_share_table_fills_it() {
+    let mut state = blank();
+    set_quota(&mut state, 0, 64, MAX_SHARES as u16);
+    assert_eq!(
+        share_until_refused(&mut state, Error::QuotaExceeded),
+        MAX_SHARES
+    );
+    assert_eq!(state.validate(), Ok(()));
+    assert_eq!(usize::from(state.grant_usage[0]), MAX_SHARES);
+    // Overcommitted (a corrupted region): the table itself runs out.
+    let mut state = blank();
+    state.frame_limits[0] = 64;
+    state.grant_limits[0] = u16::MAX;
+    assert_eq!(
+        share_until_refused(&mut state, Error::ShareTableFull),
+        MAX_SHARES
+    );
 }
 
 /// The non-idempotent updates of a busy state, with the number of table writes each makes.
@@ -401,7 +480,7 @@ fn updates(shared: FrameNumber, private: FrameNumber) -> [(Request, u32); 6] {
                 owner: 1,
                 with: 7,
             },
-            3,
+            4,
         ),
         (
             Request::Share {
@@ -409,14 +488,14 @@ fn updates(shared: FrameNumber, private: FrameNumber) -> [(Request, u32); 6] {
                 owner: 1,
                 with: 7,
             },
-            3,
+            4,
         ),
         (
             Request::Unshare {
                 frame: shared,
                 from: 2,
             },
-            3,
+            4,
         ),
     ]
 }
@@ -452,6 +531,10 @@ fn undo_log_rolls_back_every_interrupted_update() {
             assert_eq!(state.handle(request), expected, "{request:?} retried");
             assert!(state.frames == completed.frames && state.shares == completed.shares);
             assert!(state.usage == completed.usage, "{request:?} retried");
+            assert!(
+                state.grant_usage == completed.grant_usage,
+                "{request:?} retried"
+            );
         }
         // An update that completed leaves no log: repair changes nothing.
         let mut done = completed.clone();
@@ -574,6 +657,26 @@ fn corruptions() -> Vec<Corruption> {
             |s| s.usage[40] = 1,
             StateError::UsageMismatch { owner: 40 },
         ),
+        (
+            "grant usage",
+            |s| s.grant_usage[1] = 1,
+            StateError::GrantUsageMismatch { owner: 1 },
+        ),
+        (
+            "grant usage of nobody",
+            |s| s.grant_usage[9] = 3,
+            StateError::GrantUsageMismatch { owner: 9 },
+        ),
+        (
+            "frames overcommitted",
+            |s| s.frame_limits[20] = 1,
+            StateError::Overcommitted { resource: 0 },
+        ),
+        (
+            "share records overcommitted",
+            |s| s.grant_limits[1] = 500,
+            StateError::Overcommitted { resource: 1 },
+        ),
     ]
 }
 
@@ -600,7 +703,8 @@ fn full_repair_fixes_every_corruption() {
             0,
             "{name}: second repair"
         );
-        // The repaired table keeps serving.
+        // The repaired table keeps serving (a trimmed reservation is made again).
+        set_quota(&mut state, 6, 1, 0);
         let frame = allocate(&mut state, 6);
         expect(&mut state, Request::Free { frame, owner: 6 }, Reply::Done);
     }
@@ -827,9 +931,9 @@ fn ept_violations_back_guest_ram_on_demand_and_nothing_else() {
 }
 
 #[test]
-fn ept_violations_stop_at_an_empty_pool() {
+fn ept_violations_stop_at_the_quota() {
     let mut state = fresh();
-    for _ in 0..POOL_FRAMES {
+    for _ in 0..FRAMES_EACH {
         assert!(matches!(
             state.handle(Request::EptViolation { vm: 1, gfn: 2 }),
             Reply::Allocated(_)
@@ -838,6 +942,347 @@ fn ept_violations_stop_at_an_empty_pool() {
     refused(
         &mut state,
         Request::EptViolation { vm: 1, gfn: 2 },
-        Error::OutOfFrames,
+        Error::QuotaExceeded,
     );
+    // Not RAM is not RAM, quota or not.
+    refused(
+        &mut state,
+        Request::EptViolation { vm: 1, gfn: 0x100 },
+        Error::NotGuestRam,
+    );
+}
+
+// Quotas (`ipc::quota`): reservations, per-VM exhaustion, repair, drop.
+
+use ipc::quota::{FRAME_CAPACITY, GRANT_CAPACITY, Quota};
+
+#[track_caller]
+fn reserve(state: &mut MemoryState, vm: u16, quota: Quota) {
+    set_quota(state, vm, quota.frames, quota.grants);
+}
+
+/// Allocates for `vm` until refused; returns the frames and checks the refusal.
+fn allocate_until_refused(state: &mut MemoryState, vm: u16, refusal: Error) -> Vec<FrameNumber> {
+    let mut frames = Vec::new();
+    loop {
+        match state.handle(Request::Allocate { owner: vm }) {
+            Reply::Allocated(frame) => frames.push(frame),
+            Reply::Error(error) => {
+                assert_eq!(error, refusal, "vm {vm} after {} frames", frames.len());
+                assert_eq!(state.validate(), Ok(()));
+                return frames;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Shares `frames` with VM `with` until refused; returns the shares made.
+fn grant_until_refused(
+    state: &mut MemoryState,
+    owner: u16,
+    frames: &[FrameNumber],
+    with: u16,
+    refusal: Error,
+) -> usize {
+    for (made, &frame) in frames.iter().enumerate() {
+        match state.handle(Request::Share { frame, owner, with }) {
+            Reply::Done => {}
+            Reply::Error(error) => {
+                assert_eq!(error, refusal, "vm {owner} after {made} shares");
+                return made;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("vm {owner}: never refused");
+}
+
+#[test]
+fn a_vm_without_a_quota_gets_nothing() {
+    let mut state = blank();
+    refused(
+        &mut state,
+        Request::Allocate { owner: 3 },
+        Error::QuotaExceeded,
+    );
+    refused(
+        &mut state,
+        Request::EptViolation { vm: 3, gfn: 0 },
+        Error::QuotaExceeded,
+    );
+    reserve(
+        &mut state,
+        3,
+        Quota {
+            grants: 0,
+            ..Quota::APP_VM
+        },
+    );
+    let frame = allocate(&mut state, 3);
+    refused(
+        &mut state,
+        Request::Share {
+            frame,
+            owner: 3,
+            with: 4,
+        },
+        Error::QuotaExceeded,
+    );
+}
+
+#[test]
+fn reservations_over_the_capacity_are_refused() {
+    let mut state = blank();
+    set_quota(&mut state, 1, FRAME_CAPACITY - 100, 100);
+    set_quota(&mut state, 2, 100, 28);
+    // Nothing is left: a third VM cannot reserve even one frame or one share.
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: 3,
+            frames: 1,
+            grants: 0,
+        },
+        Error::QuotaUnavailable,
+    );
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: 3,
+            frames: 0,
+            grants: 1,
+        },
+        Error::QuotaUnavailable,
+    );
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: 2,
+            frames: 101,
+            grants: 28,
+        },
+        Error::QuotaUnavailable,
+    );
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: MAX_VMS,
+            frames: 0,
+            grants: 0,
+        },
+        Error::BadOwner,
+    );
+    // Setting the same limits again (a retry) and lowering them always work.
+    set_quota(&mut state, 2, 100, 28);
+    set_quota(&mut state, 2, 50, 20);
+    set_quota(&mut state, 3, 50, 8);
+    assert_eq!(
+        ipc::quota::committed(&state.frame_limits, &state.usage),
+        u64::from(FRAME_CAPACITY)
+    );
+    assert_eq!(
+        ipc::quota::committed(&state.grant_limits, &state.grant_usage),
+        u64::from(GRANT_CAPACITY)
+    );
+}
+
+#[test]
+fn exhausting_vms_cannot_take_an_honest_vms_quota() {
+    // Seven VMs reserve everything but an AppVM's quota and exhaust it; the eighth, honest
+    // VM still gets every frame and share of its quota, and they are refused only as
+    // QuotaExceeded, never OutOfFrames or ShareTableFull.
+    let mut state = blank();
+    let honest = 9;
+    reserve(&mut state, honest, Quota::APP_VM);
+    let hostile_frames = (FRAME_CAPACITY - Quota::APP_VM.frames) / 7;
+    let hostile_grants = (GRANT_CAPACITY as u16 - Quota::APP_VM.grants) / 7;
+    for vm in 1..=7 {
+        set_quota(&mut state, vm, hostile_frames, hostile_grants);
+    }
+    for vm in 1..=7 {
+        let frames = allocate_until_refused(&mut state, vm, Error::QuotaExceeded);
+        assert_eq!(frames.len() as u32, hostile_frames);
+        let shares = grant_until_refused(&mut state, vm, &frames, honest, Error::QuotaExceeded);
+        assert_eq!(shares, usize::from(hostile_grants));
+    }
+    let frames = allocate_until_refused(&mut state, honest, Error::QuotaExceeded);
+    assert_eq!(frames.len() as u32, Quota::APP_VM.frames);
+    let shares = grant_until_refused(&mut state, honest, &frames, 1, Error::QuotaExceeded);
+    assert_eq!(shares, usize::from(Quota::APP_VM.grants));
+    // Demand paging is charged to the same quota.
+    refused(
+        &mut state,
+        Request::EptViolation { vm: honest, gfn: 0 },
+        Error::QuotaExceeded,
+    );
+    // Within its quota again after a free (and an unshare).
+    let last = *frames.last().unwrap();
+    expect(
+        &mut state,
+        Request::Free {
+            frame: last,
+            owner: honest,
+        },
+        Reply::Done,
+    );
+    assert!(matches!(
+        state.handle(Request::EptViolation { vm: honest, gfn: 0 }),
+        Reply::Allocated(_)
+    ));
+    expect(
+        &mut state,
+        Request::Unshare {
+            frame: frames[0],
+            from: 1,
+        },
+        Reply::Done,
+    );
+    expect(
+        &mut state,
+        Request::Share {
+            frame: frames[0],
+            owner: honest,
+            with: 2,
+        },
+        Reply::Done,
+    );
+}
+
+#[test]
+fn dropping_a_quota_releases_the_reservation_but_not_what_is_held() {
+    let mut state = blank();
+    set_quota(&mut state, 1, 600, 64);
+    set_quota(&mut state, 2, FRAME_CAPACITY - 600, 64);
+    let held = allocate_until_refused(&mut state, 1, Error::QuotaExceeded);
+    // VM 1 frees all but 10 frames, of which one stays shared, then its quota is dropped.
+    for &frame in &held[10..] {
+        expect(&mut state, Request::Free { frame, owner: 1 }, Reply::Done);
+    }
+    expect(
+        &mut state,
+        Request::Share {
+            frame: held[0],
+            owner: 1,
+            with: 2,
+        },
+        Reply::Done,
+    );
+    expect(&mut state, Request::DropQuota { vm: 1 }, Reply::Done);
+    expect(&mut state, Request::DropQuota { vm: 1 }, Reply::Done); // idempotent
+    assert_eq!((state.frame_limits[1], state.grant_limits[1]), (0, 0));
+    refused(
+        &mut state,
+        Request::Allocate { owner: 1 },
+        Error::QuotaExceeded,
+    );
+    // The released reservation is free for another VM, less what VM 1 still holds.
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: 3,
+            frames: 591,
+            grants: 63,
+        },
+        Error::QuotaUnavailable,
+    );
+    refused(
+        &mut state,
+        Request::SetQuota {
+            vm: 3,
+            frames: 590,
+            grants: 64,
+        },
+        Error::QuotaUnavailable,
+    );
+    set_quota(&mut state, 3, 590, 63);
+    // Once VM 1's last frames go, so does the rest of its reservation.
+    expect(
+        &mut state,
+        Request::Unshare {
+            frame: held[0],
+            from: 2,
+        },
+        Reply::Done,
+    );
+    for &frame in &held[..10] {
+        expect(&mut state, Request::Free { frame, owner: 1 }, Reply::Done);
+    }
+    set_quota(&mut state, 3, 600, 64);
+    refused(
+        &mut state,
+        Request::DropQuota { vm: MAX_VMS },
+        Error::BadOwner,
+    );
+}
+
+#[test]
+fn full_repair_rebuilds_the_counts_and_keeps_the_limits() {
+    let (mut state, shared, private) = busy();
+    let limits = (state.frame_limits, state.grant_limits);
+    state.usage[1] = 77;
+    state.grant_usage[1] = 0;
+    state.grant_usage[5] = 9;
+    assert_eq!(
+        state.validate(),
+        Err(StateError::UsageMismatch { owner: 1 })
+    );
+    let report = state.repair(RepairScope::Full);
+    assert_eq!(report.usage_fixed, 3);
+    assert_eq!(report.limits_trimmed, 0);
+    assert_eq!(state.validate(), Ok(()));
+    assert_eq!(
+        (state.usage[1], state.grant_usage[1], state.grant_usage[5]),
+        (2, 2, 0)
+    );
+    assert!((state.frame_limits, state.grant_limits) == limits);
+    // The rebuilt counts are the ones the quota is checked against.
+    for with in 3..=GRANTS_EACH {
+        let frame = if with == 3 {
+            private
+        } else {
+            allocate(&mut state, 1)
+        };
+        expect(
+            &mut state,
+            Request::Share {
+                frame,
+                owner: 1,
+                with: if with == 3 { 4 } else { 2 },
+            },
+            Reply::Done,
+        );
+    }
+    assert_eq!(state.grant_usage[1], GRANTS_EACH);
+    let frame = allocate(&mut state, 1);
+    refused(
+        &mut state,
+        Request::Share {
+            frame,
+            owner: 1,
+            with: 2,
+        },
+        Error::QuotaExceeded,
+    );
+    let _ = shared;
+}
+
+#[test]
+fn full_repair_trims_reservations_that_no_longer_fit() {
+    let (mut state, _, _) = busy();
+    state.frame_limits[30] = 900;
+    state.grant_limits[31] = 900;
+    let report = state.repair(RepairScope::Full);
+    assert!(report.limits_trimmed > 0);
+    assert_eq!(state.validate(), Ok(()));
+    // Every limit is now at most what its VM holds: VM 1 keeps its two frames and shares.
+    assert_eq!((state.frame_limits[1], state.grant_limits[1]), (2, 2));
+    assert_eq!((state.frame_limits[30], state.grant_limits[31]), (0, 0));
+    refused(
+        &mut state,
+        Request::Allocate { owner: 1 },
+        Error::QuotaExceeded,
+    );
+    // The core can reserve again.
+    set_quota(&mut state, 30, 96, 8);
 }

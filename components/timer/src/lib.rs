@@ -11,20 +11,34 @@
 //!   and [`TimerState::repair`] re-activates the timer instead of losing it (NiLiHype's repair
 //!   of recurring timers). After a repair the binary re-programs each CPU's APIC timer from
 //!   [`TimerState::next_deadline`].
+//! - Guest timers are charged to VM quotas (`ipc::quota`): a timer whose cookie names a VM
+//!   (`ipc::hypercall::timer_charge`: the guest timers the hypercall domain arms) counts
+//!   against that VM's limit while it is armed, and is refused `QuotaExceeded` over it; any
+//!   other timer comes out of each heap's host reserve (`ipc::quota::TIMER_HOST_RESERVE`).
+//!   `SetQuota` is refused `QuotaUnavailable` when the VMs' committed timers would not fit
+//!   one heap less that reserve (a VM may put all its timers on one CPU), so a VM under its
+//!   limit always finds room on whichever CPU it arms. The per-VM counts are derived from the
+//!   heaps' cookies: every repair recounts them.
 //!
 //! Invariants: each CPU's heap is a binary min-heap on the deadline with at most
 //! [`MAX_TIMERS`] entries; timer ids are non-zero and unique over all CPUs; unserved CPUs
-//! have no timers; no `in_handler` flag is set between requests.
+//! have no timers; no `in_handler` flag is set between requests; each VM's count is the
+//! number of armed timers charged to it; on every CPU, the heap's length plus every VM's
+//! unused quota (`limit - count`, where positive) is at most [`MAX_TIMERS`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 use heapless::Vec;
-use ipc::limits::MAX_CPUS;
+use ipc::hypercall::timer_charge;
+use ipc::limits::{MAX_CPUS, MAX_VMS};
+use ipc::quota::{TIMER_CAPACITY, TIMER_HOST_RESERVE, reservation_fits};
 use ipc::timer::{EXPIRE_MAX, Error, Reply, Request, TimerId};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Timers per CPU.
-pub const MAX_TIMERS: usize = 64;
+pub const MAX_TIMERS: usize = ipc::limits::TIMERS_PER_CPU;
+
+const VMS: usize = MAX_VMS as usize;
 
 /// One armed timer (24 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -49,7 +63,7 @@ impl TimerEntry {
     };
 }
 
-/// One CPU's timers (1568 bytes).
+/// One CPU's timers (3104 bytes).
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct CpuTimers {
@@ -147,7 +161,7 @@ impl CpuTimers {
     }
 }
 
-/// The timer domain's whole state (12552 bytes), as it lies in the state region.
+/// The timer domain's whole state (25096 bytes), as it lies in the state region.
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct TimerState {
@@ -157,6 +171,11 @@ pub struct TimerState {
     pub next_id: u32,
     /// Per-CPU timers.
     pub cpus: [CpuTimers; MAX_CPUS],
+    /// Per VM: the most timers charged to it that may be armed at once (its reserved quota;
+    /// 0 = none).
+    pub limits: [u16; VMS],
+    /// Per VM: armed timers charged to it, over all CPUs.
+    pub used: [u16; VMS],
 }
 
 /// A broken invariant found by [`TimerState::validate`].
@@ -190,6 +209,17 @@ pub enum StateError {
         /// The CPU.
         cpu: u8,
     },
+    /// A VM's count differs from the armed timers charged to it.
+    UsageMismatch {
+        /// The VM.
+        vm: u8,
+    },
+    /// The CPU's heap could not take every VM's unused quota: a VM under its limit could be
+    /// refused.
+    Overcommitted {
+        /// The CPU.
+        cpu: u8,
+    },
 }
 
 impl StateError {
@@ -203,6 +233,8 @@ impl StateError {
             StateError::ZeroId { cpu } => (4, cpu),
             StateError::DuplicateId { id } => (5, id as u8),
             StateError::HandlerPending { cpu } => (6, cpu),
+            StateError::UsageMismatch { vm } => (7, vm),
+            StateError::Overcommitted { cpu } => (8, cpu),
         };
         (check << 8) | detail as u16
     }
@@ -219,6 +251,11 @@ pub struct RepairReport {
     pub heaps_rebuilt: u32,
     /// Recurring timers found parked in a handler and re-armed.
     pub timers_reactivated: u32,
+    /// Per-VM counts recomputed from the heaps.
+    pub usage_fixed: u32,
+    /// Quota limits lowered to what their VMs hold because the heaps could no longer take
+    /// every VM's unused quota (only a corrupted state region gets there).
+    pub limits_trimmed: u32,
 }
 
 impl RepairReport {
@@ -228,6 +265,8 @@ impl RepairReport {
             .saturating_add(self.entries_dropped)
             .saturating_add(self.heaps_rebuilt)
             .saturating_add(self.timers_reactivated)
+            .saturating_add(self.usage_fixed)
+            .saturating_add(self.limits_trimmed)
     }
 }
 
@@ -254,6 +293,8 @@ impl TimerState {
         self.cpu_count = u32::from(cpu_count).clamp(1, MAX_CPUS as u32);
         self.next_id = 1;
         self.cpus = [CpuTimers::EMPTY; MAX_CPUS];
+        self.limits = [0; VMS];
+        self.used = [0; VMS];
     }
 
     /// Serves one request. Never panics; a refused request changes nothing.
@@ -295,7 +336,84 @@ impl TimerState {
                 let cpu = self.cpu(cpu)?;
                 Ok(Reply::Deadline(self.next_deadline(cpu)))
             }
+            Request::SetQuota { vm, timers } => self.set_quota(vm, timers),
+            Request::DropQuota { vm } => self.drop_quota(vm),
         }
+    }
+
+    fn vm(vm: u16) -> Result<usize, Error> {
+        if vm < MAX_VMS {
+            Ok(usize::from(vm))
+        } else {
+            Err(Error::BadVm)
+        }
+    }
+
+    /// Every VM's unused quota (`limit - used` where positive): the slots each heap must keep
+    /// free so any VM under its limit finds room on any CPU.
+    fn unused_quota(&self) -> u32 {
+        self.limits
+            .iter()
+            .zip(&self.used)
+            .map(|(&limit, &used)| u32::from(limit.saturating_sub(used)))
+            .sum()
+    }
+
+    /// The longest heap's length.
+    fn longest_heap(&self) -> u32 {
+        self.cpus
+            .iter()
+            .map(|timers| timers.length.min(MAX_TIMERS as u32))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Sets VM `vm`'s limit if every VM's reservation still fits one heap less the host's
+    /// reserve, and every heap can still take every VM's unused quota.
+    fn set_quota(&mut self, vm: u16, timers: u16) -> Result<Reply, Error> {
+        let vm = Self::vm(vm)?;
+        let unused_now = u32::from(self.limits[vm].saturating_sub(self.used[vm]));
+        let unused_then = u32::from(timers.saturating_sub(self.used[vm]));
+        let room = self.longest_heap() + self.unused_quota() - unused_now + unused_then
+            <= MAX_TIMERS as u32;
+        let fits = reservation_fits(
+            &self.limits,
+            &self.used,
+            vm,
+            u32::from(timers),
+            TIMER_CAPACITY,
+        );
+        if !(fits && room) {
+            return Err(Error::QuotaUnavailable);
+        }
+        self.limits[vm] = timers;
+        Ok(Reply::Done)
+    }
+
+    /// Cancels every timer charged to VM `vm` and sets its limit to 0.
+    fn drop_quota(&mut self, vm: u16) -> Result<Reply, Error> {
+        let vm_index = Self::vm(vm)?;
+        for timers in self.cpus.iter_mut() {
+            let length = (timers.length as usize).min(MAX_TIMERS);
+            let mut kept = 0;
+            for index in 0..length {
+                let entry = timers.heap[index];
+                if timer_charge(entry.cookie) != Some(vm) {
+                    timers.heap[kept] = entry;
+                    kept += 1;
+                }
+            }
+            if kept < length {
+                for entry in &mut timers.heap[kept..length] {
+                    *entry = TimerEntry::EMPTY;
+                }
+                timers.length = kept as u32;
+                timers.heapify();
+            }
+        }
+        self.limits[vm_index] = 0;
+        self.used[vm_index] = 0;
+        Ok(Reply::Done)
     }
 
     fn cpu_count(&self) -> usize {
@@ -353,7 +471,28 @@ impl TimerState {
 
     fn arm(&mut self, cpu: u8, deadline: u64, period: u64, cookie: u32) -> Result<Reply, Error> {
         let cpu = self.cpu(cpu)?;
-        if self.cpus[cpu].entries()?.len() == MAX_TIMERS {
+        let length = self.cpus[cpu].entries()?.len();
+        let charged = timer_charge(cookie).map(usize::from);
+        match charged {
+            // Within its quota a VM always finds room: its unused quota is kept free on
+            // every heap.
+            Some(vm) if self.used[vm] >= self.limits[vm] => return Err(Error::QuotaExceeded),
+            Some(_) => {}
+            // Host timers: at most the reserve per heap, and never into room a VM's unused
+            // quota needs.
+            None => {
+                let uncharged = self.cpus[cpu].heap[..length]
+                    .iter()
+                    .filter(|entry| timer_charge(entry.cookie).is_none())
+                    .count();
+                if uncharged >= TIMER_HOST_RESERVE
+                    || length as u32 + 1 + self.unused_quota() > MAX_TIMERS as u32
+                {
+                    return Err(Error::HeapFull);
+                }
+            }
+        }
+        if length == MAX_TIMERS {
             return Err(Error::HeapFull);
         }
         let id = self.allocate_id()?;
@@ -363,7 +502,17 @@ impl TimerState {
             id,
             cookie,
         })?;
+        if let Some(vm) = charged {
+            self.used[vm] += 1;
+        }
         Ok(Reply::Armed(TimerId(id)))
+    }
+
+    /// A charged timer left its heap for good (cancelled, or a one-shot that fired).
+    fn uncharge(used: &mut [u16; VMS], cookie: u32) {
+        if let Some(count) = timer_charge(cookie).and_then(|vm| used.get_mut(usize::from(vm))) {
+            *count = count.saturating_sub(1);
+        }
     }
 
     fn cancel(&mut self, id: TimerId) -> Result<Reply, Error> {
@@ -371,7 +520,8 @@ impl TimerState {
             return Err(Error::UnknownTimer);
         }
         let (cpu, index) = self.find(id.0).ok_or(Error::UnknownTimer)?;
-        self.cpus[cpu].remove(index)?;
+        let removed = self.cpus[cpu].remove(index)?;
+        Self::uncharge(&mut self.used, removed.cookie);
         Ok(Reply::Done)
     }
 
@@ -385,6 +535,10 @@ impl TimerState {
             if entry.period != 0 {
                 timers.handling = entry;
                 timers.in_handler = 1;
+            } else {
+                // A failure between the removal and this leaves a count one high: every
+                // repair recounts.
+                Self::uncharge(&mut self.used, entry.cookie);
             }
             steps.next()?;
             if let Some(missed) = (now - entry.deadline).checked_div(entry.period) {
@@ -435,7 +589,36 @@ impl TimerState {
         if let Some(pair) = ids.windows(2).find(|pair| pair[0] == pair[1]) {
             return Err(StateError::DuplicateId { id: pair[0] });
         }
+        let counted = self.count_charged();
+        if let Some(vm) = (0..VMS).find(|&vm| self.used[vm] != counted[vm]) {
+            return Err(StateError::UsageMismatch { vm: vm as u8 });
+        }
+        if let Some(cpu) = self.overcommitted_cpu() {
+            return Err(StateError::Overcommitted { cpu: cpu as u8 });
+        }
         Ok(())
+    }
+
+    /// Armed timers charged to each VM, counted from the heaps (the authoritative record).
+    fn count_charged(&self) -> [u16; VMS] {
+        let mut counted = [0u16; VMS];
+        for timers in &self.cpus {
+            let length = (timers.length as usize).min(MAX_TIMERS);
+            for entry in &timers.heap[..length] {
+                if let Some(vm) = timer_charge(entry.cookie) {
+                    counted[usize::from(vm)] = counted[usize::from(vm)].saturating_add(1);
+                }
+            }
+        }
+        counted
+    }
+
+    /// A CPU whose heap cannot take every VM's unused quota, if any.
+    fn overcommitted_cpu(&self) -> Option<usize> {
+        let unused = self.unused_quota();
+        (0..MAX_CPUS).find(|&cpu| {
+            (self.cpus[cpu].length as usize).min(MAX_TIMERS) as u32 + unused > MAX_TIMERS as u32
+        })
     }
 
     /// The repair routine after a microreset (and, before validation, after a microreboot):
@@ -467,7 +650,7 @@ impl TimerState {
             for index in 0..readable {
                 let entry = timers.heap[index];
                 if entry.id == 0 || seen[..seen_count].contains(&entry.id) {
-                    report.entries_dropped += 1;
+                    report.entries_dropped = report.entries_dropped.saturating_add(1);
                     continue;
                 }
                 seen[seen_count] = entry.id;
@@ -505,6 +688,24 @@ impl TimerState {
                 }
             }
             report.entries_dropped = report.entries_dropped.saturating_add(1);
+        }
+        // The per-VM counts from the heaps as they are now; the limits are the core's and
+        // stay, unless together they no longer leave room on some heap (a corrupted region):
+        // then each is lowered to what its VM holds, which always fits.
+        let counted = self.count_charged();
+        for (used, counted) in self.used.iter_mut().zip(counted) {
+            if *used != counted {
+                *used = counted;
+                report.usage_fixed += 1;
+            }
+        }
+        if self.overcommitted_cpu().is_some() {
+            for (limit, &used) in self.limits.iter_mut().zip(&self.used) {
+                if *limit > used {
+                    *limit = used;
+                    report.limits_trimmed += 1;
+                }
+            }
         }
         report
     }

@@ -1,22 +1,24 @@
 //! The hostile guest: a malicious VM for isolation tests. It issues hypercalls that must be
 //! refused and a fixed-seed run of random ones, checks every answer against
 //! `guests::hostile`, and reports a verdict; in mode 1 it then touches a window page it never
-//! mapped, which must get it (and only it) stopped by the core.
+//! mapped, which must get it (and only it) stopped by the core. Mode 3 instead takes every
+//! shared resource until refused and checks it got exactly its quota.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_code)]
 
 use guests::hostile::{
-    ALIAS_GFN, CONTROL_VM, Check, FAULT_ADDRESS, FOREIGN_GFN, Leftovers, Mode, NEVER_MAPPED_GFN,
-    Needs, OUTSIDE_ADDRESS, POPULATE_GFN, RANDOM_CALLS, RANDOM_SEED, Summary, Tally, Targets,
-    WINDOW_END_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, scan_order,
+    ALIAS_GFN, CONTROL_VM, Check, EXHAUST_GFNS, EXHAUST_QUOTA, Exhaustion, FAR_FUTURE,
+    FAULT_ADDRESS, FOREIGN_GFN, HOLD_MS, Leftovers, Mode, NEVER_MAPPED_GFN, Needs, OUTSIDE_ADDRESS,
+    POPULATE_GFN, RANDOM_CALLS, RANDOM_SEED, Resource, Summary, Taken, Tally, Targets,
+    WINDOW_END_GFN, Xorshift, changes_frame, foreign_owner, guarded_frame, ram_probe, scan_order,
     unoffered_peer,
 };
 use guests::{Checksum, hostile};
 use microvisor_guest_runtime::abi::{CONSOLE_MAX, MULTICALL_MAX};
 use microvisor_guest_runtime::{
     StartInfo, Verdict, abi, call2, cpuid, hypercall, layout, port_in8, port_out8, print, read_msr,
-    read_u64, write_u64,
+    read_u64, tsc, write_u64,
 };
 
 /// What the deterministic checks have learnt so far.
@@ -45,7 +47,8 @@ fn main(info: &StartInfo) -> Verdict {
     let vm = info.vm;
     let Some(mode) = Mode::from_param(info.params[0]) else {
         print(format_args!(
-            "hostile: vm {vm}: unknown mode {} (0 checks, 1 then faults, 2 then reads an MSR)",
+            "hostile: vm {vm}: unknown mode {} (0 checks, 1 then faults, 2 then reads an MSR, \
+             3 exhausts its quota)",
             info.params[0]
         ));
         return Verdict {
@@ -57,6 +60,9 @@ fn main(info: &StartInfo) -> Verdict {
         "hostile: vm {vm} starts, mode {}",
         mode.param()
     ));
+    if mode == Mode::Exhaust {
+        return exhaust(info);
+    }
     let mut sum = Checksum::new();
     let mut mismatches = 0u64;
 
@@ -343,6 +349,142 @@ fn random_run(context: &Context, own_frame: u64, sum: &mut Checksum) -> (u64, u6
         }
     }
     (RANDOM_CALLS, invalid)
+}
+
+/// The most window frames mode 3 may hold (one per page it populates).
+const EXHAUST_PAGES: usize = (EXHAUST_GFNS.end - EXHAUST_GFNS.start) as usize;
+
+/// Calls `take` until it answers an error (or `limit` times); returns the count of successes
+/// and the error (0 if none came).
+fn take_until_refused(limit: u64, mut take: impl FnMut(u64) -> i64) -> Taken {
+    for count in 0..limit {
+        let result = take(count);
+        if result < 0 {
+            return Taken {
+                count,
+                refusal: result,
+            };
+        }
+    }
+    Taken {
+        count: limit,
+        refusal: 0,
+    }
+}
+
+/// Mode 3: backs all of its RAM, then takes frames (populate), share records (grants of
+/// those frames), event channels and far-future timers until each is refused; every refusal
+/// must be `QuotaExceeded` after exactly its quota (`guests::hostile::EXHAUST_QUOTA`), however
+/// many other VMs exhaust theirs at the same time. It holds them for `params[1]` ms (default
+/// `HOLD_MS`) of guest time, yielding so other VMs run, checks they are still refused and
+/// that a released frame can be taken again, revokes its grants (a shared frame would outlive
+/// the VM) and passes. Its channels and timers go when its quota is dropped at its end.
+fn exhaust(info: &StartInfo) -> Verdict {
+    let vm = info.vm;
+    let peer = unoffered_peer(vm);
+    let exceeded = abi::HypercallError::QuotaExceeded.guest_code();
+    // Every page of its RAM backed now: no later first touch (a deeper stack) needs a frame.
+    for page in 0..u64::from(ipc::limits::GUEST_RAM_PAGES) {
+        core::hint::black_box(read_u64(ram_probe(page)));
+    }
+    let mut frames = [0u64; EXHAUST_PAGES];
+    let populated = take_until_refused(EXHAUST_PAGES as u64, |index| {
+        let frame = call2(abi::MEMORY_POPULATE, EXHAUST_GFNS.start + index, 0);
+        if frame > 0 {
+            frames[index as usize] = frame as u64;
+        }
+        frame
+    });
+    let held = &frames[..populated.count as usize];
+    let granted = take_until_refused(held.len() as u64, |index| {
+        call2(abi::GRANT, held[index as usize], peer)
+    });
+    let ports = take_until_refused(u64::from(abi::EVENT_PORTS), |_| {
+        call2(abi::EVTCHN_ALLOC, peer, 0)
+    });
+    let timers = take_until_refused(256, |_| {
+        call2(abi::TIMER_ONESHOT, FAR_FUTURE, abi::VECTOR_MIN)
+    });
+    let taken = [populated, granted, ports, timers];
+    for (resource, taken) in Resource::ALL.iter().zip(&taken) {
+        print(format_args!(
+            "hostile: vm {vm} took {} {} (quota {}), then {}",
+            taken.count,
+            resource.name(),
+            resource.expected(&EXHAUST_QUOTA),
+            taken.refusal
+        ));
+    }
+    let mut passed = Exhaustion::all_as_expected(&taken, &EXHAUST_QUOTA);
+
+    // Hold everything while the other VMs run.
+    let hold_ms = match info.params[1] {
+        0 => HOLD_MS,
+        ms => ms,
+    };
+    let start = tsc();
+    while tsc().wrapping_sub(start) < hold_ms.saturating_mul(info.tsc_khz.max(1)) {
+        hypercall(abi::YIELD, [0; 6]);
+    }
+
+    // Still held: one more of each is still refused for its quota.
+    let next_gfn = EXHAUST_GFNS.start + populated.count;
+    let spare_frame = held.get(granted.count as usize).copied().unwrap_or(0);
+    let again = [
+        (
+            "populate",
+            if next_gfn < EXHAUST_GFNS.end {
+                call2(abi::MEMORY_POPULATE, next_gfn, 0)
+            } else {
+                exceeded
+            },
+        ),
+        ("grant", call2(abi::GRANT, spare_frame, peer)),
+        ("port", call2(abi::EVTCHN_ALLOC, peer, 0)),
+        (
+            "timer",
+            call2(abi::TIMER_ONESHOT, FAR_FUTURE, abi::VECTOR_MIN),
+        ),
+    ];
+    for (what, result) in again {
+        if result != exceeded {
+            passed = false;
+            print(format_args!(
+                "hostile: vm {vm}: another {what} after the hold answered {result}"
+            ));
+        }
+    }
+    // The quota counts what is held now: a released frame can be taken again.
+    if let Some(&last) = held.last() {
+        let gfn = EXHAUST_GFNS.start + populated.count - 1;
+        let released = call2(abi::MEMORY_RELEASE, last, 0);
+        let repopulated = call2(abi::MEMORY_POPULATE, gfn, 0);
+        if released != 0 || repopulated <= 0 {
+            passed = false;
+            print(format_args!(
+                "hostile: vm {vm}: release then populate answered {released}, {repopulated}"
+            ));
+        }
+    }
+    for &frame in &held[..granted.count as usize] {
+        let revoked = call2(abi::GRANT_REVOKE, frame, peer);
+        if revoked != 0 {
+            passed = false;
+            print(format_args!(
+                "hostile: vm {vm}: revoking its grant of {frame:#x} answered {revoked}"
+            ));
+        }
+    }
+    print(format_args!("{}", Exhaustion { vm, taken, passed }));
+    let mut sum = Checksum::new();
+    for taken in &taken {
+        sum.add(taken.count);
+        sum.add(taken.refusal as u64);
+    }
+    Verdict {
+        passed,
+        checksum: sum.0,
+    }
 }
 
 /// The frame a release or share may name: never another of its own frames (its RAM).

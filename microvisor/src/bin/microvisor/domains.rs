@@ -419,6 +419,11 @@ fn index_of(name: &str) -> u16 {
 /// request first, and the boot checks it was detected and recovered while the workload still
 /// got every result right.
 fn run_workload(inject: Option<&str>) {
+    // It plays a VM, so what it takes is charged to a quota like a VM's (reserved before the
+    // fail-stop is armed, which must strike the workload's own requests).
+    if let Err(error) = crate::quota::reserve(workload::VM, &crate::quota::WORKLOAD) {
+        crate::fail("workload", format_args!("its quota: {error}"));
+    }
     let injected = inject.map(|target| {
         let index = index_of(target);
         let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
@@ -428,6 +433,8 @@ fn run_workload(inject: Option<&str>) {
         (target, index, failures)
     });
     let (report, result) = workload::run();
+    // Its frames are released and its timers have fired: VM 1 is free for a scenario.
+    crate::quota::release(workload::VM);
     run::record_workload(report);
     if let Err(error) = result {
         crate::fail("workload", format_args!("{error}"));

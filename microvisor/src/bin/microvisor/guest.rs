@@ -279,6 +279,8 @@ pub enum CreateError {
     OutOfMemory,
     /// A service failed under the creation (it is recovered): nothing was kept; try again.
     Interrupted,
+    /// Its quota could not be reserved (it does not fit beside the other VMs' quotas).
+    Quota(crate::quota::QuotaError),
 }
 
 impl core::fmt::Display for CreateError {
@@ -290,9 +292,26 @@ impl core::fmt::Display for CreateError {
             Self::Scheduler => f.write_str("the scheduler refused its vCPU"),
             Self::OutOfMemory => f.write_str("out of core memory for the VMCS or EPT"),
             Self::Interrupted => f.write_str("a service failed under it; try again"),
+            Self::Quota(why) => write!(f, "quota: {why}"),
         }
     }
 }
+
+impl From<crate::quota::QuotaError> for CreateError {
+    /// A reservation cut short by a recovery is retried like any interrupted creation.
+    fn from(error: crate::quota::QuotaError) -> Self {
+        match error {
+            crate::quota::QuotaError::Interrupted => CreateError::Interrupted,
+            other => CreateError::Quota(other),
+        }
+    }
+}
+
+// The quota defaults are sized for this table (`ipc::quota::SIZED_FOR_VMS`). No vCPU or
+// multicall quota is needed: every vCPU the table can hold fits the scheduler's records and
+// the hypercall domain's multicall logs (one per vCPU), and only the core creates vCPUs.
+const _: () = assert!(MAX_VMS as u32 <= ipc::quota::SIZED_FOR_VMS);
+const _: () = assert!(MAX_VMS * VCPUS <= ipc::limits::MAX_VCPUS);
 
 fn call<R: serde::de::DeserializeOwned>(
     target: u16,
@@ -515,6 +534,9 @@ pub struct VmConfig<'a> {
     pub modules: &'a [(&'static str, &'a [u8])],
     /// Hand its vCPU to the scheduler now (else at VM_START).
     pub start: bool,
+    /// Its share of the services' resources, reserved before anything is taken for it and
+    /// given back when its memory is released (`crate::quota`).
+    pub quota: ipc::quota::Quota,
 }
 
 /// Allocates a VM number for VM_CREATE (never reused within a run).
@@ -534,6 +556,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         modules,
         start,
         vcpus,
+        quota,
     } = *config;
     if vcpus == 0 || usize::from(vcpus) > VCPUS {
         return Err(CreateError::Image("vCPU count out of range"));
@@ -623,10 +646,13 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         vcpu_count: vcpus,
         vcpu_failed: false,
     };
-    // Any failure from here returns the frames taken so far.
+    // Its quota first: every frame taken for it from here on is charged to it.
+    crate::quota::reserve(id, &quota)?;
+    // Any failure from here returns the frames taken so far, and the quota.
     let built = build_memory(&mut vm, &elf, &segments, params, modules);
     if let Err(error) = built {
         release_frames(&mut vm);
+        crate::quota::release(id);
         return Err(error);
     }
     let backed_pages = vm.frames.iter().filter(|&&frame| frame != 0).count();
@@ -635,6 +661,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         let Some(slot) = table.vms.iter().position(Option::is_none) else {
             drop(table);
             release_frames(&mut vm);
+            crate::quota::release(id);
             return Err(CreateError::NoSlot);
         };
         for (index, vcpu) in vm.vcpus.iter().enumerate() {
@@ -1532,9 +1559,9 @@ fn stop(slot: usize, vcpu: VcpuId, reason: &'static str) {
 
 /// Returns a finished VM's frames to the memory domain and clears its EPT: first every EPT
 /// entry, then a shootdown (a sibling vCPU may still be inside the guest on another CPU), and
-/// only then the frames.
+/// only then the frames; then drops its quota in every domain (`crate::quota::release`).
 fn release_memory(slot: usize) {
-    {
+    let vm_id = {
         let mut table = TABLE.lock();
         let Some(vm) = table.vms[slot].as_mut() else {
             return;
@@ -1544,7 +1571,8 @@ fn release_memory(slot: usize) {
             // SAFETY: the VM's EPT page table, 512 entries.
             unsafe { table.add(gfn).write_volatile(0) };
         }
-    }
+        vm.id
+    };
     shoot_down(slot);
     for gfn in 0..GUEST_FRAMES {
         let (id, frame, granted) = {
@@ -1569,6 +1597,9 @@ fn release_memory(slot: usize) {
             });
         }
     }
+    // Its quota last: its channels and timers go with it, and its limits drop to 0, so a
+    // sibling vCPU's call still in flight can take nothing more.
+    crate::quota::release(vm_id);
 }
 
 /// Sends a request to the hypercall domain; `None` when it must be retried (a service
@@ -1849,7 +1880,7 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
             return Err(HypercallError::PermissionDenied);
         }
         let used = match number {
-            hc::VM_CREATE => 5,
+            hc::VM_CREATE => 6,
             hc::VM_START => 2,
             _ => 1,
         };
@@ -1922,7 +1953,8 @@ fn control(slot: usize, number: u64, args: &[u64; 6]) -> Option<i64> {
     result.unwrap_or_else(|error| Some(error.guest_code()))
 }
 
-/// VM_CREATE: stages the image out of the control VM's memory and builds a VM from it.
+/// VM_CREATE: reads the quota record (arg5) and stages the image out of the control VM's
+/// memory, then builds a VM from it (its quota reserved first, in `create_vm`).
 fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError> {
     let length = usize::try_from(args[1]).map_err(|_| HypercallError::InvalidArgument)?;
     if length == 0 || length > IMAGE_STAGE_BYTES {
@@ -1944,6 +1976,21 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         .as_ref()
         .ok_or(HypercallError::BadVcpu)?
         .id;
+    // arg5: its quota record, 0 meaning the AppVM default.
+    let quota = if args[5] == 0 {
+        ipc::quota::Quota::APP_VM
+    } else {
+        let mut record = [0u8; crate::quota::RECORD_BYTES];
+        if !back_for_hypercall(slot, vm_id, args[5], record.len())? {
+            return Ok(None);
+        }
+        {
+            let table = TABLE.lock();
+            let vm = table.vms[slot].as_ref().ok_or(HypercallError::BadVcpu)?;
+            read_guest(vm, args[5], &mut record)?;
+        }
+        crate::quota::from_record(&record).ok_or(HypercallError::InvalidArgument)?
+    };
     if !back_for_hypercall(slot, vm_id, args[0], length)? {
         return Ok(None);
     }
@@ -1964,6 +2011,7 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
         modules: &[],
         start: false,
         vcpus,
+        quota,
     };
     match create_vm(&config) {
         Ok(()) => Ok(Some(i64::from(id))),
@@ -1976,6 +2024,10 @@ fn vm_create(slot: usize, args: &[u64; 6]) -> Result<Option<i64>, HypercallError
             Err(match error {
                 CreateError::Image(_) => HypercallError::InvalidArgument,
                 CreateError::Scheduler => HypercallError::Internal,
+                CreateError::Quota(crate::quota::QuotaError::Unavailable(_)) => {
+                    HypercallError::QuotaUnavailable
+                }
+                CreateError::Quota(_) => HypercallError::Internal,
                 _ => HypercallError::NoResources,
             })
         }

@@ -20,6 +20,7 @@ mod guest;
 mod guest_state;
 mod madt;
 mod paging;
+mod quota;
 mod run;
 mod smp;
 mod trap;
@@ -320,6 +321,11 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
             modules: &modules,
             start: true,
             vcpus: spec.vcpus,
+            quota: if spec.privileged {
+                ipc::quota::Quota::CONTROL_VM
+            } else {
+                ipc::quota::Quota::APP_VM
+            },
         };
         if let Err(error) = guest::create_vm(&config) {
             fail("scenario", format_args!("creating VM {id}: {error}"));

@@ -22,8 +22,8 @@ const TIMER: u16 = 4;
 /// TSC ticks between the workload's one-shot timers.
 const TIMER_SPACING: u64 = 10_000_000;
 const HYPERCALL: u16 = 5;
-/// The VM the core plays (its memory owner number).
-const VM: u16 = 1;
+/// The VM the core plays (its memory owner number; its quota is `crate::quota::WORKLOAD`).
+pub const VM: u16 = 1;
 const VCPU: VcpuId = VcpuId { vm: VM, vcpu: 0 };
 /// Attempts per request before the workload gives up.
 const ATTEMPTS: u32 = 4;
