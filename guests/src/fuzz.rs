@@ -30,12 +30,12 @@ impl Rng {
     /// A generator for `seed` mixed with `stream` (e.g. VM, vCPU and round).
     pub fn new(seed: u64, stream: u64) -> Rng {
         let mut rng = Rng(seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        rng.next();
+        rng.next_u64();
         rng
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -45,7 +45,7 @@ impl Rng {
 
     /// A number below `bound` (> 0).
     pub fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
+        self.next_u64() % bound
     }
 }
 
@@ -84,18 +84,19 @@ impl Tags {
     pub fn new(seed: u64, vm: u16, vcpu: u16, round: u64) -> Tags {
         let stream = (u64::from(vm) << 48) | (u64::from(vcpu) << 40) | round;
         let mut rng = Rng::new(seed, stream);
-        let cr2 = rng.next();
+        let cr2 = rng.next_u64();
         let cr8 = if round == 0 { 15 } else { rng.below(16) };
         let mut debug = [0u64; 4];
         for (index, address) in debug.iter_mut().enumerate() {
             // Canonical, above 0xffff_8000_0000_0000, 8-byte aligned: never mapped in a guest.
-            *address = 0xffff_8000_0000_0000 | (rng.next() & 0x7fff_ffff_ffe0) | (index as u64 * 8);
+            *address =
+                0xffff_8000_0000_0000 | (rng.next_u64() & 0x7fff_ffff_ffe0) | (index as u64 * 8);
         }
-        let dr6 = DR6_RESET | (rng.next() & DR6_WRITABLE);
+        let dr6 = DR6_RESET | (rng.next_u64() & DR6_WRITABLE);
         let dr7 = dr7_value(&mut rng);
-        let mxcsr = 0x1f80 | (rng.next() as u32 & 0xe03f);
+        let mxcsr = 0x1f80 | (rng.next_u64() as u32 & 0xe03f);
         let mut xmm = [0u64; 32];
-        xmm.iter_mut().for_each(|word| *word = rng.next());
+        xmm.iter_mut().for_each(|word| *word = rng.next_u64());
         Tags {
             cr2,
             cr8,
@@ -104,8 +105,8 @@ impl Tags {
             dr7,
             mxcsr,
             xmm,
-            gs_magic: rng.next(),
-            kernel_gs_magic: rng.next(),
+            gs_magic: rng.next_u64(),
+            kernel_gs_magic: rng.next_u64(),
         }
     }
 }
@@ -114,7 +115,7 @@ impl Tags {
 /// write, read-write} and lengths valid for each (execute needs length 1), bit 10 set as DR7
 /// reads it, GD (13) clear so debug-register accesses do not trap.
 fn dr7_value(rng: &mut Rng) -> u64 {
-    let mut dr7 = 0x400 | (rng.next() & 0xff);
+    let mut dr7 = 0x400 | (rng.next_u64() & 0xff);
     for breakpoint in 0..4 {
         let (rw, len) = match rng.below(3) {
             0 => (0b00, 0b00),
@@ -193,7 +194,7 @@ pub enum Exit {
 
 /// Draws a random exit.
 pub fn random_exit(rng: &mut Rng) -> Exit {
-    let word = rng.next();
+    let word = rng.next_u64();
     match rng.below(3) {
         0 => {
             let leaf = match word % 4 {
@@ -289,7 +290,7 @@ pub fn forbidden(param: u64, seed: u64) -> Option<Forbidden> {
     let index = index - FIXED.len();
     if index < 2 * MSRS.len() {
         let msr = MSRS[index / 2];
-        return Some(if index % 2 == 0 {
+        return Some(if index.is_multiple_of(2) {
             Forbidden::ReadMsr(msr)
         } else {
             Forbidden::WriteMsr(msr, 0x5a5a_0000_0000_0001)

@@ -224,9 +224,9 @@ static HIGH_PD: PageDirectory =
 
 /// Executes `what`. The core must stop the VM; this returns only if it did not.
 pub fn attempt(what: Forbidden) {
-    // SAFETY (every block below): each instruction either exits to the core, which stops the
-    // VM, or raises an exception, which stops it too; none touches memory of the guest kernel
-    // but the page-table entries `ReadPhysical` adds for an address range nothing else uses.
+    // SAFETY: each instruction below either exits to the core, which stops the VM, or raises
+    // an exception, which stops it too; none touches memory of the guest kernel but the
+    // page-table entries `ReadPhysical` adds for an address range nothing else uses.
     unsafe {
         match what {
             Forbidden::WriteMsr(msr, value) => core::arch::asm!(
