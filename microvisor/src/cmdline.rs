@@ -65,6 +65,25 @@ pub enum InjectedFault<'a> {
         /// Domain name.
         domain: &'a str,
     },
+    /// `register:DOMAIN[:REG[:BIT]][@STEPS]`, `code:DOMAIN[:OFFSET[:BIT]][@STEPS]` or
+    /// `failstop:DOMAIN@STEPS`: under a scenario, a fault `STEPS` instructions into the
+    /// target's request that the first-level trigger picks (see [`crate::inject`]); what is
+    /// left open comes from `seed=`.
+    Stepped {
+        /// Domain name.
+        domain: &'a str,
+        /// The fault.
+        spec: crate::inject::Spec,
+    },
+}
+
+impl<'a> InjectedFault<'a> {
+    /// The target domain's name.
+    pub const fn domain(&self) -> &'a str {
+        match *self {
+            InjectedFault::Failstop { domain } | InjectedFault::Stepped { domain, .. } => domain,
+        }
+    }
 }
 
 /// Options the command line can set.
@@ -80,6 +99,8 @@ pub struct Options<'a> {
     pub inject: Option<InjectedFault<'a>>,
     /// `scenario=NAME` (see [`crate::scenario`]).
     pub scenario: Option<&'static crate::scenario::Scenario>,
+    /// `seed=N`: the run's seed, from which an injected fault's open choices are drawn.
+    pub seed: u64,
 }
 
 /// A word of the command line that could not be used.
@@ -121,14 +142,21 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     expected: "microreset|microreboot",
                 }),
             },
-            "inject" => match value.split_once(':') {
-                Some(("failstop", domain)) if !domain.is_empty() => {
-                    options.inject = Some(InjectedFault::Failstop { domain })
-                }
-                _ => on_error(CmdlineError::BadValue {
+            "inject" => match parse_inject(value) {
+                Some(fault) => options.inject = Some(fault),
+                None => on_error(CmdlineError::BadValue {
                     key,
                     value,
-                    expected: "failstop:DOMAIN",
+                    expected: "failstop:DOMAIN[@STEPS], register:DOMAIN[:REG[:BIT]][@STEPS] \
+                               or code:DOMAIN[:OFFSET[:BIT]][@STEPS]",
+                }),
+            },
+            "seed" => match value.parse() {
+                Ok(seed) => options.seed = seed,
+                Err(_) => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "a number",
                 }),
             },
             "scenario" => match crate::scenario::find(value) {
@@ -153,6 +181,21 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
         }
     }
     options
+}
+
+fn parse_inject(value: &str) -> Option<InjectedFault<'_>> {
+    let (kind, rest) = value.split_once(':')?;
+    // The domain runs to the first ':' or '@' after the kind.
+    let end = rest.find([':', '@']).unwrap_or(rest.len());
+    let (domain, tail) = rest.split_at(end);
+    if domain.is_empty() {
+        return None;
+    }
+    if kind == "failstop" && tail.is_empty() {
+        return Some(InjectedFault::Failstop { domain });
+    }
+    let spec = crate::inject::parse_spec(kind, tail.strip_prefix(':').unwrap_or(tail))?;
+    Some(InjectedFault::Stepped { domain, spec })
 }
 
 fn parse_fault(value: &str) -> Option<FaultRequest> {
@@ -237,7 +280,34 @@ mod tests {
             options.inject,
             Some(InjectedFault::Failstop { domain: "memory" })
         );
-        for bad in ["inject=failstop:", "inject=flip:memory", "inject=memory"] {
+        let (options, errors) = parse_collect("inject=register:memory:rbx:5@1200 seed=9");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(options.seed, 9);
+        assert_eq!(
+            options.inject,
+            Some(InjectedFault::Stepped {
+                domain: "memory",
+                spec: crate::inject::parse_spec("register", "rbx:5@1200").unwrap()
+            })
+        );
+        let (options, _) = parse_collect("inject=code:timer");
+        assert_eq!(options.inject.map(|fault| fault.domain()), Some("timer"));
+        let (options, _) = parse_collect("inject=failstop:hypercall@300");
+        assert!(matches!(
+            options.inject,
+            Some(InjectedFault::Stepped {
+                domain: "hypercall",
+                ..
+            })
+        ));
+        for bad in [
+            "inject=failstop:",
+            "inject=flip:memory",
+            "inject=memory",
+            "inject=register:",
+            "inject=register:memory:xmm1",
+            "seed=x",
+        ] {
             let (options, errors) = parse_collect(bad);
             assert_eq!((options.inject, errors.len()), (None, 1), "{bad}");
         }

@@ -15,6 +15,7 @@ pub mod exception;
 pub mod frames;
 pub mod gate;
 pub mod guest_cpu;
+pub mod inject;
 pub mod memmap;
 pub mod scenario;
 pub mod summary;

@@ -207,6 +207,8 @@ pub struct VmReport<'a> {
     pub demand_pages: u64,
     /// TSC from its creation to its last vCPU's exit (0 if it did not finish).
     pub run_tsc: u64,
+    /// TSC when it was created (a campaign tells the VMs created after a fault by it).
+    pub created_tsc: u64,
     /// Why the core stopped it, if it did.
     pub stop_reason: &'a str,
 }
@@ -224,6 +226,7 @@ impl VmReport<'_> {
         retries: 0,
         demand_pages: 0,
         run_tsc: 0,
+        created_tsc: 0,
         stop_reason: "",
     };
 }
@@ -232,7 +235,7 @@ impl Display for VmReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"vm":{},"guest":{},"vcpus":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"stop_reason":{}}}"#,
+            r#"{{"vm":{},"guest":{},"vcpus":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"created_tsc":{},"stop_reason":{}}}"#,
             self.vm,
             JsonStr(self.guest),
             self.vcpus,
@@ -243,6 +246,7 @@ impl Display for VmReport<'_> {
             self.retries,
             self.demand_pages,
             self.run_tsc,
+            self.created_tsc,
             JsonStr(self.stop_reason)
         )
     }
@@ -359,6 +363,9 @@ pub struct Summary<'a> {
     pub vms: &'a [VmReport<'a>],
     /// The benchmarks asked for on the command line (empty if none).
     pub bench: &'a [BenchReport<'a>],
+    /// The fault `inject=` armed under a scenario (register, code or stepped fail-stop), and
+    /// whether and where it struck.
+    pub injection: Option<crate::inject::InjectionReport<'a>>,
     /// Why the run failed, if it did.
     pub failure: Option<Failure<'a>>,
 }
@@ -492,6 +499,11 @@ impl Display for Summary<'_> {
         }
         write!(f, r#","vms":{}"#, JsonArray(self.vms))?;
         write!(f, r#","bench":{}"#, JsonArray(self.bench))?;
+        f.write_str(r#","injection":"#)?;
+        match &self.injection {
+            Some(injection) => write!(f, "{injection}")?,
+            None => f.write_str("null")?,
+        }
         f.write_str(r#","failure":"#)?;
         match &self.failure {
             Some(failure) => write!(f, "{failure}}}"),
@@ -570,9 +582,11 @@ mod tests {
                 retries: 1,
                 demand_pages: 9,
                 run_tsc: 123_456,
+                created_tsc: 1_000,
                 stop_reason: "",
             }],
             bench: &[],
+            injection: None,
             failure,
         }
     }

@@ -337,6 +337,11 @@ fn failstop_strikes(callee: u16) -> bool {
         .is_ok()
 }
 
+/// The domain running on `cpu` (the top of its call chain), if any.
+pub fn running_on(cpu: usize) -> Option<u16> {
+    SYSTEM.lock().running(cpu)
+}
+
 /// Index of the domain called `name`.
 pub fn find(name: &str) -> Option<u16> {
     let system = SYSTEM.lock();
@@ -730,6 +735,8 @@ impl System {
             );
             frame.rip = 0;
         }
+        // A register, code or stepped fail-stop fault armed for this domain starts stepping it.
+        crate::inject::on_enter(callee, cpu, frame);
         switch_address_space(pml4);
     }
 
@@ -1046,6 +1053,7 @@ fn recover(
     fx: &mut FxArea,
 ) {
     let detected = apic::tsc();
+    crate::inject::on_detection(failed, detected);
     let chain = &mut system.chains[cpu];
     chain.depth -= 1;
     let abandoned = chain.pending[chain.depth].take();

@@ -229,6 +229,12 @@ pub fn bring_up(
         // `inject_into_scenario`).
         Some(InjectedFault::Failstop { domain: _ }) if scenario => run_workload(None),
         Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
+        // Register, code and stepped faults strike under a scenario (`crate::inject`).
+        Some(InjectedFault::Stepped { .. }) if scenario => run_workload(None),
+        Some(InjectedFault::Stepped { domain, .. }) => crate::fail(
+            "inject",
+            format_args!("a register, code or stepped fault ({domain}) needs scenario=NAME"),
+        ),
         None => run_workload(None),
     }
     if matches!(bench, Some(Benchmark::Ipc | Benchmark::All)) {
@@ -403,6 +409,14 @@ pub fn check_injection(target: &str, index: u16, before: u32) {
     }
     log::info!("fail-stop injected into {target} under running guests: detected, recovered");
     run::stage("inject-failstop");
+}
+
+/// Arms a register, code or stepped fail-stop fault in domain `target` for a scenario: it
+/// strikes inside the target's request `skip + 1` (see `crate::inject`).
+pub fn arm_stepped(target: &str, spec: microvisor::inject::Spec, seed: u64, skip: u32) {
+    let index = index_of(target);
+    let name = domain::describe(index).map_or("?", |(name, _, _)| name);
+    crate::inject::arm(index, name, spec.resolve(seed), seed, skip);
 }
 
 fn index_of(name: &str) -> u16 {

@@ -2360,6 +2360,7 @@ pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: boo
             retries: vm.retries,
             demand_pages: vm.demand_pages,
             run_tsc: vm.run_tsc,
+            created_tsc: vm.created_tsc,
             stop_reason: vm.stop_reason,
         };
         count += 1;

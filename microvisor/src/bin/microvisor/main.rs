@@ -18,6 +18,7 @@ mod domain;
 mod domains;
 mod guest;
 mod guest_state;
+mod inject;
 mod madt;
 mod paging;
 mod quota;
@@ -252,7 +253,13 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             }
             _ => None,
         };
-        run_scenario(scenario, target);
+        let stepped = match options.inject {
+            Some(cmdline::InjectedFault::Stepped { domain, spec }) => {
+                Some((domain, spec, options.seed))
+            }
+            _ => None,
+        };
+        run_scenario(scenario, target, stepped);
     }
 
     if let Some(request) = options.fault {
@@ -272,7 +279,11 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
 
 /// Creates the scenario's VMs and runs them on every CPU until each has a verdict; ends the
 /// run failed if one is not `passed`.
-fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Option<&str>) {
+fn run_scenario(
+    scenario: &'static microvisor::scenario::Scenario,
+    inject: Option<&str>,
+    stepped: Option<(&str, microvisor::inject::Spec, u64)>,
+) {
     use microvisor::scenario::{CONTROL_VM, FIRST_VM, home_cpu};
     if vmx::status().0 == 0 {
         fail(
@@ -339,6 +350,11 @@ fn run_scenario(scenario: &'static microvisor::scenario::Scenario, inject: Optio
             domains::inject_into_scenario(target, scenario.inject_after),
         )
     });
+    // A register, code or stepped fault: armed the same way, classified by whoever reads the
+    // summary (a campaign), since it may as well go unnoticed.
+    if let Some((target, spec, seed)) = stepped {
+        domains::arm_stepped(target, spec, seed, scenario.inject_after);
+    }
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
     if !guest::run_all(budget) {

@@ -345,6 +345,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
         scenario: SCENARIO.try_lock().and_then(|scenario| *scenario),
         vms: &vms[..vm_count],
         bench: &bench_reports[..bench_count],
+        injection: crate::inject::report(),
         failure,
     };
     let mut console = Console::lock_for_fatal();

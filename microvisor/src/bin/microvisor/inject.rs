@@ -1,0 +1,320 @@
+//! Fault injection into a domain at a point inside its work: after the first-level trigger
+//! (the target's `skip`-th request under a scenario), the target's thread is single-stepped
+//! (RFLAGS.TF) for the plan's count of instructions, then the fault strikes on its live
+//! context: RIP := 0, one register bit flipped, or one bit of a code byte at RIP flipped.
+//! A flipped code byte is put back when the next failure is detected, before recovery runs
+//! (as the papers' injector does; a microreboot reloads it anyway).
+//!
+//! What to inject, and the record the summary reports, are `microvisor::inject`; the plain
+//! fail-stop at the start of a request (`inject=failstop:DOMAIN`) stays in `domain.rs`.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use microvisor::inject::{InjectionReport, InjectionState, Kind, Plan, REGISTERS, RFLAGS, RIP};
+use spin::Mutex;
+
+use crate::paging;
+use crate::trap::TrapFrame;
+
+/// RFLAGS.TF: a debug trap after every instruction.
+const TRAP_FLAG: u64 = 1 << 8;
+
+/// An armed fault.
+struct Armed {
+    target: u16,
+    name: &'static str,
+    plan: Plan,
+    seed: u64,
+    /// Requests of the target still to let pass before stepping starts.
+    skip: u32,
+    /// The CPU whose target thread carries TF.
+    stepping: Option<usize>,
+    /// Instructions counted so far.
+    counted: u32,
+    struck: Option<Struck>,
+}
+
+#[derive(Clone, Copy)]
+struct Struck {
+    cpu: usize,
+    tsc: u64,
+    rip: u64,
+    location: &'static str,
+    address: u64,
+    bit: u8,
+    before: u64,
+    after: u64,
+    detected_tsc: Option<u64>,
+    /// A code byte to put back: (physical address, original byte).
+    restore: Option<(u64, u8)>,
+}
+
+static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
+/// Fast check for the hot paths: something is armed and not yet struck.
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Arms `plan` against domain `target` (called `name`): it strikes `plan.steps` instructions
+/// (at least one) into the target's request number `skip + 1` from now (or, if that request
+/// ends first, into its later ones on the same CPU: the count goes on).
+pub fn arm(target: u16, name: &'static str, plan: Plan, seed: u64, skip: u32) {
+    *ARMED.lock() = Some(Armed {
+        target,
+        name,
+        plan,
+        seed,
+        skip,
+        stepping: None,
+        counted: 0,
+        struck: None,
+    });
+    PENDING.store(true, Ordering::Release);
+    log::info!(
+        "fault armed in {name}: {} {}:{} after {} instructions of its request {} (seed {seed})",
+        plan.kind.name(),
+        plan.location,
+        plan.bit,
+        plan.steps,
+        skip + 1
+    );
+}
+
+/// The core enters `callee`'s thread on `cpu` for a request (`frame` is its context).
+pub fn on_enter(callee: u16, cpu: usize, frame: &mut TrapFrame) {
+    if !PENDING.load(Ordering::Acquire) {
+        return;
+    }
+    let mut armed = ARMED.lock();
+    let Some(state) = armed.as_mut() else {
+        return;
+    };
+    if state.target != callee || state.stepping.is_some() || state.struck.is_some() {
+        return;
+    }
+    if state.skip > 0 {
+        state.skip -= 1;
+        return;
+    }
+    // Even a count of 0 strikes at a debug trap (after the request's first instruction), so
+    // that every fault lands on a context the handler can check before returning to it.
+    state.stepping = Some(cpu);
+    frame.rflags |= TRAP_FLAG;
+}
+
+/// What the debug-trap handler should do with a #DB from ring 3.
+pub enum Step {
+    /// Not ours: a real debug exception of the domain (a failure).
+    NotOurs,
+    /// Counted (or struck): return to the domain.
+    Resume,
+    /// The fault made the context one the CPU cannot return to (a non-canonical RIP or RSP):
+    /// treat it as the exception the domain would raise (`frame.vector` is set).
+    Faulted,
+}
+
+/// A debug trap from ring 3 on `cpu` while domain `running` runs.
+pub fn on_debug_trap(cpu: usize, running: Option<u16>, frame: &mut TrapFrame) -> Step {
+    if !PENDING.load(Ordering::Acquire) {
+        return Step::NotOurs;
+    }
+    let mut armed = ARMED.lock();
+    let Some(state) = armed.as_mut() else {
+        return Step::NotOurs;
+    };
+    if state.stepping != Some(cpu) || running != Some(state.target) {
+        return Step::NotOurs;
+    }
+    state.counted += 1;
+    if state.counted < state.plan.steps {
+        return Step::Resume;
+    }
+    frame.rflags &= !TRAP_FLAG;
+    state.stepping = None;
+    strike(state, cpu, frame);
+    let canonical = |address: u64| {
+        let top = address >> 47;
+        top == 0 || top == 0x1_ffff
+    };
+    if !canonical(frame.rip) {
+        frame.vector = 13;
+        frame.error_code = 0;
+        return Step::Faulted;
+    }
+    if !canonical(frame.rsp) {
+        frame.vector = 12;
+        frame.error_code = 0;
+        return Step::Faulted;
+    }
+    Step::Resume
+}
+
+/// The fault strikes on `frame`, the target's live context on `cpu`.
+fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
+    PENDING.store(false, Ordering::Release);
+    let plan = state.plan;
+    let rip = frame.rip;
+    let mut struck = Struck {
+        cpu,
+        tsc: crate::apic::tsc(),
+        rip,
+        location: "rip",
+        address: 0,
+        bit: plan.bit,
+        before: rip,
+        after: 0,
+        detected_tsc: None,
+        restore: None,
+    };
+    match plan.kind {
+        Kind::Failstop => frame.rip = 0,
+        Kind::Register => {
+            let register = register_mut(frame, plan.location);
+            struck.before = *register;
+            *register ^= 1 << plan.bit;
+            struck.after = *register;
+            struck.location = REGISTERS[usize::from(plan.location)];
+        }
+        Kind::Code => {
+            let address = rip.wrapping_add(u64::from(plan.location));
+            struck.location = "code";
+            struck.address = address;
+            match translate(address) {
+                Some(physical) => {
+                    let byte = paging::phys_to_virt(physical).as_mut_ptr::<u8>();
+                    // SAFETY: `physical` backs a page of the domain's code (mapped in its
+                    // address space, active now); the direct map covers it. The byte is put
+                    // back at the next detection.
+                    let before = unsafe { byte.read_volatile() };
+                    let after = before ^ (1 << plan.bit);
+                    // SAFETY: as above; nothing else writes domain code while it runs.
+                    unsafe { byte.write_volatile(after) };
+                    struck.before = u64::from(before);
+                    struck.after = u64::from(after);
+                    struck.restore = Some((physical, before));
+                }
+                None => {
+                    // Past the end of its code: nothing there to flip.
+                    struck.before = 0;
+                    struck.after = 0;
+                }
+            }
+        }
+    }
+    log::warn!(
+        "INJECT {} into {} on CPU {cpu} after {} instructions: {} bit {} {:#x} -> {:#x} at RIP {rip:#x}",
+        plan.kind.name(),
+        state.name,
+        state.counted,
+        struck.location,
+        struck.bit,
+        struck.before,
+        struck.after
+    );
+    state.struck = Some(struck);
+}
+
+/// The field of `frame` holding register `index` of [`REGISTERS`].
+fn register_mut(frame: &mut TrapFrame, index: u8) -> &mut u64 {
+    match index {
+        0 => &mut frame.rax,
+        1 => &mut frame.rbx,
+        2 => &mut frame.rcx,
+        3 => &mut frame.rdx,
+        4 => &mut frame.rsi,
+        5 => &mut frame.rdi,
+        6 => &mut frame.rbp,
+        7 => &mut frame.rsp,
+        8 => &mut frame.r8,
+        9 => &mut frame.r9,
+        10 => &mut frame.r10,
+        11 => &mut frame.r11,
+        12 => &mut frame.r12,
+        13 => &mut frame.r13,
+        14 => &mut frame.r14,
+        15 => &mut frame.r15,
+        RFLAGS => &mut frame.rflags,
+        RIP => &mut frame.rip,
+        _ => &mut frame.rax,
+    }
+}
+
+/// The physical address `virtual_address` maps to in the active address space (the domain's,
+/// while it runs), if it is mapped.
+fn translate(virtual_address: u64) -> Option<u64> {
+    let (cr3, _) = x86_64::registers::control::Cr3::read_raw();
+    let mut table = cr3.start_address().as_u64();
+    for level in (1..=4).rev() {
+        let index = (virtual_address >> (12 + 9 * (level - 1))) & 0x1ff;
+        let entry_address = paging::phys_to_virt(table + index * 8).as_ptr::<u64>();
+        // SAFETY: `table` is a page-table page of the active hierarchy (CR3 and the entries
+        // below it); the direct map covers all physical memory.
+        let entry = unsafe { entry_address.read_volatile() };
+        if entry & 1 == 0 {
+            return None;
+        }
+        let frame = entry & 0x000f_ffff_ffff_f000;
+        // A large page at level 3 (1 GiB) or 2 (2 MiB).
+        if level > 1 && level < 4 && entry & (1 << 7) != 0 {
+            let size = 1u64 << (12 + 9 * (level - 1));
+            return Some((frame & !(size - 1)) | (virtual_address & (size - 1)));
+        }
+        if level == 1 {
+            return Some(frame | (virtual_address & 0xfff));
+        }
+        table = frame;
+    }
+    None
+}
+
+/// A failure was detected in domain `failed` at `tsc`: the first after the fault is its
+/// detection; a flipped code byte is put back before recovery runs; a target that fails
+/// while being stepped is stepped again from its next request.
+pub fn on_detection(failed: u16, tsc: u64) {
+    let mut armed = ARMED.lock();
+    let Some(state) = armed.as_mut() else {
+        return;
+    };
+    if state.target == failed && state.struck.is_none() {
+        state.stepping = None;
+    }
+    if let Some(struck) = state.struck.as_mut() {
+        if struck.detected_tsc.is_none() {
+            struck.detected_tsc = Some(tsc);
+        }
+        if let Some((physical, byte)) = struck.restore.take() {
+            // SAFETY: the byte this module flipped, in the domain's code page.
+            unsafe {
+                paging::phys_to_virt(physical)
+                    .as_mut_ptr::<u8>()
+                    .write_volatile(byte)
+            };
+        }
+    }
+}
+
+/// The injection record for the summary, if a fault was armed.
+pub fn report() -> Option<InjectionReport<'static>> {
+    let armed = ARMED.lock();
+    let state = armed.as_ref()?;
+    Some(InjectionReport {
+        kind: state.plan.kind,
+        domain: state.name,
+        seed: state.seed,
+        steps: state.plan.steps,
+        state: match state.struck {
+            None => InjectionState::NotInjected {
+                counted: state.counted,
+            },
+            Some(struck) => InjectionState::Injected {
+                cpu: struck.cpu,
+                tsc: struck.tsc,
+                rip: struck.rip,
+                location: struck.location,
+                address: struck.address,
+                bit: struck.bit,
+                before: struck.before,
+                after: struck.after,
+                detected_tsc: struck.detected_tsc,
+            },
+        },
+    })
+}

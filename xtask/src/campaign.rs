@@ -1,0 +1,647 @@
+//! `cargo xtask campaign`: fault-injection campaigns. Each run boots a scenario under bochs
+//! with one fault (`inject=KIND:TARGET seed=N recovery=MODE`), reads the summary and files
+//! the run into the papers' outcome classes; records go to `OUT/runs.jsonl`, one JSON object
+//! per line, as each run ends (a rerun skips the runs already there: campaigns resume), and
+//! the per-cell rates with Wilson 95% intervals to `OUT/summary.md`.
+//!
+//! Every random choice of a run comes from its seed (`run_seed`), and bochs is deterministic,
+//! so a record's `cmdline` replays the run.
+
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::emulator::{self, BootSpec, EmulatorKind, Image};
+use crate::host::{self, Tool};
+use crate::image;
+
+/// The services a campaign can target.
+pub const TARGETS: [&str; 4] = ["scheduler", "memory", "timer", "hypercall"];
+/// The fault types.
+pub const FAULTS: [&str; 3] = ["failstop", "register", "code"];
+/// The recovery modes.
+pub const MODES: [&str; 2] = ["microreset", "microreboot"];
+
+/// What a campaign runs.
+#[derive(Clone, Debug)]
+pub struct Campaign {
+    /// The scenario every run boots.
+    pub scenario: String,
+    /// CPUs of the emulated machine.
+    pub cpus: u32,
+    /// Target domains.
+    pub targets: Vec<String>,
+    /// Fault types.
+    pub faults: Vec<String>,
+    /// Recovery modes.
+    pub modes: Vec<String>,
+    /// Runs per cell (target x fault x mode).
+    pub runs: u32,
+    /// The campaign's seed.
+    pub seed: u64,
+    /// Runs at once.
+    pub jobs: usize,
+    /// Where the records go.
+    pub out: PathBuf,
+    /// Boot the release build.
+    pub release: bool,
+    /// Wall-clock limit of one run.
+    pub timeout: Duration,
+}
+
+/// Expands `all` and comma-separated lists against `known`; an unknown name is an error.
+pub fn parse_list(value: &str, known: &[&str], what: &str) -> Result<Vec<String>, String> {
+    if value == "all" {
+        return Ok(known.iter().map(|name| name.to_string()).collect());
+    }
+    let names: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "no {what} given (one of {}, or all)",
+            known.join(", ")
+        ));
+    }
+    for name in &names {
+        if !known.contains(&name.as_str()) {
+            return Err(format!(
+                "unknown {what} {name:?} (one of {}, or all)",
+                known.join(", ")
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// One run to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSpec {
+    /// Unique within the campaign: `TARGET-FAULT-MODE-INDEX`.
+    pub id: String,
+    /// The target domain.
+    pub target: String,
+    /// The fault type.
+    pub fault: String,
+    /// The recovery mode.
+    pub mode: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// The seed of run `index` of a cell: SplitMix64 of the campaign seed and the cell's names,
+/// so adding a cell or runs never changes the seeds of the others.
+pub fn run_seed(seed: u64, target: &str, fault: &str, mode: &str, index: u32) -> u64 {
+    let mut x = seed;
+    for byte in target
+        .bytes()
+        .chain([b'/'])
+        .chain(fault.bytes())
+        .chain([b'/'])
+        .chain(mode.bytes())
+    {
+        x = (x ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    x ^= u64::from(index).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Every run of `campaign`, in order.
+pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
+    let mut runs = Vec::new();
+    for target in &campaign.targets {
+        for fault in &campaign.faults {
+            for mode in &campaign.modes {
+                for index in 0..campaign.runs {
+                    let seed = run_seed(campaign.seed, target, fault, mode, index);
+                    runs.push(RunSpec {
+                        id: format!("{target}-{fault}-{mode}-{index}"),
+                        target: target.clone(),
+                        fault: fault.clone(),
+                        mode: mode.clone(),
+                        seed,
+                        cmdline: format!(
+                            "scenario={} inject={fault}:{target} seed={seed} recovery={mode}",
+                            campaign.scenario
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    runs
+}
+
+/// The outcome classes (ReHype/NiLiHype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// The fault never struck: the target ran fewer instructions than the trigger counted.
+    NotInjected,
+    /// Nothing detected, every VM correct.
+    NonManifested,
+    /// Nothing detected, but a VM's checks failed (silent data corruption).
+    Sdc,
+    /// Detected and recovered by the success definition.
+    Recovered,
+    /// Detected, not recovered (a VM lost beyond what the scenario allows, or the system
+    /// declared failed).
+    DetectedFailed,
+    /// No summary: a hang, a crash of the core, or the emulator's timeout.
+    NoSummary,
+}
+
+impl Class {
+    /// The name in records and tables.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Class::NotInjected => "not-injected",
+            Class::NonManifested => "non-manifested",
+            Class::Sdc => "sdc",
+            Class::Recovered => "recovered",
+            Class::DetectedFailed => "detected-failed",
+            Class::NoSummary => "no-summary",
+        }
+    }
+
+    /// Every class, in table order.
+    pub const ALL: [Class; 6] = [
+        Class::NotInjected,
+        Class::NonManifested,
+        Class::Sdc,
+        Class::Recovered,
+        Class::DetectedFailed,
+        Class::NoSummary,
+    ];
+}
+
+/// What a run's summary says, classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The class.
+    pub class: Class,
+    /// Detected, recovered and no VM affected at all (NiLiHype's noVMF).
+    pub no_vm_failure: bool,
+    /// VMs whose verdict was not `passed`.
+    pub vms_affected: usize,
+}
+
+/// Classifies a run from its summary (`None`: there was none). Success in a scenario with a
+/// control VM (3AppVM, 1AppVM): at most `allowed` AppVMs affected (1 for 3AppVM, 0 else), the
+/// VMs the control VM created after the fault all passed, and the control VM passed.
+pub fn classify(summary: Option<&Value>, allowed: usize) -> Verdict {
+    let Some(summary) = summary else {
+        return Verdict {
+            class: Class::NoSummary,
+            no_vm_failure: false,
+            vms_affected: 0,
+        };
+    };
+    let injection = &summary["injection"];
+    let vms = summary["vms"].as_array().cloned().unwrap_or_default();
+    let affected: Vec<&Value> = vms.iter().filter(|vm| vm["verdict"] != "passed").collect();
+    let vms_affected = affected.len();
+    if injection["injected"] != Value::Bool(true) {
+        return Verdict {
+            class: Class::NotInjected,
+            no_vm_failure: false,
+            vms_affected,
+        };
+    }
+    let injected_at = injection["tsc"].as_u64().unwrap_or(u64::MAX);
+    let detection_tsc = summary["last_detection"]["tsc"].as_u64();
+    let detected = injection["detection_latency"].is_u64()
+        || detection_tsc.is_some_and(|tsc| tsc >= injected_at);
+    let control_failed = affected.iter().any(|vm| vm["guest"] == "control");
+    let created_after_failed = affected.iter().any(|vm| {
+        vm["created_tsc"]
+            .as_u64()
+            .is_some_and(|created| created > injected_at)
+    });
+    let success = !control_failed && !created_after_failed && vms_affected <= allowed;
+    let class = match (detected, vms_affected == 0, success) {
+        (false, true, _) => Class::NonManifested,
+        (false, false, _) => Class::Sdc,
+        (true, _, true) => Class::Recovered,
+        (true, _, false) => Class::DetectedFailed,
+    };
+    Verdict {
+        class,
+        no_vm_failure: detected && vms_affected == 0,
+        vms_affected,
+    }
+}
+
+/// The Wilson score interval for `successes` of `trials` at 95% confidence: (low, high).
+pub fn wilson(successes: u64, trials: u64) -> (f64, f64) {
+    if trials == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let n = trials as f64;
+    let p = successes as f64 / n;
+    let denominator = 1.0 + z * z / n;
+    let center = (p + z * z / (2.0 * n)) / denominator;
+    let margin = z * ((p * (1.0 - p) / n) + z * z / (4.0 * n * n)).sqrt() / denominator;
+    ((center - margin).max(0.0), (center + margin).min(1.0))
+}
+
+/// AppVMs a scenario's success definition lets the fault affect.
+fn allowed_affected(scenario: &str) -> usize {
+    usize::from(scenario == "3appvm")
+}
+
+/// The last `n` lines of `lines`.
+fn tail(lines: &[String], n: usize) -> Vec<String> {
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Runs one spec and returns its record.
+fn run_one(spec: &RunSpec, campaign: &Campaign, elf: &Path) -> Value {
+    let started = Instant::now();
+    let record = |summary: Option<&Value>, lines: &[String], error: Option<String>| {
+        let verdict = classify(summary, allowed_affected(&campaign.scenario));
+        let mut record = json!({
+            "id": spec.id,
+            "scenario": campaign.scenario,
+            "cpus": campaign.cpus,
+            "target": spec.target,
+            "fault": spec.fault,
+            "mode": spec.mode,
+            "seed": spec.seed,
+            "cmdline": spec.cmdline,
+            "class": verdict.class.name(),
+            "no_vm_failure": verdict.no_vm_failure,
+            "vms_affected": verdict.vms_affected,
+            "wall_s": started.elapsed().as_secs_f64(),
+        });
+        if let Some(summary) = summary {
+            record["injection"] = summary["injection"].clone();
+            record["detection"] = summary["last_detection"].clone();
+            record["recovery"] = summary["last_recovery"].clone();
+            record["vms"] = json!(
+                summary["vms"]
+                    .as_array()
+                    .map(|vms| vms
+                        .iter()
+                        .map(|vm| json!({
+                            "vm": vm["vm"], "guest": vm["guest"], "verdict": vm["verdict"],
+                            "retries": vm["retries"], "stop_reason": vm["stop_reason"],
+                        }))
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            );
+            record["failure"] = summary["failure"].clone();
+        }
+        if verdict.class != Class::Recovered && verdict.class != Class::NonManifested {
+            record["console_tail"] = json!(tail(lines, 40));
+        }
+        if let Some(error) = error {
+            record["error"] = json!(error);
+        }
+        record
+    };
+    let run_dir = match emulator::new_run_dir(&format!("campaign-{}", spec.id)) {
+        Ok(dir) => dir,
+        Err(error) => return record(None, &[], Some(error)),
+    };
+    let iso = run_dir.join("microvisor.iso");
+    if let Err(error) = image::build_iso(elf, &spec.cmdline, &iso) {
+        return record(None, &[], Some(error));
+    }
+    let boot = BootSpec {
+        kind: EmulatorKind::Bochs,
+        image: Image::Iso(iso),
+        cpus: campaign.cpus,
+        timeout: campaign.timeout,
+        ips: emulator::bochs_ips(&spec.cmdline),
+    };
+    let result = emulator::boot(&boot, &run_dir, &mut |_, _| {});
+    let value = match result {
+        Ok(result) => record(result.summary.as_ref(), &result.lines, None),
+        Err(error) => record(None, &[], Some(error)),
+    };
+    let _ = fs::remove_dir_all(&run_dir);
+    value
+}
+
+/// The ids already recorded in `runs.jsonl` (a campaign resumes after them).
+fn done_ids(path: &Path) -> BTreeSet<String> {
+    let Ok(file) = fs::File::open(path) else {
+        return BTreeSet::new();
+    };
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+        .filter_map(|record| record["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Reads every record of `runs.jsonl`.
+pub fn read_records(path: &Path) -> Result<Vec<Value>, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect())
+}
+
+/// Per cell (target, fault, mode): counts per class, and the recovery rate of detected runs
+/// with its Wilson interval, as a Markdown table.
+pub fn table(records: &[Value]) -> String {
+    use std::collections::BTreeMap;
+    let mut cells: BTreeMap<(String, String, String), [u64; 7]> = BTreeMap::new();
+    for record in records {
+        let key = (
+            record["target"].as_str().unwrap_or("?").to_string(),
+            record["fault"].as_str().unwrap_or("?").to_string(),
+            record["mode"].as_str().unwrap_or("?").to_string(),
+        );
+        let counts = cells.entry(key).or_default();
+        if let Some(index) = Class::ALL
+            .iter()
+            .position(|class| record["class"] == class.name())
+        {
+            counts[index] += 1;
+        }
+        counts[6] += u64::from(record["no_vm_failure"] == Value::Bool(true));
+    }
+    let mut out = String::from(
+        "| target | fault | mode | runs | not injected | non-manifested | SDC | recovered | detected, failed | no summary | recovered of detected (95% CI) | noVMF of detected |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for ((target, fault, mode), counts) in &cells {
+        let runs: u64 = counts[..6].iter().sum();
+        let detected = counts[3] + counts[4];
+        let (low, high) = wilson(counts[3], detected);
+        let rate = if detected == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.1}% [{:.1}, {:.1}]",
+                100.0 * counts[3] as f64 / detected as f64,
+                100.0 * low,
+                100.0 * high
+            )
+        };
+        let no_vmf = if detected == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}%", 100.0 * counts[6] as f64 / detected as f64)
+        };
+        out.push_str(&format!(
+            "| {target} | {fault} | {mode} | {runs} | {} | {} | {} | {} | {} | {} | {rate} | {no_vmf} |\n",
+            counts[0], counts[1], counts[2], counts[3], counts[4], counts[5]
+        ));
+    }
+    out
+}
+
+/// Runs `campaign`: every run not yet in `OUT/runs.jsonl`, `jobs` at a time.
+pub fn run(campaign: &Campaign) -> Result<(), String> {
+    if microvisor::scenario::find(&campaign.scenario).is_none() {
+        return Err(format!("no scenario called {:?}", campaign.scenario));
+    }
+    host::ensure_tools(&[Tool::Bochs, Tool::Iso])?;
+    fs::create_dir_all(&campaign.out).map_err(|e| format!("{}: {e}", campaign.out.display()))?;
+    let elf = image::build_kernel(campaign.release, false)?;
+    let records = campaign.out.join("runs.jsonl");
+    let done = done_ids(&records);
+    let todo: Vec<RunSpec> = plan(campaign)
+        .into_iter()
+        .filter(|spec| !done.contains(&spec.id))
+        .collect();
+    let total = todo.len();
+    eprintln!(
+        "xtask: campaign {}: {} runs to do ({} already recorded), {} at a time",
+        campaign.out.display(),
+        total,
+        done.len(),
+        campaign.jobs
+    );
+    let queue = Arc::new(Mutex::new(todo.into_iter()));
+    let (sender, receiver) = mpsc::channel::<Value>();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..campaign.jobs.max(1) {
+            let queue = Arc::clone(&queue);
+            let sender = sender.clone();
+            let elf = elf.clone();
+            scope.spawn(move || {
+                loop {
+                    if emulator::interrupted() {
+                        return;
+                    }
+                    let Some(spec) = queue.lock().ok().and_then(|mut queue| queue.next()) else {
+                        return;
+                    };
+                    let record = run_one(&spec, campaign, &elf);
+                    // A run cut short by Ctrl-C is not recorded: the next invocation redoes it.
+                    if emulator::interrupted() {
+                        return;
+                    }
+                    if sender.send(record).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&records)
+            .map_err(|e| format!("{}: {e}", records.display()))?;
+        let mut finished = 0usize;
+        let mut counts = [0u64; 6];
+        for record in receiver {
+            writeln!(file, "{record}").map_err(|e| format!("{}: {e}", records.display()))?;
+            file.flush()
+                .map_err(|e| format!("{}: {e}", records.display()))?;
+            finished += 1;
+            if let Some(index) = Class::ALL
+                .iter()
+                .position(|class| record["class"] == class.name())
+            {
+                counts[index] += 1;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = elapsed / finished as f64 * (total - finished) as f64;
+            eprintln!(
+                "[{finished}/{total}] {} {} ({:.0} s); so far: {}; ETA {:.0} min",
+                record["id"].as_str().unwrap_or("?"),
+                record["class"].as_str().unwrap_or("?"),
+                record["wall_s"].as_f64().unwrap_or(0.0),
+                Class::ALL
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(class, count)| format!("{} {count}", class.name()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                eta / 60.0
+            );
+        }
+        Ok::<(), String>(())
+    })?;
+    let all = read_records(&records)?;
+    let summary = format!(
+        "# Campaign {}\n\n{} runs recorded in `runs.jsonl`.\n\n{}",
+        campaign.out.display(),
+        all.len(),
+        table(&all)
+    );
+    fs::write(campaign.out.join("summary.md"), &summary).map_err(|e| format!("summary.md: {e}"))?;
+    println!("{summary}");
+    if emulator::interrupted() {
+        return Err("interrupted: rerun the same command to continue".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_published_values() {
+        // 8 of 10: (0.490, 0.943), the textbook example (Newcombe 1998, Table I style).
+        let (low, high) = wilson(8, 10);
+        assert!(
+            (low - 0.4902).abs() < 5e-4 && (high - 0.9433).abs() < 5e-4,
+            "{low} {high}"
+        );
+        // 0 of 10: (0, 0.278).
+        let (low, high) = wilson(0, 10);
+        assert!(low == 0.0 && (high - 0.2775).abs() < 5e-4, "{high}");
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn lists_expand_and_refuse_unknown_names() {
+        assert_eq!(parse_list("all", &TARGETS, "target").unwrap().len(), 4);
+        assert_eq!(
+            parse_list("memory, timer", &TARGETS, "target").unwrap(),
+            ["memory", "timer"]
+        );
+        assert!(parse_list("mem", &TARGETS, "target").is_err());
+        assert!(parse_list("", &TARGETS, "target").is_err());
+    }
+
+    #[test]
+    fn plans_are_seeded_per_cell() {
+        let campaign = Campaign {
+            scenario: "3appvm".into(),
+            cpus: 2,
+            targets: vec!["memory".into(), "timer".into()],
+            faults: vec!["register".into()],
+            modes: vec!["microreset".into()],
+            runs: 3,
+            seed: 1,
+            jobs: 1,
+            out: PathBuf::from("x"),
+            release: false,
+            timeout: Duration::from_secs(1),
+        };
+        let runs = plan(&campaign);
+        assert_eq!(runs.len(), 6);
+        assert_eq!(runs[0].id, "memory-register-microreset-0");
+        assert!(runs[0].cmdline.contains("inject=register:memory"));
+        assert!(runs[0].cmdline.contains("recovery=microreset"));
+        let seeds: BTreeSet<u64> = runs.iter().map(|run| run.seed).collect();
+        assert_eq!(seeds.len(), 6, "every run its own seed");
+        // More runs per cell keep the seeds of the first ones.
+        let more = plan(&Campaign {
+            runs: 5,
+            ..campaign
+        });
+        assert_eq!(more[0].seed, runs[0].seed);
+        assert_eq!(more[5].seed, runs[3].seed);
+    }
+
+    fn summary(injected: bool, detected: bool, verdicts: &[(&str, &str, u64)]) -> Value {
+        json!({
+            "injection": if injected {
+                json!({"injected": true, "tsc": 1000,
+                       "detection_latency": if detected { json!(50) } else { Value::Null }})
+            } else {
+                json!({"injected": false, "counted": 3})
+            },
+            "last_detection": if detected { json!({"tsc": 1050}) } else { Value::Null },
+            "vms": verdicts.iter().map(|(guest, verdict, created)| json!({
+                "guest": guest, "verdict": verdict, "created_tsc": created
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    #[test]
+    fn classes_follow_the_success_definition() {
+        let ok = [
+            ("control", "passed", 0),
+            ("netbench", "passed", 10),
+            ("blkbench", "passed", 2000),
+        ];
+        let one_lost = [
+            ("control", "passed", 0),
+            ("netbench", "failed", 10),
+            ("blkbench", "passed", 2000),
+        ];
+        let new_lost = [
+            ("control", "passed", 0),
+            ("netbench", "passed", 10),
+            ("blkbench", "stopped", 2000),
+        ];
+        let class = |s: Value, allowed| classify(Some(&s), allowed).class;
+        assert_eq!(classify(None, 1).class, Class::NoSummary);
+        assert_eq!(class(summary(false, false, &ok), 1), Class::NotInjected);
+        assert_eq!(class(summary(true, false, &ok), 1), Class::NonManifested);
+        assert_eq!(class(summary(true, false, &one_lost), 1), Class::Sdc);
+        assert_eq!(class(summary(true, true, &ok), 1), Class::Recovered);
+        assert!(classify(Some(&summary(true, true, &ok)), 1).no_vm_failure);
+        // 3AppVM allows one AppVM affected, but not the one created after the fault.
+        assert_eq!(class(summary(true, true, &one_lost), 1), Class::Recovered);
+        assert!(!classify(Some(&summary(true, true, &one_lost)), 1).no_vm_failure);
+        assert_eq!(
+            class(summary(true, true, &new_lost), 1),
+            Class::DetectedFailed
+        );
+        // 1AppVM allows none.
+        assert_eq!(
+            class(summary(true, true, &one_lost), 0),
+            Class::DetectedFailed
+        );
+    }
+
+    #[test]
+    fn the_table_counts_and_rates() {
+        let record = |class: &str, no_vmf: bool| {
+            json!({"target": "memory", "fault": "register", "mode": "microreset",
+                   "class": class, "no_vm_failure": no_vmf})
+        };
+        let records = [
+            record("recovered", true),
+            record("recovered", false),
+            record("detected-failed", false),
+            record("non-manifested", false),
+        ];
+        let text = table(&records);
+        assert!(
+            text.contains("| memory | register | microreset | 4 | 0 | 1 | 0 | 2 | 1 | 0 | 66.7% ["),
+            "{text}"
+        );
+        assert!(text.contains("| 33.3% |"), "{text}");
+    }
+}
