@@ -150,14 +150,18 @@ pub struct Plan {
     pub bit: u8,
     /// Instructions inside the target before the fault.
     pub steps: u32,
+    /// The first-level trigger: requests of the target to let pass before stepping starts.
+    pub skip: u32,
 }
 
 impl Spec {
-    /// Fills in what the command line left open from `seed`. The draws happen in a fixed
-    /// order whatever was given, so the same seed picks the same steps with or without a
-    /// given register.
-    pub fn resolve(&self, seed: u64) -> Plan {
+    /// Fills in what the command line left open from `seed`, and draws the first-level
+    /// trigger from `0..=max_skip` (the scenario's busy window, in requests of the target).
+    /// The draws happen in a fixed order whatever was given, so the same seed picks the same
+    /// steps with or without a given register.
+    pub fn resolve(&self, seed: u64, max_skip: u32) -> Plan {
         let mut rng = Rng::new(seed);
+        let skip = rng.below(u64::from(max_skip) + 1) as u32;
         let steps = rng.below(u64::from(MAX_STEPS) + 1) as u32;
         let register = rng.below(REGISTERS.len() as u64) as u8;
         let offset = rng.below(15) as u8;
@@ -178,6 +182,7 @@ impl Spec {
             location,
             bit,
             steps: self.steps.unwrap_or(steps),
+            skip,
         }
     }
 }
@@ -193,6 +198,8 @@ pub struct InjectionReport<'a> {
     pub seed: u64,
     /// Instructions the trigger was to count inside the target.
     pub steps: u32,
+    /// The first-level trigger: the target's requests let pass before stepping began.
+    pub skip: u32,
     /// What became of it.
     pub state: InjectionState<'a>,
 }
@@ -233,10 +240,11 @@ impl Display for InjectionReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"kind":"{}","domain":"{}","seed":{},"steps":{},"#,
+            r#"{{"kind":"{}","domain":"{}","seed":{},"skip":{},"steps":{},"#,
             self.kind.name(),
             self.domain,
             self.seed,
+            self.skip,
             self.steps
         )?;
         match self.state {
@@ -321,26 +329,34 @@ mod tests {
     #[test]
     fn seeds_fill_in_only_what_is_open() {
         let open = parse_spec("register", "").unwrap();
-        let a = open.resolve(7);
-        assert_eq!(a, open.resolve(7), "the same seed, the same plan");
+        let a = open.resolve(7, 300);
+        assert_eq!(a, open.resolve(7, 300), "the same seed, the same plan");
         assert!(a.steps <= MAX_STEPS && usize::from(a.location) < REGISTERS.len());
-        let pinned = parse_spec("register", "rbx:5").unwrap().resolve(7);
+        let pinned = parse_spec("register", "rbx:5").unwrap().resolve(7, 300);
         assert_eq!((pinned.location, pinned.bit, pinned.steps), (1, 5, a.steps));
         // Over many seeds every register, offset and the whole step range are drawn.
         let mut registers = [false; REGISTERS.len()];
         let (mut low, mut high) = (false, false);
         for seed in 0..2000 {
-            let plan = open.resolve(seed);
+            let plan = open.resolve(seed, 300);
             registers[usize::from(plan.location)] = true;
             low |= plan.steps < 1000;
             high |= plan.steps > 19_000;
             if plan.location == RFLAGS {
                 assert!(RFLAGS_BITS.contains(&plan.bit));
             }
-            let code = parse_spec("code", "").unwrap().resolve(seed);
+            let code = parse_spec("code", "").unwrap().resolve(seed, 300);
             assert!(code.location < 15 && code.bit < 8);
         }
         assert!(registers.iter().all(|&drawn| drawn) && low && high);
+        let skips: std::collections::BTreeSet<u32> =
+            (0..200).map(|seed| open.resolve(seed, 10).skip).collect();
+        assert_eq!(
+            skips.len(),
+            11,
+            "every request of the window 0..=10 is drawn"
+        );
+        assert_eq!(open.resolve(1, 0).skip, 0);
     }
 
     #[test]
@@ -349,12 +365,13 @@ mod tests {
             kind: Kind::Register,
             domain: "memory",
             seed: 3,
+            skip: 4,
             steps: 12,
             state: InjectionState::NotInjected { counted: 5 },
         };
         assert_eq!(
             format!("{report}"),
-            r#"{"kind":"register","domain":"memory","seed":3,"steps":12,"injected":false,"counted":5}"#
+            r#"{"kind":"register","domain":"memory","seed":3,"skip":4,"steps":12,"injected":false,"counted":5}"#
         );
         report.state = InjectionState::Injected {
             cpu: 1,

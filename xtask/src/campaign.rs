@@ -119,13 +119,14 @@ pub fn run_seed(seed: u64, target: &str, fault: &str, mode: &str, index: u32) ->
     x ^ (x >> 31)
 }
 
-/// Every run of `campaign`, in order.
+/// Every run of `campaign`, in order: run 0 of every cell, then run 1 of every cell, ..., so
+/// that a campaign stopped half-way has about as many runs in each cell.
 pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
     let mut runs = Vec::new();
-    for target in &campaign.targets {
-        for fault in &campaign.faults {
-            for mode in &campaign.modes {
-                for index in 0..campaign.runs {
+    for index in 0..campaign.runs {
+        for target in &campaign.targets {
+            for fault in &campaign.faults {
+                for mode in &campaign.modes {
                     let seed = run_seed(campaign.seed, target, fault, mode, index);
                     runs.push(RunSpec {
                         id: format!("{target}-{fault}-{mode}-{index}"),
@@ -337,6 +338,28 @@ fn run_one(spec: &RunSpec, campaign: &Campaign, elf: &Path) -> Value {
     value
 }
 
+/// The source the runs were built from: the commit, `-dirty` if the tree had changes, and the
+/// profile (a record names what to check out to replay it).
+fn build_id(release: bool) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(image::workspace_root())
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|status| !status.is_empty());
+    format!(
+        "{commit}{}{}",
+        if dirty { "-dirty" } else { "" },
+        if release { " release" } else { " debug" }
+    )
+}
+
 /// The ids already recorded in `runs.jsonl` (a campaign resumes after them).
 fn done_ids(path: &Path) -> BTreeSet<String> {
     let Ok(file) = fs::File::open(path) else {
@@ -417,7 +440,20 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
     }
     host::ensure_tools(&[Tool::Bochs, Tool::Iso])?;
     fs::create_dir_all(&campaign.out).map_err(|e| format!("{}: {e}", campaign.out.display()))?;
-    let elf = image::build_kernel(campaign.release, false)?;
+    let built = image::build_kernel(campaign.release, false)?;
+    // Every run boots this copy: a rebuild while the campaign runs changes nothing in it.
+    let frozen = image::workspace_root()
+        .join("target/campaign-kernels")
+        .join(std::process::id().to_string());
+    fs::create_dir_all(&frozen).map_err(|e| format!("{}: {e}", frozen.display()))?;
+    let elf = frozen.join("microvisor");
+    for (from, to) in [
+        (built.clone(), elf.clone()),
+        (image::bundle_for(&built), image::bundle_for(&elf)),
+    ] {
+        fs::copy(&from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+    }
+    let build = build_id(campaign.release);
     let records = campaign.out.join("runs.jsonl");
     let done = done_ids(&records);
     let todo: Vec<RunSpec> = plan(campaign)
@@ -440,6 +476,7 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
             let queue = Arc::clone(&queue);
             let sender = sender.clone();
             let elf = elf.clone();
+            let build = build.clone();
             scope.spawn(move || {
                 loop {
                     if emulator::interrupted() {
@@ -448,7 +485,8 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
                     let Some(spec) = queue.lock().ok().and_then(|mut queue| queue.next()) else {
                         return;
                     };
-                    let record = run_one(&spec, campaign, &elf);
+                    let mut record = run_one(&spec, campaign, &elf);
+                    record["build"] = json!(build);
                     // A run cut short by Ctrl-C is not recorded: the next invocation redoes it.
                     if emulator::interrupted() {
                         return;
@@ -497,6 +535,7 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
         }
         Ok::<(), String>(())
     })?;
+    let _ = fs::remove_dir_all(&frozen);
     let all = read_records(&records)?;
     let summary = format!(
         "# Campaign {}\n\n{} runs recorded in `runs.jsonl`.\n\n{}",
@@ -559,6 +598,10 @@ mod tests {
         let runs = plan(&campaign);
         assert_eq!(runs.len(), 6);
         assert_eq!(runs[0].id, "memory-register-microreset-0");
+        assert_eq!(
+            runs[1].id, "timer-register-microreset-0",
+            "cells interleave"
+        );
         assert!(runs[0].cmdline.contains("inject=register:memory"));
         assert!(runs[0].cmdline.contains("recovery=microreset"));
         let seeds: BTreeSet<u64> = runs.iter().map(|run| run.seed).collect();
@@ -569,7 +612,8 @@ mod tests {
             ..campaign
         });
         assert_eq!(more[0].seed, runs[0].seed);
-        assert_eq!(more[5].seed, runs[3].seed);
+        assert_eq!(more[5].seed, runs[5].seed);
+        assert_eq!(more.len(), 10);
     }
 
     fn summary(injected: bool, detected: bool, verdicts: &[(&str, &str, u64)]) -> Value {

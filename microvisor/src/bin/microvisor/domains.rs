@@ -412,11 +412,12 @@ pub fn check_injection(target: &str, index: u16, before: u32) {
 }
 
 /// Arms a register, code or stepped fail-stop fault in domain `target` for a scenario: it
-/// strikes inside the target's request `skip + 1` (see `crate::inject`).
-pub fn arm_stepped(target: &str, spec: microvisor::inject::Spec, seed: u64, skip: u32) {
+/// strikes inside one of the target's first `max_skip + 1` requests, drawn from `seed` (see
+/// `crate::inject`).
+pub fn arm_stepped(target: &str, spec: microvisor::inject::Spec, seed: u64, max_skip: u32) {
     let index = index_of(target);
     let name = domain::describe(index).map_or("?", |(name, _, _)| name);
-    crate::inject::arm(index, name, spec.resolve(seed), seed, skip);
+    crate::inject::arm(index, name, spec.resolve(seed, max_skip), seed);
 }
 
 fn index_of(name: &str) -> u16 {

@@ -54,9 +54,10 @@ static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
 static PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Arms `plan` against domain `target` (called `name`): it strikes `plan.steps` instructions
-/// (at least one) into the target's request number `skip + 1` from now (or, if that request
-/// ends first, into its later ones on the same CPU: the count goes on).
-pub fn arm(target: u16, name: &'static str, plan: Plan, seed: u64, skip: u32) {
+/// (at least one) into the target's request number `plan.skip + 1` from now (or, if that
+/// request ends first, into its later ones on the same CPU: the count goes on).
+pub fn arm(target: u16, name: &'static str, plan: Plan, seed: u64) {
+    let skip = plan.skip;
     *ARMED.lock() = Some(Armed {
         target,
         name,
@@ -299,6 +300,7 @@ pub fn report() -> Option<InjectionReport<'static>> {
         kind: state.plan.kind,
         domain: state.name,
         seed: state.seed,
+        skip: state.plan.skip,
         steps: state.plan.steps,
         state: match state.struck {
             None => InjectionState::NotInjected {
