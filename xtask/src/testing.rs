@@ -264,6 +264,13 @@ fn boot_tests(tally: &mut Tally, quick: bool) {
         start.elapsed(),
         failed == 0,
     ));
+    if bochs && !interrupted() {
+        fn_step(
+            tally,
+            "campaign pipeline (scripted faults, classes, determinism)",
+            || crate::campaign::pipeline_check().map(|_| ()),
+        );
+    }
 }
 
 fn print_case(case: &BootCase, result: &CaseResult) {
