@@ -130,6 +130,15 @@ pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
             for fault in &campaign.faults {
                 for mode in &campaign.modes {
                     let seed = run_seed(campaign.seed, target, fault, mode, index);
+                    // A fail-stop names its step count (drawn from the seed as the kernel
+                    // would): without one, `inject=failstop:DOMAIN` is the plain fail-stop at
+                    // the start of a request, which the seed does not move.
+                    let steps = match fault.as_str() {
+                        "failstop" => microvisor::inject::parse_spec("failstop", "")
+                            .map(|spec| format!("@{}", spec.resolve(seed, 0).steps))
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    };
                     runs.push(RunSpec {
                         id: format!("{target}-{fault}-{mode}-{index}"),
                         scenario: campaign.scenario.clone(),
@@ -138,7 +147,7 @@ pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
                         mode: mode.clone(),
                         seed,
                         cmdline: format!(
-                            "scenario={} inject={fault}:{target} seed={seed} recovery={mode}",
+                            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode}",
                             campaign.scenario
                         ),
                     });
@@ -769,6 +778,15 @@ mod tests {
         );
         assert!(runs[0].cmdline.contains("inject=register:memory"));
         assert!(runs[0].cmdline.contains("recovery=microreset"));
+        let failstop = plan(&Campaign {
+            faults: vec!["failstop".into()],
+            ..campaign.clone()
+        });
+        assert!(
+            failstop[0].cmdline.contains("inject=failstop:memory@"),
+            "a campaign's fail-stop is stepped: {}",
+            failstop[0].cmdline
+        );
         let seeds: BTreeSet<u64> = runs.iter().map(|run| run.seed).collect();
         assert_eq!(seeds.len(), 6, "every run its own seed");
         // More runs per cell keep the seeds of the first ones.
