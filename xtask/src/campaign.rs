@@ -608,6 +608,64 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
     Ok(())
 }
 
+/// Boots recorded run `id` of the campaign in `out` again: the same command line, CPUs and
+/// profile (the build should be the recorded commit: checked out by the user). Prints both
+/// records' class and injection; `Ok(true)` if they agree.
+pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
+    let records = read_records(&out.join("runs.jsonl"))?;
+    let recorded = records
+        .iter()
+        .rev()
+        .find(|record| record["id"] == id)
+        .ok_or(format!("{}: no run {id:?}", out.display()))?;
+    let build = recorded["build"].as_str().unwrap_or("");
+    let release = !build.ends_with(" debug");
+    let commit = build.split(['-', ' ']).next().unwrap_or("");
+    let now = build_id(release);
+    if !now.starts_with(commit) || now.contains("-dirty") {
+        eprintln!(
+            "xtask: warning: run {id} was built from {build}, this tree is {now}: the replay \
+             may differ (check out {commit} to replay it exactly)"
+        );
+    }
+    let text = |key: &str| recorded[key].as_str().unwrap_or("").to_string();
+    let spec = RunSpec {
+        id: id.to_string(),
+        scenario: text("scenario"),
+        target: text("target"),
+        fault: text("fault"),
+        mode: text("mode"),
+        seed: recorded["seed"].as_u64().unwrap_or(0),
+        cmdline: text("cmdline"),
+    };
+    let cpus = recorded["cpus"]
+        .as_u64()
+        .and_then(|cpus| u32::try_from(cpus).ok())
+        .unwrap_or(2);
+    eprintln!("xtask: replaying {id}: {} on {cpus} CPUs", spec.cmdline);
+    let runner = Runner::new(release, cpus, Duration::from_secs(300))?;
+    let mut replayed = None;
+    runner.run(vec![spec], 1, |record| {
+        replayed = Some(record);
+        Ok(())
+    })?;
+    let replayed = replayed.ok_or("the replay was interrupted")?;
+    for (name, record) in [("recorded", recorded), ("replayed", &replayed)] {
+        println!(
+            "{name}: {} {}",
+            record["class"].as_str().unwrap_or("?"),
+            record["injection"]
+        );
+    }
+    if let Some(tail) = replayed["console_tail"].as_array() {
+        println!("replayed console, last lines:");
+        for line in tail {
+            println!("  {}", line.as_str().unwrap_or(""));
+        }
+    }
+    Ok(recorded["class"] == replayed["class"] && recorded["injection"] == replayed["injection"])
+}
+
 /// Scripted runs of the campaign pipeline for `cargo xtask test` (each spec: id, command
 /// line). Their outcomes are known whatever the build: a fail-stop is always detected; bit 21
 /// of RFLAGS (ID) is read by nothing a domain runs, so flipping it is non-manifested; the same

@@ -10,6 +10,7 @@ mod host;
 mod house;
 mod image;
 mod manifest;
+mod report;
 mod testing;
 
 use std::io::Write;
@@ -74,6 +75,21 @@ enum Command {
     /// a scenario boot with one fault, classified and appended to OUT/runs.jsonl (a rerun
     /// resumes); the rates with Wilson 95% intervals go to OUT/summary.md.
     Campaign(CampaignArgs),
+    /// Write DIR/report.md and a self-contained DIR/report.html (SVG plots) from a campaign's
+    /// DIR/runs.jsonl.
+    Report {
+        /// The campaign's directory (its --out).
+        dir: PathBuf,
+    },
+    /// Boot one recorded campaign run again (same command line, CPUs and profile) and say
+    /// whether it ended as recorded.
+    Replay {
+        /// The run's id (e.g. memory-register-microreset-3).
+        id: String,
+        /// The campaign's directory (its --out).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -287,6 +303,21 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Bench => bench::bench(),
         Command::Test { quick } => testing::test(quick),
+        Command::Report { dir } => match report::report(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("xtask: error: {reason}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Replay { id, out } => match campaign::replay(&id, &out) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(reason) => {
+                eprintln!("xtask: error: {reason}");
+                ExitCode::from(EXIT_NO_SUMMARY)
+            }
+        },
         Command::Campaign(args) => match args.campaign().and_then(|c| campaign::run(&c)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(reason) => {

@@ -997,6 +997,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             frame.rax = Status::Ok as u64;
         }
         call::PANIC => {
+            let trapped = apic::tsc();
             let length = (frame.rdi as usize).min(abi::MESSAGE_BYTES);
             let domain = system.domain(current).expect("running domain exists");
             let (name, buffer) = (domain.name, domain.threads[cpu].buffer);
@@ -1009,7 +1010,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                 Console::lock(),
                 "DOMAIN PANIC in {name} on CPU {cpu}: {text}"
             );
-            recover(&mut system, cpu, current, None, frame, fx);
+            recover(&mut system, cpu, current, None, trapped, frame, fx);
         }
         _ => frame.rax = Status::NoSuchTarget as u64,
     }
@@ -1017,6 +1018,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
 
 /// An exception in ring 3: the running domain failed.
 pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
+    let trapped = apic::tsc();
     let cpu = crate::cpu::current_index();
     let mut system = SYSTEM.lock();
     let vector = frame.vector as u8;
@@ -1037,10 +1039,11 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
         frame.error_code,
         frame.rip
     );
-    recover(&mut system, cpu, current, Some(vector), frame, fx);
+    recover(&mut system, cpu, current, Some(vector), trapped, frame, fx);
 }
 
-/// A domain failed on `cpu` while serving the call at the top of the chain: record the
+/// A domain failed on `cpu` while serving the call at the top of the chain (the failure
+/// trapped into the core at `trapped`, before its report line was printed): record the
 /// detection and ask the recovery manager for an order (its reply is handled by
 /// [`execute`]). If the manager itself failed, or cannot be asked, the core restarts it and
 /// applies the configured default order itself.
@@ -1049,11 +1052,12 @@ fn recover(
     cpu: usize,
     failed: u16,
     vector: Option<u8>,
+    trapped: u64,
     frame: &mut TrapFrame,
     fx: &mut FxArea,
 ) {
     let detected = apic::tsc();
-    crate::inject::on_detection(failed, detected);
+    crate::inject::on_detection(failed, trapped);
     let chain = &mut system.chains[cpu];
     chain.depth -= 1;
     let abandoned = chain.pending[chain.depth].take();

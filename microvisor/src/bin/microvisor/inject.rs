@@ -200,17 +200,51 @@ fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
             }
         }
     }
+    // Nothing is printed here: a console line costs the emulated time of sending it, which
+    // would count as detection latency (and shift the system's timing); `log_outcome` says it
+    // at the end of the run.
+    state.struck = Some(struck);
+}
+
+/// The armed fault's state, if the lock can be had: at the end of a run another CPU may have
+/// been halted holding it.
+fn armed() -> Option<spin::MutexGuard<'static, Option<Armed>>> {
+    (0..100_000).find_map(|_| ARMED.try_lock())
+}
+
+/// Says on the console where the fault struck (or that it did not), at the end of the run.
+pub fn log_outcome() {
+    let Some(armed) = armed() else {
+        return;
+    };
+    let Some(state) = armed.as_ref() else {
+        return;
+    };
+    let Some(struck) = state.struck else {
+        log::warn!(
+            "INJECT {} into {}: not injected ({} of {} instructions counted)",
+            state.plan.kind.name(),
+            state.name,
+            state.counted,
+            state.plan.steps
+        );
+        return;
+    };
     log::warn!(
-        "INJECT {} into {} on CPU {cpu} after {} instructions: {} bit {} {:#x} -> {:#x} at RIP {rip:#x}",
-        plan.kind.name(),
+        "INJECT {} into {} on CPU {} after {} instructions of its request {}: {} bit {} \
+         {:#x} -> {:#x} at RIP {:#x}; detection latency {:?} TSC ticks",
+        state.plan.kind.name(),
         state.name,
-        state.counted,
+        struck.cpu,
+        state.plan.steps,
+        state.plan.skip + 1,
         struck.location,
         struck.bit,
         struck.before,
-        struck.after
+        struck.after,
+        struck.rip,
+        struck.detected_tsc.map(|tsc| tsc - struck.tsc)
     );
-    state.struck = Some(struck);
 }
 
 /// The field of `frame` holding register `index` of [`REGISTERS`].
@@ -294,7 +328,7 @@ pub fn on_detection(failed: u16, tsc: u64) {
 
 /// The injection record for the summary, if a fault was armed.
 pub fn report() -> Option<InjectionReport<'static>> {
-    let armed = ARMED.lock();
+    let armed = armed()?;
     let state = armed.as_ref()?;
     Some(InjectionReport {
         kind: state.plan.kind,

@@ -277,6 +277,7 @@ pub fn finish(failure: Option<Failure<'_>>) -> ! {
     let mut vms = [VmReport::EMPTY; crate::guest::MAX_VMS];
     let vm_count = crate::guest::reports(&mut vms, false);
     apic::halt_other_cpus();
+    crate::inject::log_outcome();
     let registered = CPUS_REGISTERED.load(Ordering::Acquire).min(MAX_CPUS);
     let apic_ids: [u32; MAX_CPUS] =
         core::array::from_fn(|cpu| APIC_IDS[cpu].load(Ordering::Relaxed));

@@ -1,0 +1,541 @@
+//! `cargo xtask report DIR`: a campaign's `runs.jsonl` as `report.md` and a self-contained
+//! `report.html` with SVG plots (plotters): the recovery rate of detected faults and the
+//! noVMF rate with Wilson 95% intervals, per target, fault type and mode (NiLiHype's Fig. 2,
+//! per component); the outcome breakdown; the detection and recovery latency distributions;
+//! and every run that did not succeed with the command that replays it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::campaign::{Class, read_records, table, wilson};
+
+/// One cell's counts.
+#[derive(Default, Clone, Copy)]
+struct Cell {
+    runs: u64,
+    detected: u64,
+    recovered: u64,
+    no_vmf: u64,
+    classes: [u64; 6],
+}
+
+/// Cells by (target, fault, mode).
+fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
+    let mut cells: BTreeMap<(String, String, String), Cell> = BTreeMap::new();
+    for record in records {
+        let key = (
+            record["target"].as_str().unwrap_or("?").to_string(),
+            record["fault"].as_str().unwrap_or("?").to_string(),
+            record["mode"].as_str().unwrap_or("?").to_string(),
+        );
+        let cell = cells.entry(key).or_default();
+        cell.runs += 1;
+        if let Some(index) = Class::ALL
+            .iter()
+            .position(|class| record["class"] == class.name())
+        {
+            cell.classes[index] += 1;
+        }
+        let recovered = record["class"] == Class::Recovered.name();
+        let detected = recovered || record["class"] == Class::DetectedFailed.name();
+        cell.detected += u64::from(detected);
+        cell.recovered += u64::from(recovered);
+        cell.no_vmf += u64::from(record["no_vm_failure"] == Value::Bool(true));
+    }
+    cells
+}
+
+/// Colours of the series, by index.
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(127, 127, 127),
+];
+
+fn plot_error(error: impl std::fmt::Display) -> String {
+    format!("plot: {error}")
+}
+
+/// Cell labels, drawn turned by 90 degrees under the bars.
+fn label_font() -> TextStyle<'static> {
+    ("sans-serif", 11)
+        .into_font()
+        .transform(FontTransform::Rotate90)
+        .into()
+}
+
+/// Recovery (of detected faults) and noVMF rates with Wilson intervals: a pair of bars per
+/// cell (segments 2i and 2i + 1).
+fn rates_svg(cells: &BTreeMap<(String, String, String), Cell>) -> Result<String, String> {
+    let mut svg = String::new();
+    let entries: Vec<_> = cells.iter().collect();
+    let segments = (2 * entries.len()).max(1) as u32;
+    let width = (120 + segments * 26).max(480);
+    let labels: Vec<String> = entries
+        .iter()
+        .map(|((target, fault, mode), _)| format!("{target} {fault} {mode}"))
+        .collect();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Recovered (blue) and noVMF (orange), % of detected faults, 95% Wilson intervals",
+                ("sans-serif", 15),
+            )
+            .margin(10)
+            .x_label_area_size(170)
+            .y_label_area_size(50)
+            .build_cartesian_2d((0u32..segments).into_segmented(), 0f64..100f64)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(segments as usize)
+            .x_label_style(label_font())
+            .x_label_formatter(&|segment| match segment {
+                SegmentValue::CenterOf(index) if index % 2 == 0 => {
+                    labels.get(*index as usize / 2).cloned().unwrap_or_default()
+                }
+                _ => String::new(),
+            })
+            .y_desc("% of detected")
+            .draw()
+            .map_err(plot_error)?;
+        for series in 0..2u32 {
+            let colour = PALETTE[series as usize];
+            let bars: Vec<(u32, f64, f64, f64)> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, cell))| cell.detected > 0)
+                .map(|(index, (_, cell))| {
+                    let successes = if series == 0 {
+                        cell.recovered
+                    } else {
+                        cell.no_vmf
+                    };
+                    let (low, high) = wilson(successes, cell.detected);
+                    (
+                        2 * index as u32 + series,
+                        100.0 * successes as f64 / cell.detected as f64,
+                        100.0 * low,
+                        100.0 * high,
+                    )
+                })
+                .collect();
+            chart
+                .draw_series(bars.iter().map(|&(segment, rate, _, _)| {
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(segment), 0.0),
+                            (SegmentValue::Exact(segment + 1), rate),
+                        ],
+                        colour.filled(),
+                    );
+                    bar.set_margin(0, 0, 3, 3);
+                    bar
+                }))
+                .map_err(plot_error)?;
+            chart
+                .draw_series(bars.iter().map(|&(segment, rate, low, high)| {
+                    ErrorBar::new_vertical(
+                        SegmentValue::CenterOf(segment),
+                        low,
+                        rate,
+                        high,
+                        BLACK.filled(),
+                        8,
+                    )
+                }))
+                .map_err(plot_error)?;
+        }
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// The outcome classes per cell, as stacked bars of run counts.
+fn outcomes_svg(cells: &BTreeMap<(String, String, String), Cell>) -> Result<String, String> {
+    let mut svg = String::new();
+    let entries: Vec<_> = cells.iter().collect();
+    let count = entries.len().max(1) as u32;
+    let most = entries
+        .iter()
+        .map(|(_, cell)| cell.runs)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let width = (160 + count * 30).max(520);
+    let labels: Vec<String> = entries
+        .iter()
+        .map(|((target, fault, mode), _)| format!("{target} {fault} {mode}"))
+        .collect();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Outcome of every run", ("sans-serif", 15))
+            .margin(10)
+            .x_label_area_size(170)
+            .y_label_area_size(50)
+            .build_cartesian_2d((0u32..count).into_segmented(), 0f64..most as f64)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(count as usize)
+            .x_label_style(label_font())
+            .x_label_formatter(&|segment| match segment {
+                SegmentValue::CenterOf(index) => {
+                    labels.get(*index as usize).cloned().unwrap_or_default()
+                }
+                _ => String::new(),
+            })
+            .y_desc("runs")
+            .draw()
+            .map_err(plot_error)?;
+        for (class_index, class) in Class::ALL.iter().enumerate() {
+            let colour = PALETTE[class_index];
+            chart
+                .draw_series(entries.iter().enumerate().map(|(index, (_, cell))| {
+                    let below: u64 = cell.classes[..class_index].iter().sum();
+                    let top = below + cell.classes[class_index];
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(index as u32), below as f64),
+                            (SegmentValue::Exact(index as u32 + 1), top as f64),
+                        ],
+                        colour.filled(),
+                    );
+                    bar.set_margin(0, 0, 4, 4);
+                    bar
+                }))
+                .map_err(plot_error)?
+                .label(class.name())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// A histogram of `values` over power-of-two buckets (instructions under bochs).
+fn latency_svg(title: &str, values: &[u64]) -> Result<String, String> {
+    let mut svg = String::new();
+    let mut buckets = [0u64; 40];
+    for &value in values {
+        buckets[(64 - value.max(1).leading_zeros() as usize).min(39)] += 1;
+    }
+    let first = buckets.iter().position(|&n| n > 0).unwrap_or(0) as u32;
+    let last = (buckets.iter().rposition(|&n| n > 0).unwrap_or(0) as u32).max(first);
+    let most = buckets.iter().copied().max().unwrap_or(1).max(1);
+    {
+        let root = SVGBackend::with_string(&mut svg, (560, 320)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 15))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((first..last + 1).into_segmented(), 0f64..most as f64)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels((last + 1 - first) as usize)
+            .x_desc("TSC ticks (instructions under bochs), power-of-two buckets")
+            .x_label_formatter(&|segment| match segment {
+                SegmentValue::CenterOf(bucket) => format!("<2^{bucket}"),
+                _ => String::new(),
+            })
+            .y_desc("runs")
+            .draw()
+            .map_err(plot_error)?;
+        chart
+            .draw_series((first..=last).map(|bucket| {
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(bucket), 0.0),
+                        (
+                            SegmentValue::Exact(bucket + 1),
+                            buckets[bucket as usize] as f64,
+                        ),
+                    ],
+                    PALETTE[0].filled(),
+                );
+                bar.set_margin(0, 0, 3, 3);
+                bar
+            }))
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// The median and the largest of `values`.
+fn median_max(values: &[u64]) -> Option<(u64, u64)> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    Some((*sorted.get(sorted.len() / 2)?, *sorted.last()?))
+}
+
+/// Writes `DIR/report.md`, `DIR/report.html` and the plots' SVG files.
+pub fn report(dir: &Path) -> Result<(), String> {
+    let records = read_records(&dir.join("runs.jsonl"))?;
+    if records.is_empty() {
+        return Err(format!("{}: no runs recorded yet", dir.display()));
+    }
+    let cells = cells(&records);
+    let detection: Vec<u64> = records
+        .iter()
+        .filter_map(|record| record["injection"]["detection_latency"].as_u64())
+        .collect();
+    let recovery: Vec<u64> = records
+        .iter()
+        .filter(|record| record["class"] == Class::Recovered.name())
+        .filter(|record| record["injection"]["detection_latency"].is_u64())
+        .filter_map(|record| record["recovery"]["tsc"]["total"].as_u64())
+        .collect();
+    let plots = [
+        ("rates.svg", rates_svg(&cells)?),
+        ("outcomes.svg", outcomes_svg(&cells)?),
+        (
+            "detection-latency.svg",
+            latency_svg("Detection latency (injection to detection)", &detection)?,
+        ),
+        (
+            "recovery-latency.svg",
+            latency_svg("Recovery latency (detection to resumed service)", &recovery)?,
+        ),
+    ];
+    for (name, svg) in &plots {
+        fs::write(dir.join(name), svg).map_err(|e| format!("{name}: {e}"))?;
+    }
+    let first = &records[0];
+    let builds: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter_map(|record| record["build"].as_str())
+        .collect();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Campaign report: {}\n\n{} runs of scenario `{}` on {} CPUs; build(s): {}.\n",
+        dir.display(),
+        records.len(),
+        first["scenario"].as_str().unwrap_or("?"),
+        first["cpus"],
+        builds.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(
+        md,
+        "Classes: *not injected* (the target ran fewer instructions than the trigger counted), \
+         *non-manifested* (nothing detected, every VM correct), *SDC* (nothing detected, a VM \
+         wrong), *recovered* (detected, and the scenario's success definition holds), \
+         *detected, failed*, *no summary* (hang, core crash or emulator timeout). noVMF: \
+         detected, recovered and no VM affected at all.\n\n## Rates per cell\n\n{}",
+        table(&records)
+    );
+    for (title, values) in [
+        ("Detection latency", &detection),
+        ("Recovery latency", &recovery),
+    ] {
+        match median_max(values) {
+            Some((median, max)) => {
+                let _ = writeln!(
+                    md,
+                    "{title}: {} runs, median {median} TSC ticks, worst {max} (instructions \
+                     under bochs).\n",
+                    values.len()
+                );
+            }
+            None => {
+                let _ = writeln!(md, "{title}: no run yet.\n");
+            }
+        }
+    }
+    md.push_str("## Plots\n\n");
+    for (name, _) in &plots {
+        let _ = writeln!(md, "![{name}]({name})\n");
+    }
+    md.push_str("## Runs that did not succeed\n\n");
+    md.push_str("| run | class | fault | what was hit | replay |\n|---|---|---|---|---|\n");
+    let mut failed = 0;
+    for record in &records {
+        let class = record["class"].as_str().unwrap_or("?");
+        if matches!(class, "recovered" | "non-manifested" | "not-injected") {
+            continue;
+        }
+        failed += 1;
+        let injection = &record["injection"];
+        let _ = writeln!(
+            md,
+            "| {} | {class} | {} {} | {} bit {} at RIP {} ({} -> {}) | `cargo xtask replay {} --out {}` |",
+            record["id"].as_str().unwrap_or("?"),
+            record["fault"].as_str().unwrap_or("?"),
+            record["target"].as_str().unwrap_or("?"),
+            injection["location"].as_str().unwrap_or("-"),
+            injection["bit"],
+            injection["rip"].as_str().unwrap_or("-"),
+            injection["before"].as_str().unwrap_or("-"),
+            injection["after"].as_str().unwrap_or("-"),
+            record["id"].as_str().unwrap_or("?"),
+            dir.display()
+        );
+    }
+    if failed == 0 {
+        md.push_str("| (none) | - | - | - | - |\n");
+    }
+    fs::write(dir.join("report.md"), &md).map_err(|e| format!("report.md: {e}"))?;
+    fs::write(dir.join("report.html"), html(&md, &plots))
+        .map_err(|e| format!("report.html: {e}"))?;
+    println!(
+        "{} and {}: {} runs",
+        dir.join("report.md").display(),
+        dir.join("report.html").display(),
+        records.len()
+    );
+    Ok(())
+}
+
+/// Escapes text for HTML.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A self-contained HTML page from the Markdown report: its tables as HTML tables, its
+/// paragraphs as paragraphs, the plots inline.
+fn html(md: &str, plots: &[(&str, String)]) -> String {
+    let mut out = String::from(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>Campaign report</title><style>body{font-family:sans-serif;max-width:1200px;\
+         margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #999;\
+         padding:2px 6px;font-size:13px}code{font-size:12px}</style></head><body>\n",
+    );
+    let mut in_table = false;
+    for line in md.lines() {
+        if let Some(cells) = line.strip_prefix('|') {
+            if line.starts_with("|---") {
+                continue;
+            }
+            if !in_table {
+                out.push_str("<table>\n");
+                in_table = true;
+            }
+            out.push_str("<tr>");
+            for cell in cells.trim_end_matches('|').split(" | ") {
+                let _ = write!(out, "<td>{}</td>", escape(cell.trim()));
+            }
+            out.push_str("</tr>\n");
+            continue;
+        }
+        if in_table {
+            out.push_str("</table>\n");
+            in_table = false;
+        }
+        if let Some(title) = line.strip_prefix("## ") {
+            let _ = writeln!(out, "<h2>{}</h2>", escape(title));
+        } else if let Some(title) = line.strip_prefix("# ") {
+            let _ = writeln!(out, "<h1>{}</h1>", escape(title));
+        } else if let Some(name) = line
+            .strip_prefix("![")
+            .and_then(|rest| rest.split(']').next())
+        {
+            if let Some((_, svg)) = plots.iter().find(|(plot, _)| *plot == name) {
+                let _ = writeln!(out, "<figure id=\"{name}\">{svg}</figure>");
+            }
+        } else if !line.is_empty() {
+            let _ = writeln!(out, "<p>{}</p>", escape(line));
+        }
+    }
+    if in_table {
+        out.push_str("</table>\n");
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn records() -> Vec<Value> {
+        let record = |id: &str, class: &str, no_vmf: bool, latency: Option<u64>| {
+            json!({"id": id, "scenario": "3appvm", "cpus": 2, "target": "memory",
+                   "fault": "register", "mode": "microreset", "class": class,
+                   "no_vm_failure": no_vmf, "build": "abc release",
+                   "injection": {"injected": true, "location": "rbx", "bit": 3,
+                                 "rip": "0x401000", "before": "0x8", "after": "0x0",
+                                 "detection_latency": latency},
+                   "recovery": {"tsc": {"total": 20000}}})
+        };
+        vec![
+            record("a", "recovered", true, Some(1500)),
+            record("b", "detected-failed", false, Some(90)),
+            record("c", "non-manifested", false, None),
+            record("d", "sdc", false, None),
+        ]
+    }
+
+    #[test]
+    fn reports_are_written_with_plots_and_failed_runs() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let text: String = records().iter().map(|r| format!("{r}\n")).collect();
+        fs::write(dir.join("runs.jsonl"), text).unwrap();
+        report(&dir).unwrap();
+        let md = fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(
+            md.contains("| memory | register | microreset | 4 | 0 | 1 | 1 | 1 | 1 | 0 | 50.0% ["),
+            "{md}"
+        );
+        assert!(
+            md.contains("cargo xtask replay b --out"),
+            "failed runs listed: {md}"
+        );
+        assert!(
+            md.contains("cargo xtask replay d --out"),
+            "SDC runs listed: {md}"
+        );
+        assert!(
+            !md.contains("replay a --out"),
+            "recovered runs are not: {md}"
+        );
+        assert!(
+            md.contains("Detection latency: 2 runs, median 1500"),
+            "{md}"
+        );
+        let html = fs::read_to_string(dir.join("report.html")).unwrap();
+        assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+        assert_eq!(html.matches("<svg").count(), 4, "every plot inline");
+        assert!(html.contains("<table>") && html.contains("<td>memory</td>"));
+        for svg in [
+            "rates.svg",
+            "outcomes.svg",
+            "detection-latency.svg",
+            "recovery-latency.svg",
+        ] {
+            assert!(fs::read_to_string(dir.join(svg)).unwrap().contains("<svg"));
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
