@@ -34,6 +34,8 @@ pub enum Tool {
     Iso,
     /// bochs.
     Bochs,
+    /// A headless browser, to check that campaign reports render.
+    Browser,
 }
 
 /// Every system package xtask may use, with paths checked with `dpkg -L` on Debian 12.
@@ -85,6 +87,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
         package: "mtools",
         probe: Probe::Command("mformat"),
         needed_for: &[Tool::Iso],
+    },
+    Requirement {
+        package: "chromium",
+        probe: Probe::Command("chromium"),
+        needed_for: &[Tool::Browser],
     },
 ];
 

@@ -414,6 +414,48 @@ pub fn report(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Renders `DIR/report.html` in headless Chromium: its DOM after parsing must hold every plot
+/// as an SVG element and the rates table, and a screenshot of it must be written.
+pub fn check_renders(dir: &Path) -> Result<(), String> {
+    let html = dir.join("report.html");
+    let url = format!(
+        "file://{}",
+        fs::canonicalize(&html)
+            .map_err(|e| format!("{}: {e}", html.display()))?
+            .display()
+    );
+    let browser = |args: &[&str]| {
+        std::process::Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .args(args)
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run chromium: {e}"))
+    };
+    let dom = browser(&["--dump-dom"])?;
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let plots = dom.matches("<svg").count();
+    if plots != 4 || !dom.contains("<table>") || !dom.contains("</html>") {
+        return Err(format!(
+            "chromium parsed report.html into a DOM with {plots} SVG plots (want 4) and {} \
+             table",
+            if dom.contains("<table>") { "a" } else { "no" }
+        ));
+    }
+    let screenshot = dir.join("report.png");
+    let arg = format!("--screenshot={}", screenshot.display());
+    browser(&[&arg, "--window-size=1280,2400"])?;
+    let bytes = fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
+    // A blank page of that size compresses to a few KiB; text and four plots do not.
+    if bytes < 20_000 {
+        return Err(format!(
+            "chromium's screenshot of the report is {bytes} bytes: blank?"
+        ));
+    }
+    Ok(())
+}
+
 /// Escapes text for HTML.
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -536,6 +578,22 @@ mod tests {
         ] {
             assert!(fs::read_to_string(dir.join(svg)).unwrap().contains("<svg"));
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    #[ignore = "needs chromium; `cargo xtask test` checks a real campaign's report this way"]
+    fn renders_in_chromium() {
+        let dir = std::env::temp_dir().join(format!("xtask-render-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let text: String = records().iter().map(|r| format!("{r}\n")).collect();
+        fs::write(dir.join("runs.jsonl"), text).unwrap();
+        report(&dir).unwrap();
+        check_renders(&dir).unwrap();
+        // A page without its plots is refused.
+        let html = fs::read_to_string(dir.join("report.html")).unwrap();
+        fs::write(dir.join("report.html"), html.replace("<svg", "<div")).unwrap();
+        assert!(check_renders(&dir).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -265,11 +265,31 @@ fn boot_tests(tally: &mut Tally, quick: bool) {
         failed == 0,
     ));
     if bochs && !interrupted() {
-        fn_step(
+        let mut records = Vec::new();
+        let pipeline = fn_step(
             tally,
             "campaign pipeline (scripted faults, classes, determinism)",
-            || crate::campaign::pipeline_check().map(|_| ()),
+            || {
+                records = crate::campaign::pipeline_check()?;
+                Ok(())
+            },
         );
+        if pipeline && !interrupted() {
+            fn_step(
+                tally,
+                "campaign report (report.md, report.html rendered by headless Chromium)",
+                || {
+                    host::ensure_tools(&[Tool::Browser])?;
+                    let dir = image::workspace_root().join("target/campaign-pipeline");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                    let text: String = records.iter().map(|record| format!("{record}\n")).collect();
+                    std::fs::write(dir.join("runs.jsonl"), text).map_err(|e| e.to_string())?;
+                    crate::report::report(&dir)?;
+                    crate::report::check_renders(&dir)
+                },
+            );
+        }
     }
 }
 
