@@ -155,18 +155,8 @@ pub fn stub_address(vector: u8) -> u64 {
 extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     let vector = frame.vector as u8;
     match vector {
-        // A debug trap of a domain the fault injector is single-stepping.
-        1 if frame.in_user_mode() => {
-            let cpu = crate::cpu::current_index();
-            let running = crate::domain::running_on(cpu);
-            match crate::inject::on_debug_trap(cpu, running, frame) {
-                crate::inject::Step::Resume => {}
-                crate::inject::Step::NotOurs | crate::inject::Step::Faulted => {
-                    crate::domain::fault(frame, fx)
-                }
-            }
-        }
-        // An exception in a domain is that domain's failure, not the core's.
+        // An exception in a domain is that domain's failure, not the core's (unless it is the
+        // debug trap of the fault injector single-stepping it: see `domain::fault`).
         0..32 if frame.in_user_mode() => crate::domain::fault(frame, fx),
         0..32 => fatal_exception(frame),
         microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
