@@ -53,6 +53,9 @@ pub struct Campaign {
     pub release: bool,
     /// Wall-clock limit of one run.
     pub timeout: Duration,
+    /// Run only this slice of the plan: (task, tasks), the runs whose position in the plan
+    /// is `task` modulo `tasks`, recorded in `OUT/runs-task-TASK.jsonl` (a Slurm array task).
+    pub slice: Option<(u32, u32)>,
 }
 
 /// Expands `all` and comma-separated lists against `known`; an unknown name is an error.
@@ -461,26 +464,48 @@ fn build_id(release: bool) -> String {
     )
 }
 
-/// The ids already recorded in `runs.jsonl` (a campaign resumes after them).
-fn done_ids(path: &Path) -> BTreeSet<String> {
-    let Ok(file) = fs::File::open(path) else {
-        return BTreeSet::new();
-    };
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+/// The record files of a campaign directory: `runs.jsonl` and every Slurm task's
+/// `runs-task-K.jsonl`.
+fn record_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.file_name()
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| name.starts_with("runs") && name.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The ids already recorded in a campaign directory (a campaign resumes after them).
+fn done_ids(dir: &Path) -> BTreeSet<String> {
+    read_records(dir)
+        .unwrap_or_default()
+        .iter()
         .filter_map(|record| record["id"].as_str().map(str::to_string))
         .collect()
 }
 
-/// Reads every record of `runs.jsonl`.
-pub fn read_records(path: &Path) -> Result<Vec<Value>, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect())
+/// Reads every record of a campaign directory (`runs.jsonl` and the Slurm tasks' files).
+pub fn read_records(dir: &Path) -> Result<Vec<Value>, String> {
+    let mut records = Vec::new();
+    for path in record_files(dir) {
+        let file = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        records.extend(
+            BufReader::new(file)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|line| serde_json::from_str::<Value>(&line).ok()),
+        );
+    }
+    Ok(records)
 }
 
 /// Per cell (target, fault, mode): counts per class, and the recovery rate of detected runs
@@ -541,10 +566,20 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
     }
     fs::create_dir_all(&campaign.out).map_err(|e| format!("{}: {e}", campaign.out.display()))?;
     let runner = Runner::new(campaign.release, campaign.cpus, campaign.timeout)?;
-    let records = campaign.out.join("runs.jsonl");
-    let done = done_ids(&records);
+    let records = match campaign.slice {
+        Some((task, _)) => campaign.out.join(format!("runs-task-{task}.jsonl")),
+        None => campaign.out.join("runs.jsonl"),
+    };
+    let done = done_ids(&campaign.out);
     let todo: Vec<RunSpec> = plan(campaign)
         .into_iter()
+        .enumerate()
+        .filter(|(position, _)| {
+            campaign
+                .slice
+                .is_none_or(|(task, tasks)| *position as u32 % tasks == task)
+        })
+        .map(|(_, spec)| spec)
         .filter(|spec| !done.contains(&spec.id))
         .collect();
     let total = todo.len();
@@ -593,7 +628,7 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
         Ok(())
     })?;
     drop(runner);
-    let all = read_records(&records)?;
+    let all = read_records(&campaign.out)?;
     let summary = format!(
         "# Campaign {}\n\n{} runs recorded in `runs.jsonl`.\n\n{}",
         campaign.out.display(),
@@ -612,7 +647,7 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
 /// profile (the build should be the recorded commit: checked out by the user). Prints both
 /// records' class and injection; `Ok(true)` if they agree.
 pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
-    let records = read_records(&out.join("runs.jsonl"))?;
+    let records = read_records(out)?;
     let recorded = records
         .iter()
         .rev()
@@ -826,6 +861,7 @@ mod tests {
             out: PathBuf::from("x"),
             release: false,
             timeout: Duration::from_secs(1),
+            slice: None,
         };
         let runs = plan(&campaign);
         assert_eq!(runs.len(), 6);

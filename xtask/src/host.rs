@@ -36,6 +36,8 @@ pub enum Tool {
     Bochs,
     /// A headless browser, to check that campaign reports render.
     Browser,
+    /// Slurm and munge, for campaigns as job arrays (and the local test cluster).
+    Slurm,
 }
 
 /// Every system package xtask may use, with paths checked with `dpkg -L` on Debian 12.
@@ -92,6 +94,16 @@ pub const REQUIREMENTS: &[Requirement] = &[
         package: "chromium",
         probe: Probe::Command("chromium"),
         needed_for: &[Tool::Browser],
+    },
+    Requirement {
+        package: "munge",
+        probe: Probe::Command("munged"),
+        needed_for: &[Tool::Slurm],
+    },
+    Requirement {
+        package: "slurm-wlm",
+        probe: Probe::Command("slurmctld"),
+        needed_for: &[Tool::Slurm],
     },
 ];
 

@@ -11,6 +11,7 @@ mod house;
 mod image;
 mod manifest;
 mod report;
+mod slurm;
 mod testing;
 
 use std::io::Write;
@@ -127,6 +128,19 @@ struct CampaignArgs {
     /// Wall-clock limit of one run, in seconds.
     #[arg(long, default_value_t = 150)]
     timeout: u64,
+    /// Submit the campaign to Slurm as a job array of --jobs tasks (each runs its slice, one
+    /// run at a time, into OUT/runs-task-K.jsonl) instead of running it here.
+    #[arg(long)]
+    slurm: bool,
+    /// With --slurm: wait until the whole array has finished (sbatch --wait).
+    #[arg(long, requires = "slurm")]
+    slurm_wait: bool,
+    /// Run only the slice of the plan of this array task (set by the Slurm job script).
+    #[arg(long, requires = "tasks", hide = true)]
+    task: Option<u32>,
+    /// The array's size (set by the Slurm job script).
+    #[arg(long, requires = "task", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    tasks: Option<u32>,
 }
 
 impl CampaignArgs {
@@ -144,8 +158,60 @@ impl CampaignArgs {
             out: self.out.clone(),
             release: !self.debug,
             timeout: Duration::from_secs(self.timeout),
+            slice: self.task.zip(self.tasks),
         })
     }
+
+    /// The arguments every Slurm array task repeats (the slice and --jobs are its own).
+    fn forwarded(&self) -> Result<Vec<String>, String> {
+        let out = std::path::absolute(&self.out).map_err(|e| format!("--out: {e}"))?;
+        let mut args: Vec<String> = [
+            ("--scenario", self.scenario.clone()),
+            ("--cpus", self.cpus.to_string()),
+            ("--target", self.target.clone()),
+            ("--fault", self.fault.clone()),
+            ("--mode", self.mode.clone()),
+            ("--runs", self.runs.to_string()),
+            ("--seed", self.seed.to_string()),
+            ("--timeout", self.timeout.to_string()),
+            ("--out", out.display().to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect();
+        if self.debug {
+            args.push("--debug".into());
+        }
+        Ok(args)
+    }
+}
+
+/// `cargo xtask campaign`: here, or submitted to Slurm.
+fn campaign_command(args: &CampaignArgs) -> Result<(), String> {
+    let campaign = args.campaign()?;
+    if !args.slurm {
+        return campaign::run(&campaign);
+    }
+    // Build once before the tasks start (each would otherwise race to build the same tree).
+    image::build_kernel(campaign.release, false)?;
+    let tasks = u32::try_from(args.jobs.max(1)).map_err(|_| "--jobs is too large".to_string())?;
+    let answer = slurm::submit(
+        &campaign.out,
+        &args.forwarded()?,
+        tasks,
+        args.slurm_wait,
+        None,
+    )?;
+    println!("{answer}");
+    if args.slurm_wait {
+        report::report(&campaign.out)?;
+    } else {
+        println!(
+            "the array runs under Slurm; when `squeue` no longer lists it: cargo xtask report {}",
+            campaign.out.display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -318,7 +384,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_NO_SUMMARY)
             }
         },
-        Command::Campaign(args) => match args.campaign().and_then(|c| campaign::run(&c)) {
+        Command::Campaign(args) => match campaign_command(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(reason) => {
                 eprintln!("xtask: error: {reason}");

@@ -298,7 +298,7 @@ fn median_max(values: &[u64]) -> Option<(u64, u64)> {
 
 /// Writes `DIR/report.md`, `DIR/report.html` and the plots' SVG files.
 pub fn report(dir: &Path) -> Result<(), String> {
-    let records = read_records(&dir.join("runs.jsonl"))?;
+    let records = read_records(dir)?;
     if records.is_empty() {
         return Err(format!("{}: no runs recorded yet", dir.display()));
     }

@@ -290,6 +290,16 @@ fn boot_tests(tally: &mut Tally, quick: bool) {
                 },
             );
         }
+        if pipeline && !interrupted() {
+            fn_step(
+                tally,
+                "campaign on Slurm (a local one-node cluster, a 2-task job array)",
+                || {
+                    host::ensure_tools(&[Tool::Slurm])?;
+                    crate::slurm::check_local()
+                },
+            );
+        }
     }
 }
 
