@@ -56,6 +56,9 @@ pub struct Campaign {
     /// Run only this slice of the plan: (task, tasks), the runs whose position in the plan
     /// is `task` modulo `tasks`, recorded in `OUT/runs-task-TASK.jsonl` (a Slurm array task).
     pub slice: Option<(u32, u32)>,
+    /// `--until-ci`: keep adding runs (a round of `runs` at a time, at most `max_runs` per
+    /// cell) until every cell's recovered-of-detected interval has at most this half-width.
+    pub until_ci: Option<(f64, u32)>,
 }
 
 /// Expands `all` and comma-separated lists against `known`; an unknown name is an error.
@@ -132,33 +135,79 @@ pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
         for target in &campaign.targets {
             for fault in &campaign.faults {
                 for mode in &campaign.modes {
-                    let seed = run_seed(campaign.seed, target, fault, mode, index);
-                    // A fail-stop names its step count (drawn from the seed as the kernel
-                    // would): without one, `inject=failstop:DOMAIN` is the plain fail-stop at
-                    // the start of a request, which the seed does not move.
-                    let steps = match fault.as_str() {
-                        "failstop" => microvisor::inject::parse_spec("failstop", "")
-                            .map(|spec| format!("@{}", spec.resolve(seed, 0).steps))
-                            .unwrap_or_default(),
-                        _ => String::new(),
-                    };
-                    runs.push(RunSpec {
-                        id: format!("{target}-{fault}-{mode}-{index}"),
-                        scenario: campaign.scenario.clone(),
-                        target: target.clone(),
-                        fault: fault.clone(),
-                        mode: mode.clone(),
-                        seed,
-                        cmdline: format!(
-                            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode}",
-                            campaign.scenario
-                        ),
-                    });
+                    runs.push(spec(campaign, target, fault, mode, index));
                 }
             }
         }
     }
     runs
+}
+
+/// Run `index` of cell (target, fault, mode).
+fn spec(campaign: &Campaign, target: &str, fault: &str, mode: &str, index: u32) -> RunSpec {
+    let seed = run_seed(campaign.seed, target, fault, mode, index);
+    // A fail-stop names its step count (drawn from the seed as the kernel would): without
+    // one, `inject=failstop:DOMAIN` is the plain fail-stop at the start of a request, which
+    // the seed does not move.
+    let steps = match fault {
+        "failstop" => microvisor::inject::parse_spec("failstop", "")
+            .map(|spec| format!("@{}", spec.resolve(seed, 0).steps))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    RunSpec {
+        id: format!("{target}-{fault}-{mode}-{index}"),
+        scenario: campaign.scenario.clone(),
+        target: target.to_string(),
+        fault: fault.to_string(),
+        mode: mode.to_string(),
+        seed,
+        cmdline: format!(
+            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode}",
+            campaign.scenario
+        ),
+    }
+}
+
+/// `--until-ci`: the next runs for every cell whose recovery rate (of detected faults) is not
+/// yet known to within `half_width` (its Wilson interval is wider than twice that, or nothing
+/// was detected yet): `batch` more runs of each such cell, up to `max_runs` runs per cell.
+pub fn extension(
+    campaign: &Campaign,
+    records: &[Value],
+    half_width: f64,
+    batch: u32,
+    max_runs: u32,
+) -> Vec<RunSpec> {
+    let mut more = Vec::new();
+    for target in &campaign.targets {
+        for fault in &campaign.faults {
+            for mode in &campaign.modes {
+                let cell: Vec<&Value> = records
+                    .iter()
+                    .filter(|r| {
+                        r["target"] == *target && r["fault"] == *fault && r["mode"] == *mode
+                    })
+                    .collect();
+                let recorded = cell.len() as u32;
+                let recovered = cell.iter().filter(|r| r["class"] == "recovered").count() as u64;
+                let detected = recovered
+                    + cell
+                        .iter()
+                        .filter(|r| r["class"] == "detected-failed")
+                        .count() as u64;
+                let (low, high) = wilson(recovered, detected);
+                let known = detected > 0 && (high - low) / 2.0 <= half_width;
+                if known || recorded >= max_runs {
+                    continue;
+                }
+                for index in recorded..(recorded + batch).min(max_runs) {
+                    more.push(spec(campaign, target, fault, mode, index));
+                }
+            }
+        }
+    }
+    more
 }
 
 /// The outcome classes (ReHype/NiLiHype).
@@ -559,41 +608,18 @@ pub fn table(records: &[Value]) -> String {
     out
 }
 
-/// Runs `campaign`: every run not yet in `OUT/runs.jsonl`, `jobs` at a time.
-pub fn run(campaign: &Campaign) -> Result<(), String> {
-    if microvisor::scenario::find(&campaign.scenario).is_none() {
-        return Err(format!("no scenario called {:?}", campaign.scenario));
-    }
-    fs::create_dir_all(&campaign.out).map_err(|e| format!("{}: {e}", campaign.out.display()))?;
-    let runner = Runner::new(campaign.release, campaign.cpus, campaign.timeout)?;
-    let records = match campaign.slice {
-        Some((task, _)) => campaign.out.join(format!("runs-task-{task}.jsonl")),
-        None => campaign.out.join("runs.jsonl"),
-    };
-    let done = done_ids(&campaign.out);
-    let todo: Vec<RunSpec> = plan(campaign)
-        .into_iter()
-        .enumerate()
-        .filter(|(position, _)| {
-            campaign
-                .slice
-                .is_none_or(|(task, tasks)| *position as u32 % tasks == task)
-        })
-        .map(|(_, spec)| spec)
-        .filter(|spec| !done.contains(&spec.id))
-        .collect();
+/// Runs `todo`, appending each record to `records` as its run ends, with a progress line.
+fn execute(
+    campaign: &Campaign,
+    runner: &Runner,
+    todo: Vec<RunSpec>,
+    records: &Path,
+) -> Result<(), String> {
     let total = todo.len();
-    eprintln!(
-        "xtask: campaign {}: {} runs to do ({} already recorded), {} at a time",
-        campaign.out.display(),
-        total,
-        done.len(),
-        campaign.jobs
-    );
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&records)
+        .open(records)
         .map_err(|e| format!("{}: {e}", records.display()))?;
     let started = Instant::now();
     let mut finished = 0usize;
@@ -627,6 +653,57 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
         );
         Ok(())
     })?;
+    Ok(())
+}
+
+/// Runs `campaign`: every run not yet in `OUT/runs.jsonl`, `jobs` at a time.
+pub fn run(campaign: &Campaign) -> Result<(), String> {
+    if microvisor::scenario::find(&campaign.scenario).is_none() {
+        return Err(format!("no scenario called {:?}", campaign.scenario));
+    }
+    fs::create_dir_all(&campaign.out).map_err(|e| format!("{}: {e}", campaign.out.display()))?;
+    let runner = Runner::new(campaign.release, campaign.cpus, campaign.timeout)?;
+    let records = match campaign.slice {
+        Some((task, _)) => campaign.out.join(format!("runs-task-{task}.jsonl")),
+        None => campaign.out.join("runs.jsonl"),
+    };
+    let done = done_ids(&campaign.out);
+    let todo: Vec<RunSpec> = plan(campaign)
+        .into_iter()
+        .enumerate()
+        .filter(|(position, _)| {
+            campaign
+                .slice
+                .is_none_or(|(task, tasks)| *position as u32 % tasks == task)
+        })
+        .map(|(_, spec)| spec)
+        .filter(|spec| !done.contains(&spec.id))
+        .collect();
+    eprintln!(
+        "xtask: campaign {}: {} runs to do ({} already recorded), {} at a time",
+        campaign.out.display(),
+        todo.len(),
+        done.len(),
+        campaign.jobs
+    );
+    execute(campaign, &runner, todo, &records)?;
+    if let Some((half_width, max_runs)) = campaign.until_ci {
+        loop {
+            if emulator::interrupted() {
+                break;
+            }
+            let all = read_records(&campaign.out)?;
+            let more = extension(campaign, &all, half_width, campaign.runs.max(1), max_runs);
+            if more.is_empty() {
+                break;
+            }
+            eprintln!(
+                "xtask: --until-ci {half_width}: {} more runs for the cells still wider",
+                more.len()
+            );
+            execute(campaign, &runner, more, &records)?;
+        }
+    }
     drop(runner);
     let all = read_records(&campaign.out)?;
     let summary = format!(
@@ -823,6 +900,51 @@ mod tests {
     }
 
     #[test]
+    fn until_ci_adds_runs_only_where_the_interval_is_wide() {
+        let campaign = Campaign {
+            scenario: "3appvm".into(),
+            cpus: 2,
+            targets: vec!["memory".into(), "timer".into()],
+            faults: vec!["register".into()],
+            modes: vec!["microreset".into()],
+            runs: 10,
+            seed: 1,
+            jobs: 1,
+            out: PathBuf::from("x"),
+            release: false,
+            timeout: Duration::from_secs(1),
+            slice: None,
+            until_ci: Some((0.1, 400)),
+        };
+        let record = |target: &str, class: &str| json!({"target": target, "fault": "register", "mode": "microreset", "class": class});
+        // memory: 300 detected, all recovered: half-width about 0.6%, known. timer: 10
+        // detected, 5 recovered: half-width about 0.27, not known.
+        let mut records: Vec<Value> = (0..300).map(|_| record("memory", "recovered")).collect();
+        records.extend((0..5).map(|_| record("timer", "recovered")));
+        records.extend((0..5).map(|_| record("timer", "detected-failed")));
+        let more = extension(&campaign, &records, 0.1, 10, 400);
+        assert_eq!(more.len(), 10);
+        assert!(more.iter().all(|spec| spec.target == "timer"));
+        assert_eq!(
+            more[0].id, "timer-register-microreset-10",
+            "continues after run 9"
+        );
+        assert_eq!(
+            more[0],
+            plan(&Campaign {
+                runs: 11,
+                ..campaign.clone()
+            })[21]
+        );
+        // The cap: no more than max_runs per cell.
+        assert_eq!(extension(&campaign, &records, 0.1, 10, 12).len(), 2);
+        assert!(extension(&campaign, &records, 0.1, 10, 10).is_empty());
+        // A cell with nothing detected yet needs more.
+        let nothing = vec![record("memory", "non-manifested"); 5];
+        assert_eq!(extension(&campaign, &nothing, 0.5, 3, 400).len(), 6);
+    }
+
+    #[test]
     fn wilson_matches_published_values() {
         // 8 of 10: (0.490, 0.943), the textbook example (Newcombe 1998, Table I style).
         let (low, high) = wilson(8, 10);
@@ -862,6 +984,7 @@ mod tests {
             release: false,
             timeout: Duration::from_secs(1),
             slice: None,
+            until_ci: None,
         };
         let runs = plan(&campaign);
         assert_eq!(runs.len(), 6);

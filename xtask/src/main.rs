@@ -128,6 +128,13 @@ struct CampaignArgs {
     /// Wall-clock limit of one run, in seconds.
     #[arg(long, default_value_t = 150)]
     timeout: u64,
+    /// Keep adding rounds of --runs runs to every cell until its recovered-of-detected rate's
+    /// Wilson 95% interval has at most this half-width (e.g. 0.02), up to --max-runs per cell.
+    #[arg(long, value_parser = parse_half_width, conflicts_with = "slurm")]
+    until_ci: Option<f64>,
+    /// With --until-ci: the most runs of one cell.
+    #[arg(long, default_value_t = 2000, requires = "until_ci")]
+    max_runs: u32,
     /// Submit the campaign to Slurm as a job array of --jobs tasks (each runs its slice, one
     /// run at a time, into OUT/runs-task-K.jsonl) instead of running it here.
     #[arg(long)]
@@ -159,6 +166,7 @@ impl CampaignArgs {
             release: !self.debug,
             timeout: Duration::from_secs(self.timeout),
             slice: self.task.zip(self.tasks),
+            until_ci: self.until_ci.map(|half_width| (half_width, self.max_runs)),
         })
     }
 
@@ -183,6 +191,16 @@ impl CampaignArgs {
             args.push("--debug".into());
         }
         Ok(args)
+    }
+}
+
+/// A confidence-interval half-width: a fraction in (0, 0.5].
+fn parse_half_width(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 0.5 => Ok(value),
+        _ => Err(format!(
+            "{text:?} is not a half-width in (0, 0.5], e.g. 0.02"
+        )),
     }
 }
 
