@@ -8,6 +8,10 @@
 //! levels: the scenario's first level (the target's request after the VMs are up, as for the
 //! plain fail-stop), then `STEPS` instructions executed inside the target, counted by
 //! single-stepping it (RFLAGS.TF on its thread). The kernel carries it out in `inject.rs`.
+//!
+//! The target `core` is the core itself, the baseline a monolithic hypervisor would have: its
+//! unit of work is a VM exit, and the core's own code is stepped from an exit to the next VM
+//! entry; a fault that manifests there ends the run (the core cannot recover itself).
 
 use core::fmt::{self, Display, Formatter};
 

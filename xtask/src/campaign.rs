@@ -21,8 +21,9 @@ use crate::emulator::{self, BootSpec, EmulatorKind, Image};
 use crate::host::{self, Tool};
 use crate::image;
 
-/// The services a campaign can target.
-pub const TARGETS: [&str; 4] = ["scheduler", "memory", "timer", "hypercall"];
+/// What a campaign can target: the four services, and the core itself (the baseline a
+/// monolithic hypervisor has: a fault that manifests there ends the run).
+pub const TARGETS: [&str; 5] = ["scheduler", "memory", "timer", "hypercall", "core"];
 /// The fault types.
 pub const FAULTS: [&str; 3] = ["failstop", "register", "code"];
 /// The recovery modes.
@@ -781,8 +782,9 @@ pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
 /// Scripted runs of the campaign pipeline for `cargo xtask test` (each spec: id, command
 /// line). Their outcomes are known whatever the build: a fail-stop is always detected; bit 21
 /// of RFLAGS (ID) is read by nothing a domain runs, so flipping it is non-manifested; the same
-/// seed twice gives the same record; every fault type strikes.
-pub const PIPELINE_SPECS: [(&str, &str); 5] = [
+/// seed twice gives the same record; every fault type strikes; a fail-stop in the core itself
+/// ends the run (detected, not recovered: the monolithic baseline).
+pub const PIPELINE_SPECS: [(&str, &str); 6] = [
     (
         "failstop",
         "scenario=1appvm-unixbench inject=failstop:memory@10 seed=11",
@@ -802,6 +804,10 @@ pub const PIPELINE_SPECS: [(&str, &str); 5] = [
     (
         "code",
         "scenario=1appvm-unixbench inject=code:timer seed=77",
+    ),
+    (
+        "core-failstop",
+        "scenario=1appvm-unixbench inject=failstop:core@100 seed=1",
     ),
 ];
 
@@ -880,6 +886,14 @@ pub fn pipeline_check() -> Result<Vec<Value>, String> {
     if find("code")?["injection"]["location"] != "code" {
         problems.push("the code fault did not flip a code byte".into());
     }
+    let core = find("core-failstop")?;
+    if core["class"] != "detected-failed" || core["failure"]["kind"] != "exception" {
+        problems.push(format!(
+            "a fail-stop in the core did not end the run with its exception: class {}, \
+             failure {}",
+            core["class"], core["failure"]
+        ));
+    }
     if problems.is_empty() {
         Ok(records)
     } else {
@@ -892,7 +906,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[ignore = "boots bochs five times; `cargo xtask test` runs it as a step of its own"]
+    #[ignore = "boots bochs six times; `cargo xtask test` runs it as a step of its own"]
     fn pipeline() {
         if let Err(problems) = pipeline_check() {
             panic!("{problems}");
@@ -960,7 +974,7 @@ mod tests {
 
     #[test]
     fn lists_expand_and_refuse_unknown_names() {
-        assert_eq!(parse_list("all", &TARGETS, "target").unwrap().len(), 4);
+        assert_eq!(parse_list("all", &TARGETS, "target").unwrap().len(), 5);
         assert_eq!(
             parse_list("memory, timer", &TARGETS, "target").unwrap(),
             ["memory", "timer"]

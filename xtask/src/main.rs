@@ -101,7 +101,8 @@ struct CampaignArgs {
     /// CPUs of the emulated machine.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
     cpus: u32,
-    /// Target services: scheduler, memory, timer, hypercall, a comma-separated list, or all.
+    /// Targets: scheduler, memory, timer, hypercall, core (the baseline), a comma-separated
+    /// list, or all.
     #[arg(long, default_value = "all")]
     target: String,
     /// Fault types: failstop, register, code, a comma-separated list, or all.

@@ -415,6 +415,12 @@ pub fn check_injection(target: &str, index: u16, before: u32) {
 /// strikes inside one of the target's first `max_skip + 1` requests, drawn from `seed` (see
 /// `crate::inject`).
 pub fn arm_stepped(target: &str, spec: microvisor::inject::Spec, seed: u64, max_skip: u32) {
+    if target == "core" {
+        // The core's unit of work is a VM exit: the first level counts those.
+        let plan = spec.resolve(seed, max_skip);
+        crate::inject::arm(crate::inject::CORE, "core", plan, seed);
+        return;
+    }
     let index = index_of(target);
     let name = domain::describe(index).map_or("?", |(name, _, _)| name);
     crate::inject::arm(index, name, spec.resolve(seed, max_skip), seed);

@@ -1372,6 +1372,7 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             }
             host_fpu.save();
             state.fpu.restore();
+            crate::inject::before_vm_entry(cpu);
             // SAFETY: interrupts are off from here to `after_exit`, and nothing in between
             // returns to ring 3 or uses CR2 or the debug registers.
             let host = unsafe { guest_state::before_entry(&state.switched) };
@@ -1395,6 +1396,8 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
         }
         state.launched = true;
         exits += 1;
+        // A fault armed against the core counts VM exits, then steps the core's handling.
+        crate::inject::after_vm_exit(cpu);
         // A virtual interrupt the core injected whose delivery the exit cut short (an EPT
         // violation on a stack page not backed yet, while the CPU pushed the frame): raise it
         // again, so it is delivered at a later entry instead of lost.

@@ -8,7 +8,7 @@
 //! What to inject, and the record the summary reports, are `microvisor::inject`; the plain
 //! fail-stop at the start of a request (`inject=failstop:DOMAIN`) stays in `domain.rs`.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use microvisor::inject::{InjectionReport, InjectionState, Kind, Plan, REGISTERS, RFLAGS, RIP};
 use spin::Mutex;
@@ -50,6 +50,15 @@ struct Struck {
 }
 
 static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
+/// The armed fault's target (a domain index, or [`CORE`]), readable without the lock.
+static TARGET: AtomicU32 = AtomicU32::new(u32::MAX);
+/// The CPU whose core code is being single-stepped (`usize::MAX`: none), and the instructions
+/// counted there: atomics, because the stepped code may hold any lock, [`ARMED`] included.
+static CORE_STEPPING: AtomicUsize = AtomicUsize::new(usize::MAX);
+static CORE_COUNTED: AtomicU32 = AtomicU32::new(0);
+
+/// The target number of the core itself (the baseline a monolithic hypervisor would have).
+pub const CORE: u16 = u16::MAX;
 /// Fast check for the hot paths: something is armed and not yet struck.
 static PENDING: AtomicBool = AtomicBool::new(false);
 
@@ -68,6 +77,7 @@ pub fn arm(target: u16, name: &'static str, plan: Plan, seed: u64) {
         counted: 0,
         struck: None,
     });
+    TARGET.store(u32::from(target), Ordering::Release);
     PENDING.store(true, Ordering::Release);
     log::info!(
         "fault armed in {name}: {} {}:{} after {} instructions of its request {} (seed {seed})",
@@ -83,8 +93,99 @@ pub fn arm(target: u16, name: &'static str, plan: Plan, seed: u64) {
 /// domain entry: without an armed fault it costs one load.
 #[inline(always)]
 pub fn on_enter(callee: u16, cpu: usize, frame: &mut TrapFrame) {
-    if PENDING.load(Ordering::Acquire) {
+    if PENDING.load(Ordering::Acquire) && TARGET.load(Ordering::Acquire) == u32::from(callee) {
         on_enter_armed(callee, cpu, frame);
+    }
+}
+
+/// The core finished a VM exit on `cpu` (its unit of work, as a request is a domain's): with a
+/// fault armed against the core, the first-level trigger counts these, then the core's code
+/// on this CPU is single-stepped from here to the next VM entry (and again after each later
+/// exit here, until the count is reached).
+#[inline(always)]
+pub fn after_vm_exit(cpu: usize) {
+    if PENDING.load(Ordering::Acquire) && TARGET.load(Ordering::Acquire) == u32::from(CORE) {
+        after_vm_exit_armed(cpu);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn after_vm_exit_armed(cpu: usize) {
+    {
+        let mut armed = ARMED.lock();
+        let Some(state) = armed.as_mut() else {
+            return;
+        };
+        if state.struck.is_some() {
+            return;
+        }
+        match state.stepping {
+            Some(stepping) if stepping != cpu => return,
+            Some(_) => {}
+            None if state.skip > 0 => {
+                state.skip -= 1;
+                return;
+            }
+            None => {
+                state.stepping = Some(cpu);
+                CORE_STEPPING.store(cpu, Ordering::Release);
+            }
+        }
+    }
+    // SAFETY: sets RFLAGS.TF for the code that follows on this CPU: every instruction then
+    // traps (#DB, on its own IST stack), and `on_core_debug_trap` counts it; the lock above is
+    // released first, so the trap handler never waits for it.
+    unsafe {
+        core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq");
+    }
+}
+
+/// Right before a VM entry on `cpu`: the core's stepping pauses (a VM entry with RFLAGS.TF set
+/// would leave a pending single-step behind), to resume after the next exit.
+#[inline(always)]
+pub fn before_vm_entry(cpu: usize) {
+    if CORE_STEPPING.load(Ordering::Acquire) == cpu {
+        // SAFETY: clears RFLAGS.TF; nothing else changes.
+        unsafe {
+            core::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq");
+        }
+    }
+}
+
+/// A debug trap in ring 0 on `cpu`: counted if the core is being stepped there, and at the
+/// count the fault strikes on the interrupted context. `false`: not ours (a real #DB: fatal).
+pub fn on_core_debug_trap(cpu: usize, frame: &mut TrapFrame) -> bool {
+    if CORE_STEPPING.load(Ordering::Acquire) != cpu {
+        return false;
+    }
+    let counted = CORE_COUNTED.fetch_add(1, Ordering::AcqRel) + 1;
+    // The interrupted code may hold the lock: then the fault waits for the next instruction.
+    let Some(mut armed) = ARMED.try_lock() else {
+        return true;
+    };
+    let Some(state) = armed.as_mut() else {
+        return true;
+    };
+    state.counted = counted;
+    if counted < state.plan.steps.max(1) {
+        return true;
+    }
+    frame.rflags &= !TRAP_FLAG;
+    CORE_STEPPING.store(usize::MAX, Ordering::Release);
+    state.stepping = None;
+    strike(state, cpu, frame);
+    true
+}
+
+/// The core itself failed (an exception or a panic in ring 0) at `tsc`: the detection of a
+/// fault injected into it. The run ends there.
+pub fn on_core_failure(tsc: u64) {
+    CORE_STEPPING.store(usize::MAX, Ordering::Release);
+    if let Some(mut armed) = armed()
+        && let Some(struck) = armed.as_mut().and_then(|state| state.struck.as_mut())
+    {
+        struck.detected_tsc.get_or_insert(tsc);
     }
 }
 

@@ -487,6 +487,7 @@ pub extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
+    inject::on_core_failure(apic::tsc());
     let mut message = MessageBuffer::new();
     let _ = write!(message, "{}", info.message());
     if let Some(location) = info.location() {

@@ -158,6 +158,8 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
         // An exception in a domain is that domain's failure, not the core's (unless it is the
         // debug trap of the fault injector single-stepping it: see `domain::fault`).
         0..32 if frame.in_user_mode() => crate::domain::fault(frame, fx),
+        // A debug trap of the core's own code, single-stepped by the fault injector.
+        1 if crate::inject::on_core_debug_trap(crate::cpu::current_index(), frame) => {}
         0..32 => fatal_exception(frame),
         microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
         TIMER_VECTOR => {
@@ -185,6 +187,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
 static REPORTING: AtomicBool = AtomicBool::new(false);
 
 fn fatal_exception(frame: &TrapFrame) -> ! {
+    crate::inject::on_core_failure(apic::tsc());
     // One report per run: a second CPU faulting meanwhile just stops.
     if REPORTING.swap(true, Ordering::AcqRel) {
         run::halt_forever();
