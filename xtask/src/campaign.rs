@@ -296,7 +296,17 @@ pub fn classify(summary: Option<&Value>, allowed: usize) -> Verdict {
             .as_u64()
             .is_some_and(|created| created > injected_at)
     });
-    let success = !control_failed && !created_after_failed && vms_affected <= allowed;
+    // The core itself failing (an exception or panic in ring 0: the summary's `failure`) ends
+    // the run, whatever the VM table said when it stopped; so does a run without VMs.
+    let core_failed = matches!(
+        summary["failure"]["kind"].as_str(),
+        Some("exception" | "panic")
+    );
+    let success = !core_failed
+        && !vms.is_empty()
+        && !control_failed
+        && !created_after_failed
+        && vms_affected <= allowed;
     let class = match (detected, vms_affected == 0, success) {
         (false, true, _) => Class::NonManifested,
         (false, false, _) => Class::Sdc,
@@ -454,6 +464,7 @@ fn run_one(spec: &RunSpec, cpus: u32, timeout: Duration, elf: &Path) -> Value {
                         .map(|vm| json!({
                             "vm": vm["vm"], "guest": vm["guest"], "verdict": vm["verdict"],
                             "retries": vm["retries"], "stop_reason": vm["stop_reason"],
+                            "created_tsc": vm["created_tsc"],
                         }))
                         .collect::<Vec<_>>())
                     .unwrap_or_default()
@@ -1080,6 +1091,17 @@ mod tests {
         assert_eq!(
             class(summary(true, true, &one_lost), 0),
             Class::DetectedFailed
+        );
+        // The core failing ends the run, even with no VM reported affected.
+        let mut crashed = summary(true, true, &ok);
+        crashed["failure"] = json!({"kind": "exception", "vector": 14});
+        assert_eq!(class(crashed.clone(), 1), Class::DetectedFailed);
+        crashed["vms"] = json!([]);
+        crashed["failure"] = Value::Null;
+        assert_eq!(
+            class(crashed, 1),
+            Class::DetectedFailed,
+            "no VM at all is no success"
         );
     }
 
