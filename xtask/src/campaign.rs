@@ -924,23 +924,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn until_ci_adds_runs_only_where_the_interval_is_wide() {
-        let campaign = Campaign {
+    /// A campaign of register faults in memory and timer, microreset, `runs` per cell.
+    fn two_cells(runs: u32) -> Campaign {
+        Campaign {
             scenario: "3appvm".into(),
             cpus: 2,
             targets: vec!["memory".into(), "timer".into()],
             faults: vec!["register".into()],
             modes: vec!["microreset".into()],
-            runs: 10,
+            runs,
             seed: 1,
             jobs: 1,
             out: PathBuf::from("x"),
             release: false,
             timeout: Duration::from_secs(1),
             slice: None,
-            until_ci: Some((0.1, 400)),
-        };
+            until_ci: None,
+        }
+    }
+
+    #[test]
+    fn until_ci_adds_runs_only_where_the_interval_is_wide() {
+        let campaign = two_cells(10);
         let record = |target: &str, class: &str| json!({"target": target, "fault": "register", "mode": "microreset", "class": class});
         // memory: 300 detected, all recovered: half-width about 0.6%, known. timer: 10
         // detected, 5 recovered: half-width about 0.27, not known.
@@ -996,21 +1001,7 @@ mod tests {
 
     #[test]
     fn plans_are_seeded_per_cell() {
-        let campaign = Campaign {
-            scenario: "3appvm".into(),
-            cpus: 2,
-            targets: vec!["memory".into(), "timer".into()],
-            faults: vec!["register".into()],
-            modes: vec!["microreset".into()],
-            runs: 3,
-            seed: 1,
-            jobs: 1,
-            out: PathBuf::from("x"),
-            release: false,
-            timeout: Duration::from_secs(1),
-            slice: None,
-            until_ci: None,
-        };
+        let campaign = two_cells(3);
         let runs = plan(&campaign);
         assert_eq!(runs.len(), 6);
         assert_eq!(runs[0].id, "memory-register-microreset-0");
