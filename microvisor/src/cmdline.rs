@@ -101,6 +101,8 @@ pub struct Options<'a> {
     pub scenario: Option<&'static crate::scenario::Scenario>,
     /// `seed=N`: the run's seed, from which an injected fault's open choices are drawn.
     pub seed: u64,
+    /// `inject_break=1`: stop in bochs' debugger (a magic breakpoint) when the fault strikes.
+    pub inject_break: bool,
 }
 
 /// A word of the command line that could not be used.
@@ -149,6 +151,15 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     value,
                     expected: "failstop:DOMAIN[@STEPS], register:DOMAIN[:REG[:BIT]][@STEPS] \
                                or code:DOMAIN[:OFFSET[:BIT]][@STEPS]",
+                }),
+            },
+            "inject_break" => match value {
+                "1" => options.inject_break = true,
+                "0" => options.inject_break = false,
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "0 or 1",
                 }),
             },
             "seed" => match value.parse() {
@@ -290,7 +301,8 @@ mod tests {
                 spec: crate::inject::parse_spec("register", "rbx:5@1200").unwrap()
             })
         );
-        let (options, _) = parse_collect("inject=code:timer");
+        let (options, errors) = parse_collect("inject=code:timer inject_break=1");
+        assert!(errors.is_empty() && options.inject_break);
         assert_eq!(options.inject.map(|fault| fault.domain()), Some("timer"));
         let (options, _) = parse_collect("inject=failstop:hypercall@300");
         assert!(matches!(

@@ -735,7 +735,7 @@ pub fn run(campaign: &Campaign) -> Result<(), String> {
 /// Boots recorded run `id` of the campaign in `out` again: the same command line, CPUs and
 /// profile (the build should be the recorded commit: checked out by the user). Prints both
 /// records' class and injection; `Ok(true)` if they agree.
-pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
+pub fn replay(id: &str, out: &Path, debug: bool) -> Result<bool, String> {
     let records = read_records(out)?;
     let recorded = records
         .iter()
@@ -767,6 +767,9 @@ pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
         .and_then(|cpus| u32::try_from(cpus).ok())
         .unwrap_or(2);
     eprintln!("xtask: replaying {id}: {} on {cpus} CPUs", spec.cmdline);
+    if debug {
+        return debug_replay(&spec, cpus, release).map(|()| true);
+    }
     let runner = Runner::new(release, cpus, Duration::from_secs(300))?;
     let mut replayed = None;
     runner.run(vec![spec], 1, |record| {
@@ -788,6 +791,46 @@ pub fn replay(id: &str, out: &Path) -> Result<bool, String> {
         }
     }
     Ok(recorded["class"] == replayed["class"] && recorded["injection"] == replayed["injection"])
+}
+
+/// Boots `spec` in bochs with its debugger on this terminal, stopping where the fault strikes
+/// (`inject_break=1`: a magic breakpoint in the injector, the faulted context in its frame).
+fn debug_replay(spec: &RunSpec, cpus: u32, release: bool) -> Result<(), String> {
+    host::ensure_tools(&[Tool::Bochs, Tool::Iso])?;
+    let elf = image::build_kernel(release, false)?;
+    let run_dir = emulator::new_run_dir(&format!("replay-{}", spec.id))?;
+    let cmdline = format!("{} inject_break=1", spec.cmdline);
+    let iso = run_dir.join("microvisor.iso");
+    image::build_iso(&elf, &cmdline, &iso)?;
+    let rc = run_dir.join("bochsrc");
+    fs::write(
+        &rc,
+        emulator::bochsrc(cpus, emulator::bochs_ips(&cmdline), &iso, &run_dir),
+    )
+    .map_err(|e| format!("{}: {e}", rc.display()))?;
+    let debugger_rc = run_dir.join("bochs.rc");
+    fs::write(&debugger_rc, "c\n").map_err(|e| format!("{}: {e}", debugger_rc.display()))?;
+    eprintln!(
+        "xtask: bochs runs to the injection and stops in its debugger there (the injector's \
+         magic breakpoint; the faulted context is the trap frame on this stack). `c` goes on \
+         (the next stop is the end of the run), `q` quits. Serial console: {}",
+        run_dir.join("serial.log").display()
+    );
+    let status = std::process::Command::new("bochs")
+        .arg("-q")
+        .arg("-f")
+        .arg(&rc)
+        .arg("-rc")
+        .arg(&debugger_rc)
+        .env("TERM", "dumb")
+        .current_dir(&run_dir)
+        .status()
+        .map_err(|e| format!("cannot run bochs: {e}"))?;
+    eprintln!(
+        "xtask: bochs exited with {status}; files in {}",
+        run_dir.display()
+    );
+    Ok(())
 }
 
 /// Scripted runs of the campaign pipeline for `cargo xtask test` (each spec: id, command

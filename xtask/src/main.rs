@@ -90,6 +90,9 @@ enum Command {
         /// The campaign's directory (its --out).
         #[arg(long)]
         out: PathBuf,
+        /// Run bochs with its debugger on this terminal, stopping where the fault strikes.
+        #[arg(long)]
+        debug: bool,
     },
 }
 
@@ -395,7 +398,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Replay { id, out } => match campaign::replay(&id, &out) {
+        Command::Replay { id, out, debug } => match campaign::replay(&id, &out, debug) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(reason) => {

@@ -57,6 +57,15 @@ static TARGET: AtomicU32 = AtomicU32::new(u32::MAX);
 static CORE_STEPPING: AtomicUsize = AtomicUsize::new(usize::MAX);
 static CORE_COUNTED: AtomicU32 = AtomicU32::new(0);
 
+/// Stop in bochs' debugger when the fault strikes (`inject_break=1`, `cargo xtask replay
+/// --debug`).
+static BREAK: AtomicBool = AtomicBool::new(false);
+
+/// Makes the fault stop in bochs' debugger when it strikes (a magic breakpoint).
+pub fn set_break(on: bool) {
+    BREAK.store(on, Ordering::Relaxed);
+}
+
 /// The target number of the core itself (the baseline a monolithic hypervisor would have).
 pub const CORE: u16 = u16::MAX;
 /// Fast check for the hot paths: something is armed and not yet struck.
@@ -312,6 +321,12 @@ fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
     // would count as detection latency (and shift the system's timing); `log_outcome` says it
     // at the end of the run.
     state.struck = Some(struck);
+    if BREAK.load(Ordering::Relaxed) {
+        // SAFETY: `xchg bx, bx` exchanges a register with itself: a no-op on hardware, and
+        // bochs' magic breakpoint (its debugger stops here, in the injector, with the
+        // faulted context in `frame` on this stack).
+        unsafe { core::arch::asm!("xchg bx, bx", options(nomem, nostack)) };
+    }
 }
 
 /// The armed fault's state, if the lock can be had: at the end of a run another CPU may have

@@ -253,6 +253,7 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             }
             _ => None,
         };
+        inject::set_break(options.inject_break);
         let stepped = match options.inject {
             Some(cmdline::InjectedFault::Stepped { domain, spec }) => {
                 Some((domain, spec, options.seed))
