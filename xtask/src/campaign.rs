@@ -315,9 +315,16 @@ pub fn classify(summary: Option<&Value>, allowed: usize) -> Verdict {
     };
     Verdict {
         class,
-        no_vm_failure: detected && vms_affected == 0,
+        no_vm_failure: class == Class::Recovered && vms_affected == 0,
         vms_affected,
     }
+}
+
+/// NiLiHype's noVMF for a record: recovered, and no VM affected at all. Computed from the class
+/// and the VM count rather than read from the record's flag, which records made before a core
+/// failure could count as "no VM affected" (the VM table was empty) got wrong.
+pub fn no_vm_failure(record: &Value) -> bool {
+    record["class"] == Class::Recovered.name() && record["vms_affected"].as_u64() == Some(0)
 }
 
 /// The Wilson score interval for `successes` of `trials` at 95% confidence: (low, high).
@@ -587,7 +594,7 @@ pub fn table(records: &[Value]) -> String {
         {
             counts[index] += 1;
         }
-        counts[6] += u64::from(record["no_vm_failure"] == Value::Bool(true));
+        counts[6] += u64::from(no_vm_failure(record));
     }
     let mut out = String::from(
         "| target | fault | mode | runs | not injected | non-manifested | SDC | recovered | detected, failed | no summary | recovered of detected (95% CI) | noVMF of detected |\n\
@@ -1126,10 +1133,11 @@ mod tests {
             class(summary(true, true, &one_lost), 0),
             Class::DetectedFailed
         );
-        // The core failing ends the run, even with no VM reported affected.
+        // The core failing ends the run, even with no VM reported affected; not noVMF either.
         let mut crashed = summary(true, true, &ok);
         crashed["failure"] = json!({"kind": "exception", "vector": 14});
         assert_eq!(class(crashed.clone(), 1), Class::DetectedFailed);
+        assert!(!classify(Some(&crashed), 1).no_vm_failure);
         crashed["vms"] = json!([]);
         crashed["failure"] = Value::Null;
         assert_eq!(
@@ -1143,7 +1151,8 @@ mod tests {
     fn the_table_counts_and_rates() {
         let record = |class: &str, no_vmf: bool| {
             json!({"target": "memory", "fault": "register", "mode": "microreset",
-                   "class": class, "no_vm_failure": no_vmf})
+                   "class": class, "no_vm_failure": no_vmf,
+                   "vms_affected": u64::from(!no_vmf)})
         };
         let records = [
             record("recovered", true),

@@ -45,7 +45,7 @@ fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
         let detected = recovered || record["class"] == Class::DetectedFailed.name();
         cell.detected += u64::from(detected);
         cell.recovered += u64::from(recovered);
-        cell.no_vmf += u64::from(record["no_vm_failure"] == Value::Bool(true));
+        cell.no_vmf += u64::from(crate::campaign::no_vm_failure(record));
     }
     cells
 }
@@ -524,7 +524,8 @@ mod tests {
         let record = |id: &str, class: &str, no_vmf: bool, latency: Option<u64>| {
             json!({"id": id, "scenario": "3appvm", "cpus": 2, "target": "memory",
                    "fault": "register", "mode": "microreset", "class": class,
-                   "no_vm_failure": no_vmf, "build": "abc release",
+                   "no_vm_failure": no_vmf, "vms_affected": u64::from(!no_vmf),
+                   "build": "abc release",
                    "injection": {"injected": true, "location": "rbx", "bit": 3,
                                  "rip": "0x401000", "before": "0x8", "after": "0x0",
                                  "detection_latency": latency},
