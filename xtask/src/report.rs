@@ -64,6 +64,14 @@ fn plot_error(error: impl std::fmt::Display) -> String {
     format!("plot: {error}")
 }
 
+/// "TARGET FAULT MODE" for each cell.
+fn cell_labels(entries: &[(&(String, String, String), &Cell)]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|((target, fault, mode), _)| format!("{target} {fault} {mode}"))
+        .collect()
+}
+
 /// Cell labels, drawn turned by 90 degrees under the bars.
 fn label_font() -> TextStyle<'static> {
     ("sans-serif", 11)
@@ -79,10 +87,7 @@ fn rates_svg(cells: &BTreeMap<(String, String, String), Cell>) -> Result<String,
     let entries: Vec<_> = cells.iter().collect();
     let segments = (2 * entries.len()).max(1) as u32;
     let width = (120 + segments * 26).max(480);
-    let labels: Vec<String> = entries
-        .iter()
-        .map(|((target, fault, mode), _)| format!("{target} {fault} {mode}"))
-        .collect();
+    let labels = cell_labels(&entries);
     {
         let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
@@ -174,10 +179,7 @@ fn outcomes_svg(cells: &BTreeMap<(String, String, String), Cell>) -> Result<Stri
         .unwrap_or(1)
         .max(1);
     let width = (160 + count * 30).max(520);
-    let labels: Vec<String> = entries
-        .iter()
-        .map(|((target, fault, mode), _)| format!("{target} {fault} {mode}"))
-        .collect();
+    let labels = cell_labels(&entries);
     {
         let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;

@@ -1442,15 +1442,6 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
                 advance_rip();
                 Ok(Next::Resume)
             }
-            reason if microvisor::guest_cpu::refused_instruction(reason).is_some() => {
-                log::warn!(
-                    "VM {}: instruction exit {reason} at RIP {:#x} refused",
-                    vcpu.vm,
-                    vmread(vm::GUEST_RIP)
-                );
-                Err(microvisor::guest_cpu::refused_instruction(reason)
-                    .unwrap_or("an instruction the virtual CPU does not offer"))
-            }
             EXIT_HLT => {
                 advance_rip();
                 // HLT as a message to the scheduler: the vCPU gives its CPU up.
@@ -1498,10 +1489,21 @@ fn run_slice(cpu: usize, vcpu: VcpuId) {
             EXIT_CPUID | EXIT_IO | EXIT_RDMSR | EXIT_WRMSR => {
                 handle_instruction(cpu, vcpu, &mut state, reason)
             }
-            _ => {
-                log::warn!("VM {}: unexpected VM exit {reason}", vcpu.vm);
-                Err("unexpected VM exit")
-            }
+            // An instruction the virtual CPU does not offer (named), or any other exit.
+            _ => match microvisor::guest_cpu::refused_instruction(reason) {
+                Some(why) => {
+                    log::warn!(
+                        "VM {}: instruction exit {reason} at RIP {:#x} refused",
+                        vcpu.vm,
+                        vmread(vm::GUEST_RIP)
+                    );
+                    Err(why)
+                }
+                None => {
+                    log::warn!("VM {}: unexpected VM exit {reason}", vcpu.vm);
+                    Err("unexpected VM exit")
+                }
+            },
         };
         match handled {
             Ok(Next::Resume) => {}
