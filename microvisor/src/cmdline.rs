@@ -103,6 +103,10 @@ pub struct Options<'a> {
     pub seed: u64,
     /// `inject_break=1`: stop in bochs' debugger (a magic breakpoint) when the fault strikes.
     pub inject_break: bool,
+    /// `selfcheck=0`: a scenario boot skips the boot self-checks (the probe's isolation checks,
+    /// the calls from every CPU, the synthetic workload, the first guest), which are the same
+    /// in every run: campaigns boot this way.
+    pub skip_self_checks: bool,
 }
 
 /// A word of the command line that could not be used.
@@ -156,6 +160,15 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
             "inject_break" => match value {
                 "1" => options.inject_break = true,
                 "0" => options.inject_break = false,
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "0 or 1",
+                }),
+            },
+            "selfcheck" => match value {
+                "1" => options.skip_self_checks = false,
+                "0" => options.skip_self_checks = true,
                 _ => on_error(CmdlineError::BadValue {
                     key,
                     value,
@@ -233,6 +246,17 @@ mod tests {
         let mut errors = Vec::new();
         let options = parse(line, |error| errors.push(error));
         (options, errors)
+    }
+
+    #[test]
+    fn selfcheck_is_on_unless_turned_off() {
+        assert!(!parse_collect("scenario=3appvm").0.skip_self_checks);
+        let (options, errors) = parse_collect("selfcheck=0");
+        assert!(errors.is_empty() && options.skip_self_checks);
+        let (options, errors) = parse_collect("selfcheck=0 selfcheck=maybe");
+        assert_eq!(errors.len(), 1);
+        assert!(options.skip_self_checks);
+        assert!(!parse_collect("selfcheck=0 selfcheck=1").0.skip_self_checks);
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn spec(campaign: &Campaign, target: &str, fault: &str, mode: &str, index: u32) 
         mode: mode.to_string(),
         seed,
         cmdline: format!(
-            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode}",
+            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode} selfcheck=0",
             campaign.scenario
         ),
     }

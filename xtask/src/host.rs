@@ -91,6 +91,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
         needed_for: &[Tool::Iso],
     },
     Requirement {
+        package: "binutils",
+        probe: Probe::Command("objcopy"),
+        needed_for: &[Tool::Iso],
+    },
+    Requirement {
         package: "chromium",
         probe: Probe::Command("chromium"),
         needed_for: &[Tool::Browser],
@@ -306,7 +311,13 @@ mod tests {
         assert_eq!(missing_packages(&[Tool::Qemu], none), ["qemu-system-x86"]);
         assert_eq!(
             missing_packages(&[Tool::Iso], none),
-            ["grub-common", "grub-pc-bin", "xorriso", "mtools"]
+            [
+                "grub-common",
+                "grub-pc-bin",
+                "xorriso",
+                "mtools",
+                "binutils"
+            ]
         );
         assert_eq!(
             missing_packages(&[Tool::Bochs], none),

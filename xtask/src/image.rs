@@ -270,15 +270,37 @@ pub fn grub_cfg(cmdline: &str, bundle: bool) -> String {
     )
 }
 
-/// Builds a BIOS GRUB ISO at `iso` that boots `elf` with `cmdline`.
+/// Copies `elf` to `to` without its debug sections: GRUB reads every byte of the kernel file
+/// through the BIOS, and the release kernel's debug information (about 7 MiB of 8) took about
+/// 4 s of every bochs boot. What is loaded is the same; symbols stay in `elf` for debuggers.
+fn strip_debug(elf: &Path, to: &Path) -> Result<(), String> {
+    let output = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(elf)
+        .arg(to)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run objcopy: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "objcopy --strip-debug {} failed ({}):\n{}",
+            elf.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Builds a BIOS GRUB ISO at `iso` that boots `elf` (without its debug sections) with `cmdline`.
 pub fn build_iso(elf: &Path, cmdline: &str, iso: &Path) -> Result<(), String> {
     validate_cmdline(cmdline)?;
     let staging = iso.with_extension("root");
     let _ = fs::remove_dir_all(&staging);
     let grub_dir = staging.join("boot/grub");
     fs::create_dir_all(&grub_dir).map_err(|e| format!("{}: {e}", grub_dir.display()))?;
-    fs::copy(elf, staging.join("boot/microvisor"))
-        .map_err(|e| format!("copying {}: {e}", elf.display()))?;
+    strip_debug(elf, &staging.join("boot/microvisor"))?;
     let bundle = bundle_for(elf);
     let has_bundle = bundle.is_file();
     if has_bundle {

@@ -13,8 +13,10 @@ use microvisor_guest_runtime::{
     StartInfo, Verdict, abi, call2, enable_interrupts, interrupts, print, tsc, wait_for_event,
 };
 
-/// Pings when the control VM gives no count (two one-second windows).
-const DEFAULT_PINGS: u64 = 2000;
+/// Pings when the control VM gives no count: 1.2 s of guest time, so that netbench pings
+/// through the third AppVM's whole life in `3appvm` (created at 400 ms, done by about 700 ms)
+/// with a margin, and one whole one-second window is measured.
+const DEFAULT_PINGS: u64 = 1200;
 /// How long to wait for late replies after the last ping (ms).
 const GRACE_MS: u64 = 500;
 

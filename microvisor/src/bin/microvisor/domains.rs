@@ -63,13 +63,16 @@ pub fn guest_image(name: &str) -> Option<&'static [u8]> {
 
 /// Loads every domain in the bundle and runs the isolation checks, recovering the probe by
 /// `mode` after each misbehaviour; ends the run on failure. With `bench`, then times IPC
-/// round trips.
+/// round trips. Without `self_checks` (a scenario boot with `selfcheck=0`), stops once the
+/// domains are loaded, unless a fail-stop aimed at the probe or the recovery manager needs the
+/// checks to strike in.
 pub fn bring_up(
     boot: &BootInfo,
     mode: RecoveryMode,
     inject: Option<InjectedFault<'_>>,
     bench: Option<Benchmark>,
     scenario: bool,
+    self_checks: bool,
 ) {
     domain::set_recovery_mode(mode);
     let Some(module) = boot.modules().first() else {
@@ -189,6 +192,16 @@ pub fn bring_up(
         _ => None,
     };
     run::stage("domains");
+    let strikes_in_checks = matches!(
+        inject,
+        Some(InjectedFault::Failstop {
+            domain: "recovery-manager" | "probe"
+        })
+    );
+    if !self_checks && !strikes_in_checks && bench.is_none() {
+        log::info!("boot self-checks skipped (selfcheck=0)");
+        return;
+    }
     check_probe(probe, mode);
     run::stage("domain-isolation");
     // The calling CPU runs the callee: every CPU enters its own thread of the probe.

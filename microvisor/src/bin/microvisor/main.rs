@@ -201,16 +201,22 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
     }
     run::stage("timer-all-cpus");
 
+    // Campaign runs skip what is the same in every boot (`selfcheck=0`, scenarios only).
+    if options.skip_self_checks && options.scenario.is_none() {
+        log::warn!("selfcheck=0 ignored: it applies to scenario boots only");
+    }
+    let self_checks = !options.skip_self_checks || options.scenario.is_none();
     domains::bring_up(
         &boot,
         options.recovery,
         options.inject,
         options.bench,
         options.scenario.is_some(),
+        self_checks,
     );
 
     // The first VMX guest, once the domains that serve its hypercalls are up.
-    if vmx::status().0 > 0 && domain::find("hypercall").is_some() {
+    if self_checks && vmx::status().0 > 0 && domain::find("hypercall").is_some() {
         match vm::run_first_guest() {
             Ok((registers, exits)) => {
                 // NULL answered 0 (kept in BX); MEMORY_POPULATE answered a frame of the pool.
