@@ -4,7 +4,9 @@
 //!
 //! The kinds are the ReHype/NiLiHype fault types: `failstop` (RIP := 0), `register` (one bit of
 //! one of the 16 GPRs, RSP, RFLAGS or RIP flipped) and `code` (one bit of one of the 15 bytes at
-//! RIP flipped in the domain's code, restored when the fault is detected). The trigger has two
+//! RIP flipped in the domain's code, restored when the fault is detected), and `hang` (the two
+//! bytes at RIP replaced by `jmp $`, an endless loop, restored when the hang is detected: what
+//! the hang detector must catch). The trigger has two
 //! levels: the scenario's first level (the target's request after the VMs are up, as for the
 //! plain fail-stop), then `STEPS` instructions executed inside the target, counted by
 //! single-stepping it (RFLAGS.TF on its thread). The kernel carries it out in `inject.rs`.
@@ -44,6 +46,8 @@ pub enum Kind {
     Register,
     /// Flip one bit of one byte among the 15 at RIP in the target's code.
     Code,
+    /// Replace the two bytes at RIP with `jmp $` (EB FE): the target loops forever.
+    Hang,
 }
 
 impl Kind {
@@ -53,6 +57,7 @@ impl Kind {
             Kind::Failstop => "failstop",
             Kind::Register => "register",
             Kind::Code => "code",
+            Kind::Hang => "hang",
         }
     }
 }
@@ -77,6 +82,7 @@ pub fn parse_spec(kind: &str, rest: &str) -> Option<Spec> {
         "failstop" => Kind::Failstop,
         "register" => Kind::Register,
         "code" => Kind::Code,
+        "hang" => Kind::Hang,
         _ => return None,
     };
     let (where_bit, steps) = match rest.split_once('@') {
@@ -89,7 +95,7 @@ pub fn parse_spec(kind: &str, rest: &str) -> Option<Spec> {
     let mut words = where_bit.split(':').filter(|word| !word.is_empty());
     let location = match (kind, words.next()) {
         (_, None) => None,
-        (Kind::Failstop, Some(_)) => return None,
+        (Kind::Failstop | Kind::Hang, Some(_)) => return None,
         (Kind::Register, Some(name)) => {
             Some(REGISTERS.iter().position(|register| *register == name)? as u8)
         }
@@ -171,12 +177,12 @@ impl Spec {
         let offset = rng.below(15) as u8;
         let word = rng.next_u64();
         let location = self.location.unwrap_or(match self.kind {
-            Kind::Failstop => 0,
+            Kind::Failstop | Kind::Hang => 0,
             Kind::Register => register,
             Kind::Code => offset,
         });
         let bit = self.bit.unwrap_or(match (self.kind, location) {
-            (Kind::Failstop, _) => 0,
+            (Kind::Failstop | Kind::Hang, _) => 0,
             (Kind::Code, _) => (word % 8) as u8,
             (Kind::Register, RFLAGS) => RFLAGS_BITS[(word % RFLAGS_BITS.len() as u64) as usize],
             (Kind::Register, _) => (word % 64) as u8,
@@ -313,6 +319,25 @@ mod tests {
                 steps: Some(0)
             })
         );
+        assert_eq!(
+            parse_spec("hang", "@20"),
+            Some(Spec {
+                kind: Kind::Hang,
+                location: None,
+                bit: None,
+                steps: Some(20)
+            })
+        );
+        assert_eq!(parse_spec("hang", "2"), None);
+        let hang = Spec {
+            kind: Kind::Hang,
+            location: None,
+            bit: None,
+            steps: None,
+        };
+        let plan = hang.resolve(9, 300);
+        assert_eq!((plan.location, plan.bit), (0, 0));
+        assert_eq!(plan.kind.name(), "hang");
         assert_eq!(parse_spec("register", "").map(|s| s.location), Some(None));
         for bad in [
             ("register", "xmm0"),

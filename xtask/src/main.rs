@@ -108,7 +108,7 @@ struct CampaignArgs {
     /// list, or all.
     #[arg(long, default_value = "all")]
     target: String,
-    /// Fault types: failstop, register, code, a comma-separated list, or all.
+    /// Fault types: failstop, register, code, hang, a comma-separated list, or all.
     #[arg(long, default_value = "all")]
     fault: String,
     /// Recovery modes: microreset, microreboot, a comma-separated list, or all.

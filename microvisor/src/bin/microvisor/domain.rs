@@ -23,7 +23,7 @@ use core::fmt::Write;
 use elf::ElfBytes;
 use elf::abi::{PF_W, PF_X, PT_LOAD};
 use elf::endian::LittleEndian;
-use ipc::recovery::RecoveryOrder;
+use ipc::recovery::{FailureKind, RecoveryOrder};
 use microvisor::cmdline::RecoveryMode;
 use microvisor::summary::RecoveryReport;
 use microvisor_abi::{self as abi, Status, call};
@@ -173,6 +173,9 @@ struct Chain {
     entries: [Option<u16>; MAX_CHAIN],
     /// A recovery waiting on the recovery manager's decision: set on the manager's entry.
     pending: [Option<Pending>; MAX_CHAIN],
+    /// When each entry last started running (its call's entry, or its resumption): the start
+    /// of its deadline ([`check_hang`]).
+    since: [u64; MAX_CHAIN],
     depth: usize,
     /// The core's own saved context while it waits for a reply (valid when the chain is
     /// non-empty and starts with the core).
@@ -190,6 +193,7 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
     chains: [Chain {
         entries: [None; MAX_CHAIN],
         pending: [None; MAX_CHAIN],
+        since: [0; MAX_CHAIN],
         depth: 0,
         core_context: None,
     }; abi::MAX_DOMAIN_CPUS],
@@ -285,8 +289,8 @@ pub struct Detection {
     pub domain: u16,
     /// CPU index.
     pub cpu: usize,
-    /// Exception vector, or `None` for a reported panic.
-    pub vector: Option<u8>,
+    /// How it was detected: an exception (with its vector), a reported panic, a hang.
+    pub kind: FailureKind,
     /// Where it happened.
     pub rip: u64,
     /// Who was waiting on the failed domain (`None` = the core).
@@ -575,12 +579,16 @@ pub fn detection_report() -> Option<microvisor::summary::DetectionReport<'static
     Some(microvisor::summary::DetectionReport {
         domain: name_of(detection.domain),
         cpu: detection.cpu,
-        kind: if detection.vector.is_some() {
-            "exception"
-        } else {
-            "panic"
+        kind: match detection.kind {
+            FailureKind::Exception { .. } => "exception",
+            FailureKind::Panic => "panic",
+            FailureKind::Hang => "hang",
+            FailureKind::MalformedReply => "malformed-reply",
         },
-        vector: detection.vector,
+        vector: match detection.kind {
+            FailureKind::Exception { vector } => Some(vector),
+            _ => None,
+        },
         rip: detection.rip,
         caller: detection.caller.map_or("core", name_of),
         tsc: detection.tsc,
@@ -686,6 +694,7 @@ impl System {
     ) {
         let chain = &mut self.chains[cpu];
         chain.entries[chain.depth] = Some(callee);
+        chain.since[chain.depth] = apic::tsc();
         chain.depth += 1;
         let domain = self.domain(callee).expect("callee checked by the caller");
         let (pml4, entry, cpus) = (domain.pml4, domain.entry, domain.cpus);
@@ -768,6 +777,9 @@ impl System {
                 switch_address_space(paging::kernel_cr3());
             }
             Some(index) => {
+                // A caller's deadline counts its own time: it starts again as it resumes (a
+                // callee that took long, or was recovered, does not make its caller hung).
+                chain.since[chain.depth - 1] = apic::tsc();
                 let domain = self.domain(index).expect("callers in a chain exist");
                 *frame = domain.threads[cpu].context.frame;
                 *fx = domain.threads[cpu].context.fx;
@@ -828,7 +840,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             .domain(target as u16)
             .is_some_and(|domain| domain.recovering)
         {
-            wait_for_recovery(frame);
+            wait_for_recovery(&mut system.chains[cpu], frame);
             return;
         }
         if system
@@ -919,7 +931,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                     }
                     Some(callee) if callee.failed_for_good => Some(Status::PeerFailed),
                     Some(callee) if callee.recovering => {
-                        wait_for_recovery(frame);
+                        wait_for_recovery(&mut system.chains[cpu], frame);
                         return;
                     }
                     Some(callee) if callee.threads[cpu].state == ThreadState::Busy => {
@@ -993,7 +1005,12 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                 core::slice::from_raw_parts(paging::phys_to_virt(buffer).as_ptr::<u8>(), length)
             };
             let text = core::str::from_utf8(bytes).unwrap_or("<not UTF-8>");
+            let printing = apic::tsc();
             let _ = writeln!(Console::lock(), "[cpu{cpu} {name}] {text}");
+            // The console's time (the UART's pace, another CPU's line) is not the domain's:
+            // its call's deadline moves by as much.
+            let chain = &mut system.chains[cpu];
+            chain.since[chain.depth - 1] += apic::tsc() - printing;
             frame.rax = Status::Ok as u64;
         }
         call::PANIC => {
@@ -1010,7 +1027,15 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                 Console::lock(),
                 "DOMAIN PANIC in {name} on CPU {cpu}: {text}"
             );
-            recover(&mut system, cpu, current, None, trapped, frame, fx);
+            recover(
+                &mut system,
+                cpu,
+                current,
+                FailureKind::Panic,
+                trapped,
+                frame,
+                fx,
+            );
         }
         _ => frame.rax = Status::NoSuchTarget as u64,
     }
@@ -1027,6 +1052,7 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
             crate::inject::Step::Resume
         )
     {
+        restart_deadline(cpu);
         return;
     }
     let mut system = SYSTEM.lock();
@@ -1048,7 +1074,78 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
         frame.error_code,
         frame.rip
     );
-    recover(&mut system, cpu, current, Some(vector), trapped, frame, fx);
+    recover(
+        &mut system,
+        cpu,
+        current,
+        FailureKind::Exception { vector },
+        trapped,
+        frame,
+        fx,
+    );
+}
+
+/// How long a domain may run on a call without answering, from its entry or from its last
+/// resumption (after a call of its own returned, or a wait for a recovery), not counting the
+/// console's time, before it is declared hung (ms of TSC time)... Healthy calls take
+/// microseconds, but under an emulator that follows host time (QEMU's TCG) a debug build's
+/// slowest call, the hypercall domain's first start, took 50-60 ms on a loaded 2-core host:
+/// the budget keeps a wide margin over that.
+pub const HANG_BUDGET_MS: u64 = 500;
+/// ...and at least this many TSC ticks. Under bochs the TSC counts instructions, so a budget
+/// in time alone would be 200k instructions at the 4 M/s of plain boots; the slowest call of a
+/// healthy system is the debug build's first start of the hypercall domain (about 5 M
+/// instructions); a release call takes well under 0.5 M.
+pub const HANG_BUDGET_MIN_TICKS: u64 = 10_000_000;
+
+/// The deadline of a call, in TSC ticks.
+fn hang_budget() -> u64 {
+    (HANG_BUDGET_MS * apic::tsc_khz()).max(HANG_BUDGET_MIN_TICKS)
+}
+
+/// A timer tick interrupted ring 3 on this CPU: if the domain running there has run past its
+/// deadline ([`hang_budget`] since it was entered or last resumed), it is hung (an endless
+/// loop, a spin on a lock nobody will release): detected like an exception, and recovered.
+/// A domain that keeps calling others in a loop is not caught here: each return restarts its
+/// deadline.
+pub fn check_hang(frame: &mut TrapFrame, fx: &mut FxArea) {
+    let now = apic::tsc();
+    let cpu = crate::cpu::current_index();
+    if cpu >= abi::MAX_DOMAIN_CPUS {
+        return;
+    }
+    let mut system = SYSTEM.lock();
+    let Some(current) = system.running(cpu) else {
+        return;
+    };
+    let chain = &system.chains[cpu];
+    let started = chain.since[chain.depth - 1];
+    let budget = hang_budget();
+    if now.saturating_sub(started) < budget {
+        return;
+    }
+
+    let name = system.domain(current).map_or("?", |domain| domain.name);
+    let _ = writeln!(
+        Console::lock(),
+        "DOMAIN HANG in {name} on CPU {cpu}: no answer after {} TSC ticks (budget {budget}), RIP {:#x}",
+        now.saturating_sub(started),
+        frame.rip
+    );
+    recover(&mut system, cpu, current, FailureKind::Hang, now, frame, fx);
+}
+
+/// The fault injector single-stepped the call at the top of `cpu`'s chain: the stepping's
+/// cost is the injector's, not the domain's, so the call's deadline starts again now.
+pub fn restart_deadline(cpu: usize) {
+    if cpu >= abi::MAX_DOMAIN_CPUS {
+        return;
+    }
+    let mut system = SYSTEM.lock();
+    let chain = &mut system.chains[cpu];
+    if chain.depth > 0 {
+        chain.since[chain.depth - 1] = apic::tsc();
+    }
 }
 
 /// A domain failed on `cpu` while serving the call at the top of the chain (the failure
@@ -1060,7 +1157,7 @@ fn recover(
     system: &mut System,
     cpu: usize,
     failed: u16,
-    vector: Option<u8>,
+    kind: FailureKind,
     trapped: u64,
     frame: &mut TrapFrame,
     fx: &mut FxArea,
@@ -1077,7 +1174,7 @@ fn recover(
     *LAST_DETECTION.lock() = Some(Detection {
         domain: failed,
         cpu,
-        vector,
+        kind,
         rip: frame.rip,
         caller,
         tsc: detected,
@@ -1135,10 +1232,7 @@ fn recover(
             generation,
         },
         cpu: cpu as u8,
-        kind: match vector {
-            Some(vector) => ipc::recovery::FailureKind::Exception { vector },
-            None => ipc::recovery::FailureKind::Panic,
-        },
+        kind,
         rip: frame.rip,
         tsc: detected,
         in_flight,
@@ -1170,8 +1264,12 @@ fn recover(
 /// A call to a domain under recovery waits: the caller's RIP is moved back over its 2-byte
 /// `int 0x80`, so it issues the same call again (registers unchanged) once it runs next,
 /// until the recovery that another CPU is carrying out completes. Nothing else stops.
-fn wait_for_recovery(frame: &mut TrapFrame) {
+fn wait_for_recovery(chain: &mut Chain, frame: &mut TrapFrame) {
     frame.rip -= 2;
+    // Waiting is not hanging: the waiting caller's deadline starts again.
+    if chain.depth > 0 {
+        chain.since[chain.depth - 1] = apic::tsc();
+    }
     core::hint::spin_loop();
 }
 

@@ -1,9 +1,10 @@
 //! Fault injection into a domain at a point inside its work: after the first-level trigger
 //! (the target's `skip`-th request under a scenario), the target's thread is single-stepped
 //! (RFLAGS.TF) for the plan's count of instructions, then the fault strikes on its live
-//! context: RIP := 0, one register bit flipped, or one bit of a code byte at RIP flipped.
-//! A flipped code byte is put back when the next failure is detected, before recovery runs
-//! (as the papers' injector does; a microreboot reloads it anyway).
+//! context: RIP := 0, one register bit flipped, one bit of a code byte at RIP flipped, or the
+//! two bytes at RIP replaced by `jmp $` (a hang). Changed code bytes are put back when the next
+//! failure is detected, before recovery runs (as the papers' injector does; a microreboot
+//! reloads them anyway).
 //!
 //! What to inject, and the record the summary reports, are `microvisor::inject`; the plain
 //! fail-stop at the start of a request (`inject=failstop:DOMAIN`) stays in `domain.rs`.
@@ -45,8 +46,8 @@ struct Struck {
     before: u64,
     after: u64,
     detected_tsc: Option<u64>,
-    /// A code byte to put back: (physical address, original byte).
-    restore: Option<(u64, u8)>,
+    /// Code bytes to put back: (physical address, original byte).
+    restore: [Option<(u64, u8)>; 2],
 }
 
 static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
@@ -280,7 +281,7 @@ fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
         before: rip,
         after: 0,
         detected_tsc: None,
-        restore: None,
+        restore: [None; 2],
     };
     match plan.kind {
         Kind::Failstop => frame.rip = 0,
@@ -307,7 +308,7 @@ fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
                     unsafe { byte.write_volatile(after) };
                     struck.before = u64::from(before);
                     struck.after = u64::from(after);
-                    struck.restore = Some((physical, before));
+                    struck.restore[0] = Some((physical, before));
                 }
                 None => {
                     // Past the end of its code: nothing there to flip.
@@ -315,6 +316,28 @@ fn strike(state: &mut Armed, cpu: usize, frame: &mut TrapFrame) {
                     struck.after = 0;
                 }
             }
+        }
+        Kind::Hang => {
+            // `jmp $`: EB FE. Each byte through its own translation (RIP may end a page).
+            struck.location = "code";
+            struck.address = rip;
+            let mut before = [0u8; 2];
+            let mut after = [0u8; 2];
+            for (index, loop_byte) in [0xebu8, 0xfe].into_iter().enumerate() {
+                let Some(physical) = translate(rip.wrapping_add(index as u64)) else {
+                    continue;
+                };
+                let byte = paging::phys_to_virt(physical).as_mut_ptr::<u8>();
+                // SAFETY: as for a code fault: a byte of the target's code, mapped in the
+                // active address space, through the direct map; put back at the detection.
+                before[index] = unsafe { byte.read_volatile() };
+                // SAFETY: as above.
+                unsafe { byte.write_volatile(loop_byte) };
+                after[index] = loop_byte;
+                struck.restore[index] = Some((physical, before[index]));
+            }
+            struck.before = u64::from(u16::from_le_bytes(before));
+            struck.after = u64::from(u16::from_le_bytes(after));
         }
     }
     // Nothing is printed here: a console line costs the emulated time of sending it, which
@@ -438,8 +461,8 @@ pub fn on_detection(failed: u16, tsc: u64) {
         if struck.detected_tsc.is_none() {
             struck.detected_tsc = Some(tsc);
         }
-        if let Some((physical, byte)) = struck.restore.take() {
-            // SAFETY: the byte this module flipped, in the domain's code page.
+        for (physical, byte) in struck.restore.iter_mut().filter_map(Option::take) {
+            // SAFETY: a byte this module changed, in the domain's code page.
             unsafe {
                 paging::phys_to_virt(physical)
                     .as_mut_ptr::<u8>()

@@ -168,6 +168,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
             // the interrupt becomes a DEADLINE notification to the timer domain.
             crate::domain::check_deadline(crate::cpu::current_index(), apic::tsc());
             apic::end_of_interrupt();
+            // A tick that interrupts a domain checks its call's deadline (hang detection).
+            if frame.in_user_mode() {
+                crate::domain::check_hang(frame, fx);
+            }
         }
         HALT_VECTOR => run::halt_forever(),
         FLUSH_TLB_VECTOR => {
