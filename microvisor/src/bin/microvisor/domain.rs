@@ -182,6 +182,21 @@ struct Chain {
     core_context: Option<Context>,
 }
 
+impl Chain {
+    /// The entry at the top (the one about to run on `cpu`) starts its deadline at `tsc`.
+    fn start_deadline(&mut self, cpu: usize, tsc: u64) {
+        if self.depth > 0 {
+            self.since[self.depth - 1] = tsc;
+            TOP_SINCE[cpu].store(tsc, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Each CPU's latest deadline start, written with every `Chain::since` change: the timer tick
+/// reads it without the domain table's lock and takes the lock only once it looks overdue.
+static TOP_SINCE: [core::sync::atomic::AtomicU64; abi::MAX_DOMAIN_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; abi::MAX_DOMAIN_CPUS];
+
 struct System {
     domains: [Option<Domain>; MAX_DOMAINS],
     chains: [Chain; abi::MAX_DOMAIN_CPUS],
@@ -548,9 +563,15 @@ fn initial_fx() -> FxArea {
     FxArea(area)
 }
 
+/// The domain table for the end-of-run summary, if its lock can be had: another CPU may hold
+/// it for a moment (a timer tick checking a deadline), or may have been halted holding it.
+fn system_for_summary() -> Option<spin::MutexGuard<'static, System>> {
+    (0..100_000).find_map(|_| SYSTEM.try_lock())
+}
+
 /// Fills `out` with a report of every domain; returns how many.
 pub fn reports(out: &mut [microvisor::summary::DomainReport<'static>]) -> usize {
-    let Some(system) = SYSTEM.try_lock() else {
+    let Some(system) = system_for_summary() else {
         return 0;
     };
     let mut count = 0;
@@ -568,7 +589,7 @@ pub fn reports(out: &mut [microvisor::summary::DomainReport<'static>]) -> usize 
 /// The last detection, as the summary reports it.
 pub fn detection_report() -> Option<microvisor::summary::DetectionReport<'static>> {
     let detection = LAST_DETECTION.try_lock().and_then(|detection| *detection)?;
-    let system = SYSTEM.try_lock()?;
+    let system = system_for_summary()?;
     let name_of = |index: u16| {
         system
             .domains
@@ -694,8 +715,8 @@ impl System {
     ) {
         let chain = &mut self.chains[cpu];
         chain.entries[chain.depth] = Some(callee);
-        chain.since[chain.depth] = apic::tsc();
         chain.depth += 1;
+        chain.start_deadline(cpu, apic::tsc());
         let domain = self.domain(callee).expect("callee checked by the caller");
         let (pml4, entry, cpus) = (domain.pml4, domain.entry, domain.cpus);
         let start_reason = if domain.threads[cpu].state == ThreadState::Fresh {
@@ -779,7 +800,7 @@ impl System {
             Some(index) => {
                 // A caller's deadline counts its own time: it starts again as it resumes (a
                 // callee that took long, or was recovered, does not make its caller hung).
-                chain.since[chain.depth - 1] = apic::tsc();
+                chain.start_deadline(cpu, apic::tsc());
                 let domain = self.domain(index).expect("callers in a chain exist");
                 *frame = domain.threads[cpu].context.frame;
                 *fx = domain.threads[cpu].context.fx;
@@ -840,7 +861,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             .domain(target as u16)
             .is_some_and(|domain| domain.recovering)
         {
-            wait_for_recovery(&mut system.chains[cpu], frame);
+            wait_for_recovery(&mut system.chains[cpu], cpu, frame);
             return;
         }
         if system
@@ -931,7 +952,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                     }
                     Some(callee) if callee.failed_for_good => Some(Status::PeerFailed),
                     Some(callee) if callee.recovering => {
-                        wait_for_recovery(&mut system.chains[cpu], frame);
+                        wait_for_recovery(&mut system.chains[cpu], cpu, frame);
                         return;
                     }
                     Some(callee) if callee.threads[cpu].state == ThreadState::Busy => {
@@ -1010,7 +1031,8 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             // The console's time (the UART's pace, another CPU's line) is not the domain's:
             // its call's deadline moves by as much.
             let chain = &mut system.chains[cpu];
-            chain.since[chain.depth - 1] += apic::tsc() - printing;
+            let since = chain.since[chain.depth - 1] + (apic::tsc() - printing);
+            chain.start_deadline(cpu, since);
             frame.rax = Status::Ok as u64;
         }
         call::PANIC => {
@@ -1114,13 +1136,16 @@ pub fn check_hang(frame: &mut TrapFrame, fx: &mut FxArea) {
     if cpu >= abi::MAX_DOMAIN_CPUS {
         return;
     }
+    let budget = hang_budget();
+    if now.saturating_sub(TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed)) < budget {
+        return;
+    }
     let mut system = SYSTEM.lock();
     let Some(current) = system.running(cpu) else {
         return;
     };
     let chain = &system.chains[cpu];
     let started = chain.since[chain.depth - 1];
-    let budget = hang_budget();
     if now.saturating_sub(started) < budget {
         return;
     }
@@ -1141,11 +1166,7 @@ pub fn restart_deadline(cpu: usize) {
     if cpu >= abi::MAX_DOMAIN_CPUS {
         return;
     }
-    let mut system = SYSTEM.lock();
-    let chain = &mut system.chains[cpu];
-    if chain.depth > 0 {
-        chain.since[chain.depth - 1] = apic::tsc();
-    }
+    SYSTEM.lock().chains[cpu].start_deadline(cpu, apic::tsc());
 }
 
 /// A domain failed on `cpu` while serving the call at the top of the chain (the failure
@@ -1264,12 +1285,10 @@ fn recover(
 /// A call to a domain under recovery waits: the caller's RIP is moved back over its 2-byte
 /// `int 0x80`, so it issues the same call again (registers unchanged) once it runs next,
 /// until the recovery that another CPU is carrying out completes. Nothing else stops.
-fn wait_for_recovery(chain: &mut Chain, frame: &mut TrapFrame) {
+fn wait_for_recovery(chain: &mut Chain, cpu: usize, frame: &mut TrapFrame) {
     frame.rip -= 2;
     // Waiting is not hanging: the waiting caller's deadline starts again.
-    if chain.depth > 0 {
-        chain.since[chain.depth - 1] = apic::tsc();
-    }
+    chain.start_deadline(cpu, apic::tsc());
     core::hint::spin_loop();
 }
 
