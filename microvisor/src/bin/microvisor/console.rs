@@ -97,7 +97,13 @@ impl log::Log for Logger {
             return;
         }
         let cpu = crate::cpu::current_index();
-        let mut console = Console::lock();
+        // Once the run is ending the other CPUs are being halted, and one may stop holding the
+        // console: the last lines (the injection's outcome) must not wait for it forever.
+        let mut console = if crate::run::finishing() {
+            Console::lock_for_fatal()
+        } else {
+            Console::lock()
+        };
         let _ = writeln!(console, "[cpu{cpu} {:5}] {}", record.level(), record.args());
     }
 

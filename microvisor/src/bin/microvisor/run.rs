@@ -229,6 +229,11 @@ pub fn halt_forever() -> ! {
 }
 
 static FINISHING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the run is ending (`finish` has begun on some CPU).
+pub fn finishing() -> bool {
+    FINISHING.load(Ordering::Acquire)
+}
 /// Most benchmark results one run reports.
 const MAX_BENCH: usize = 4;
 static BENCH: Mutex<([Option<BenchReport<'static>>; MAX_BENCH], usize)> =
