@@ -50,6 +50,82 @@ fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
     cells
 }
 
+/// The rates pooled over targets and modes, per fault type and in all, for the services and
+/// for the core apart (the core is the monolithic baseline, not one more service): the
+/// comparison with NiLiHype's Fig. 2, which pools Xen's whole hypervisor.
+fn pooled(records: &[Value]) -> String {
+    let mut out = String::from(
+        "| targets | fault | runs | detected | recovered of detected (95% CI) | noVMF of detected \
+         | detected by (exception / panic / hang) | non-manifested | SDC | no summary | not injected |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let faults: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter_map(|record| record["fault"].as_str())
+        .collect();
+    for (group, is_core) in [("services", false), ("core", true)] {
+        let members: Vec<&Value> = records
+            .iter()
+            .filter(|record| (record["target"] == "core") == is_core)
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        for fault in faults.iter().copied().map(Some).chain([None]) {
+            let rows: Vec<&&Value> = members
+                .iter()
+                .filter(|record| fault.is_none_or(|fault| record["fault"] == fault))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let count = |class: Class| rows.iter().filter(|r| r["class"] == class.name()).count();
+            let recovered = count(Class::Recovered) as u64;
+            let detected = recovered + count(Class::DetectedFailed) as u64;
+            let no_vmf = rows
+                .iter()
+                .filter(|record| crate::campaign::no_vm_failure(record))
+                .count();
+            let by = |kind: &str| {
+                rows.iter()
+                    .filter(|r| {
+                        matches!(r["class"].as_str(), Some("recovered" | "detected-failed"))
+                            && r["detection"]["kind"] == kind
+                    })
+                    .count()
+            };
+            let (rate, no_vmf) = if detected == 0 {
+                ("-".to_string(), "-".to_string())
+            } else {
+                let (low, high) = wilson(recovered, detected);
+                (
+                    format!(
+                        "{recovered} = {:.1}% [{:.1}, {:.1}]",
+                        100.0 * recovered as f64 / detected as f64,
+                        100.0 * low,
+                        100.0 * high
+                    ),
+                    format!("{:.1}%", 100.0 * no_vmf as f64 / detected as f64),
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {group} | {} | {} | {detected} | {rate} | {no_vmf} | {} / {} / {} | {} | {} | {} | {} |",
+                fault.unwrap_or("all"),
+                rows.len(),
+                by("exception"),
+                by("panic"),
+                by("hang"),
+                count(Class::NonManifested),
+                count(Class::Sdc),
+                count(Class::NoSummary),
+                count(Class::NotInjected)
+            );
+        }
+    }
+    out
+}
+
 /// Colours of the series, by index.
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -351,7 +427,9 @@ pub fn report(dir: &Path) -> Result<(), String> {
          *non-manifested* (nothing detected, every VM correct), *SDC* (nothing detected, a VM \
          wrong), *recovered* (detected, and the scenario's success definition holds), \
          *detected, failed*, *no summary* (hang, core crash or emulator timeout). noVMF: \
-         detected, recovered and no VM affected at all.\n\n## Rates per cell\n\n{}",
+         detected, recovered and no VM affected at all.\n\n## Pooled over targets and modes\n\n{}\n\
+         ## Rates per cell\n\n{}",
+        pooled(&records),
         table(&records)
     );
     for (title, values) in [
@@ -527,7 +605,7 @@ mod tests {
             json!({"id": id, "scenario": "3appvm", "cpus": 2, "target": "memory",
                    "fault": "register", "mode": "microreset", "class": class,
                    "no_vm_failure": no_vmf, "vms_affected": u64::from(!no_vmf),
-                   "build": "abc release",
+                   "build": "abc release", "detection": {"kind": "exception"},
                    "injection": {"injected": true, "location": "rbx", "bit": 3,
                                  "rip": "0x401000", "before": "0x8", "after": "0x0",
                                  "detection_latency": latency},
@@ -551,6 +629,16 @@ mod tests {
         let md = fs::read_to_string(dir.join("report.md")).unwrap();
         assert!(
             md.contains("| memory | register | microreset | 4 | 0 | 1 | 1 | 1 | 1 | 0 | 50.0% ["),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| services | register | 4 | 2 | 1 = 50.0% [9.5, 90.5] | 50.0% | 2 / 0 / 0 | 1 | 1 | 0 | 0 |"
+            ),
+            "pooled: {md}"
+        );
+        assert!(
+            md.contains("| services | all | 4 | 2 |") && !md.contains("| core |"),
             "{md}"
         );
         assert!(
