@@ -15,6 +15,9 @@ pub enum DeliberateFault {
     /// `stack`: unbounded recursion on the CPU's stack until it runs into the unmapped guard
     /// page below it, vector 14 (the exception is taken on its own IST stack).
     StackOverflow,
+    /// `hang`: an endless loop with interrupts off; another CPU's watchdog stops it with an
+    /// NMI, vector 2 (needs two CPUs).
+    Hang,
 }
 
 /// A deliberate fault and the CPU index that raises it.
@@ -136,7 +139,7 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                 None => on_error(CmdlineError::BadValue {
                     key,
                     value,
-                    expected: "ud|pf|gp|stack, optionally @CPU",
+                    expected: "ud|pf|gp|stack|hang, optionally @CPU",
                 }),
             },
             "recovery" => match value {
@@ -232,6 +235,7 @@ fn parse_fault(value: &str) -> Option<FaultRequest> {
         "pf" => DeliberateFault::PageFault,
         "gp" => DeliberateFault::GeneralProtection,
         "stack" => DeliberateFault::StackOverflow,
+        "hang" => DeliberateFault::Hang,
         _ => return None,
     };
     Some(FaultRequest { fault, cpu })

@@ -375,6 +375,8 @@ pub fn catalogue() -> Vec<BootCase> {
     const UD: ExpectedFailure = ExpectedFailure { vector: 6, cpu: 0 };
     const PF: ExpectedFailure = ExpectedFailure { vector: 14, cpu: 0 };
     const GP_ON_1: ExpectedFailure = ExpectedFailure { vector: 13, cpu: 1 };
+    // A CPU looping with interrupts off, stopped by the other CPU's watchdog (an NMI).
+    const NMI_ON_1: ExpectedFailure = ExpectedFailure { vector: 2, cpu: 1 };
     vec![
         scenario_fault(
             "bochs-5vm-unixbench-failstop-scheduler",
@@ -550,6 +552,14 @@ pub fn catalogue() -> Vec<BootCase> {
         healthy("bochs-iso-2cpu", Bochs, Iso, 2),
         healthy("bochs-iso-1cpu", Bochs, Iso, 1),
         faulting("bochs-iso-2cpu-fault-ud", Bochs, Iso, 2, "fault=ud", UD),
+        faulting(
+            "bochs-iso-2cpu-hang-on-cpu1-watchdog",
+            Bochs,
+            Iso,
+            2,
+            "fault=hang@1",
+            NMI_ON_1,
+        ),
         recovering(
             "bochs-iso-2cpu-microreboot",
             Bochs,

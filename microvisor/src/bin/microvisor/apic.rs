@@ -208,6 +208,11 @@ fn send_ipi(destination: u32, command: u32) {
     log::warn!("IPI {command:#x} to APIC {destination} still pending");
 }
 
+/// Sends an NMI (delivery mode 100b, assert) to the CPU with local APIC ID `apic_id`.
+pub fn send_nmi(apic_id: u32) {
+    send_ipi(apic_id, 0x0000_4400);
+}
+
 /// Sends INIT (assert, level) to the CPU with local APIC ID `apic_id`.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x0000_4500);

@@ -1140,21 +1140,34 @@ pub fn check_hang(frame: &mut TrapFrame, fx: &mut FxArea) {
     if now.saturating_sub(TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed)) < budget {
         return;
     }
-    let mut system = SYSTEM.lock();
-    let Some(current) = system.running(cpu) else {
+    let system = SYSTEM.lock();
+    if system.running(cpu).is_none() {
         return;
-    };
+    }
     let chain = &system.chains[cpu];
     let started = chain.since[chain.depth - 1];
     if now.saturating_sub(started) < budget {
         return;
     }
+    drop(system);
+    hung(frame, fx, "past its call's deadline");
+}
 
+/// The domain running on this CPU (interrupted in ring 3: `frame`) is hung, as `why` says:
+/// detected and recovered like a faulting one.
+pub fn hung(frame: &mut TrapFrame, fx: &mut FxArea, why: &str) {
+    let now = apic::tsc();
+    let cpu = crate::cpu::current_index();
+    let mut system = SYSTEM.lock();
+    let Some(current) = system.running(cpu) else {
+        return;
+    };
+    let chain = &system.chains[cpu];
+    let ran = now.saturating_sub(chain.since[chain.depth - 1]);
     let name = system.domain(current).map_or("?", |domain| domain.name);
     let _ = writeln!(
         Console::lock(),
-        "DOMAIN HANG in {name} on CPU {cpu}: no answer after {} TSC ticks (budget {budget}), RIP {:#x}",
-        now.saturating_sub(started),
+        "DOMAIN HANG in {name} on CPU {cpu}: {why}, running {ran} TSC ticks without answering, RIP {:#x}",
         frame.rip
     );
     recover(&mut system, cpu, current, FailureKind::Hang, now, frame, fx);

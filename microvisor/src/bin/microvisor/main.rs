@@ -271,8 +271,12 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
 
     if let Some(request) = options.fault {
         run::request_fault(request);
-        // An application processor raises it from its idle loop; wait for the report.
-        apic::delay_us(2_000_000);
+        // An application processor raises it from its idle loop; wait for the report (a hang
+        // is reported once the watchdog has seen no tick for `WATCHDOG_TICKS`).
+        apic::delay_us(match request.fault {
+            cmdline::DeliberateFault::Hang => 10_000_000,
+            _ => 2_000_000,
+        });
         fail(
             "fault",
             format_args!(

@@ -104,6 +104,40 @@ pub fn count_timer_tick() {
     TICKS[crate::cpu::current_index()].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Timer ticks (at [`crate::apic::TIMER_HZ`], 100 Hz: 5 s) a CPU may go without a tick of its
+/// own before its watcher stops it with an NMI. Healthy code keeps interrupts off for far
+/// less: the longest is a debug build's microreboot of a domain (its image's CRC), about 1 s
+/// of emulated time at bochs' 4 M instructions per second.
+pub const WATCHDOG_TICKS: u32 = 500;
+/// Per watcher CPU: the watched CPU's tick count when last seen, and for how many of the
+/// watcher's own ticks it has not moved.
+static WATCH_SEEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static WATCH_QUIET: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+
+/// The CPU watchdog, on every timer tick of `cpu`: each online CPU watches the next one (in
+/// index order, round the ring). A watched CPU whose tick count has not moved for
+/// [`WATCHDOG_TICKS`] of its watcher's ticks has interrupts off for good (a deadlock in the
+/// core, a domain running with RFLAGS.IF clear): it gets an NMI, which it cannot mask, and
+/// reports from there (`trap::watchdog_nmi`). One CPU has no watcher.
+pub fn watchdog(cpu: usize) {
+    let online = cpus_registered().min(MAX_CPUS);
+    if online < 2 || cpu >= online || FINISHING.load(Ordering::Acquire) {
+        return;
+    }
+    let watched = (cpu + 1) % online;
+    if !ONLINE[watched].load(Ordering::Acquire) {
+        return;
+    }
+    let ticks = TICKS[watched].load(Ordering::Relaxed);
+    if WATCH_SEEN[cpu].swap(ticks, Ordering::Relaxed) != ticks {
+        WATCH_QUIET[cpu].store(0, Ordering::Relaxed);
+        return;
+    }
+    if WATCH_QUIET[cpu].fetch_add(1, Ordering::Relaxed) + 1 == WATCHDOG_TICKS {
+        crate::apic::send_nmi(APIC_IDS[watched].load(Ordering::Relaxed));
+    }
+}
+
 /// Waits up to `micros` until every online CPU has counted at least `ticks` timer ticks.
 pub fn wait_ticks_everywhere(ticks: u64, micros: u64) -> bool {
     let all_ticked = || {
@@ -149,6 +183,7 @@ fn raise(fault: DeliberateFault) {
                 let depth = overflow_stack(0);
                 log::error!("the stack never overflowed ({depth} frames)");
             }
+            DeliberateFault::Hang => core::arch::asm!("cli", "2:", "jmp 2b", options(nostack)),
         }
     }
 }

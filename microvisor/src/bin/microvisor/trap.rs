@@ -155,6 +155,8 @@ pub fn stub_address(vector: u8) -> u64 {
 extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     let vector = frame.vector as u8;
     match vector {
+        // The watchdog's NMI (or a real one): a CPU that took no timer tick for too long.
+        2 => watchdog_nmi(frame, fx),
         // An exception in a domain is that domain's failure, not the core's (unless it is the
         // debug trap of the fault injector single-stepping it: see `domain::fault`).
         0..32 if frame.in_user_mode() => crate::domain::fault(frame, fx),
@@ -164,6 +166,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
         microvisor_abi::SYSCALL_VECTOR => crate::domain::syscall(frame, fx),
         TIMER_VECTOR => {
             run::count_timer_tick();
+            run::watchdog(crate::cpu::current_index());
             // The timer domain's programmed deadline, checked on every tick: when it passes,
             // the interrupt becomes a DEADLINE notification to the timer domain.
             crate::domain::check_deadline(crate::cpu::current_index(), apic::tsc());
@@ -186,6 +189,27 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
             apic::end_of_interrupt();
         }
     }
+}
+
+/// An NMI, which the CPU watchdog sends to a CPU that took no timer tick for
+/// [`run::WATCHDOG_TICKS`]: in ring 3 the running domain is hung with interrupts off, and is
+/// recovered like any hung domain; in ring 0 the core itself is stuck, and the run ends with
+/// its report (nothing below the core can recover it).
+fn watchdog_nmi(frame: &mut TrapFrame, fx: &mut FxArea) {
+    if frame.in_user_mode() {
+        crate::domain::hung(frame, fx, "no timer tick (watchdog NMI)");
+        return;
+    }
+    if !REPORTING.load(Ordering::Acquire) {
+        let _ = writeln!(
+            Console::lock_for_fatal(),
+            "WATCHDOG: CPU {} took no timer tick for {} ticks of another CPU: stopped by an NMI at RIP {:#x}",
+            crate::cpu::current_index(),
+            run::WATCHDOG_TICKS,
+            frame.rip
+        );
+    }
+    fatal_exception(frame)
 }
 
 static REPORTING: AtomicBool = AtomicBool::new(false);
