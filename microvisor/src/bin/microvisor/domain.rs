@@ -192,8 +192,8 @@ impl Chain {
     }
 }
 
-/// Each CPU's latest deadline start, written with every `Chain::since` change: the timer tick
-/// reads it without the domain table's lock and takes the lock only once it looks overdue.
+/// Each CPU's latest deadline start, written with every `Chain::since` change (so it is the
+/// running entry's): the timer tick reads it without the domain table's lock.
 static TOP_SINCE: [core::sync::atomic::AtomicU64; abi::MAX_DOMAIN_CPUS] =
     [const { core::sync::atomic::AtomicU64::new(0) }; abi::MAX_DOMAIN_CPUS];
 
@@ -1136,21 +1136,11 @@ pub fn check_hang(frame: &mut TrapFrame, fx: &mut FxArea) {
     if cpu >= abi::MAX_DOMAIN_CPUS {
         return;
     }
-    let budget = hang_budget();
-    if now.saturating_sub(TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed)) < budget {
-        return;
+    // Every change of the running entry writes its deadline start here too (`start_deadline`).
+    let started = TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(started) >= hang_budget() {
+        hung(frame, fx, "past its call's deadline");
     }
-    let system = SYSTEM.lock();
-    if system.running(cpu).is_none() {
-        return;
-    }
-    let chain = &system.chains[cpu];
-    let started = chain.since[chain.depth - 1];
-    if now.saturating_sub(started) < budget {
-        return;
-    }
-    drop(system);
-    hung(frame, fx, "past its call's deadline");
 }
 
 /// The domain running on this CPU (interrupted in ring 3: `frame`) is hung, as `why` says:
