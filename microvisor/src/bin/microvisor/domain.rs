@@ -173,9 +173,6 @@ struct Chain {
     entries: [Option<u16>; MAX_CHAIN],
     /// A recovery waiting on the recovery manager's decision: set on the manager's entry.
     pending: [Option<Pending>; MAX_CHAIN],
-    /// When each entry last started running (its call's entry, or its resumption): the start
-    /// of its deadline ([`check_hang`]).
-    since: [u64; MAX_CHAIN],
     depth: usize,
     /// The core's own saved context while it waits for a reply (valid when the chain is
     /// non-empty and starts with the core).
@@ -183,17 +180,18 @@ struct Chain {
 }
 
 impl Chain {
-    /// The entry at the top (the one about to run on `cpu`) starts its deadline at `tsc`.
-    fn start_deadline(&mut self, cpu: usize, tsc: u64) {
+    /// The entry at the top (the one about to run on `cpu`) starts its deadline at `tsc`. Only
+    /// the top entry's is ever read: a caller's starts again when it resumes.
+    fn start_deadline(&self, cpu: usize, tsc: u64) {
         if self.depth > 0 {
-            self.since[self.depth - 1] = tsc;
             TOP_SINCE[cpu].store(tsc, core::sync::atomic::Ordering::Relaxed);
         }
     }
 }
 
-/// Each CPU's latest deadline start, written with every `Chain::since` change (so it is the
-/// running entry's): the timer tick reads it without the domain table's lock.
+/// When the entry running at the top of each CPU's chain last started running (its call's
+/// entry, or its resumption): the start of its deadline ([`check_hang`]). The timer tick reads
+/// it without the domain table's lock.
 static TOP_SINCE: [core::sync::atomic::AtomicU64; abi::MAX_DOMAIN_CPUS] =
     [const { core::sync::atomic::AtomicU64::new(0) }; abi::MAX_DOMAIN_CPUS];
 
@@ -208,7 +206,6 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
     chains: [Chain {
         entries: [None; MAX_CHAIN],
         pending: [None; MAX_CHAIN],
-        since: [0; MAX_CHAIN],
         depth: 0,
         core_context: None,
     }; abi::MAX_DOMAIN_CPUS],
@@ -1030,9 +1027,9 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             let _ = writeln!(Console::lock(), "[cpu{cpu} {name}] {text}");
             // The console's time (the UART's pace, another CPU's line) is not the domain's:
             // its call's deadline moves by as much.
-            let chain = &mut system.chains[cpu];
-            let since = chain.since[chain.depth - 1] + (apic::tsc() - printing);
-            chain.start_deadline(cpu, since);
+            let since = TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed)
+                + (apic::tsc() - printing);
+            system.chains[cpu].start_deadline(cpu, since);
             frame.rax = Status::Ok as u64;
         }
         call::PANIC => {
@@ -1152,8 +1149,7 @@ pub fn hung(frame: &mut TrapFrame, fx: &mut FxArea, why: &str) {
     let Some(current) = system.running(cpu) else {
         return;
     };
-    let chain = &system.chains[cpu];
-    let ran = now.saturating_sub(chain.since[chain.depth - 1]);
+    let ran = now.saturating_sub(TOP_SINCE[cpu].load(core::sync::atomic::Ordering::Relaxed));
     let name = system.domain(current).map_or("?", |domain| domain.name);
     let _ = writeln!(
         Console::lock(),
