@@ -322,9 +322,9 @@ mod tests {
     fn ok_summary(protocol: &str, cpus: u64) -> Value {
         json!({
             "event": "summary", "outcome": "ok", "boot_protocol": protocol,
-            "cpus_expected": cpus, "cpus_online": cpus, "ran": crate::catalogue::ALL_STAGES.iter().copied().chain(["vmx-guest"]).collect::<Vec<_>>(),
+            "cpus_expected": cpus, "cpus_online": cpus, "ran": if cpus >= 2 { crate::catalogue::ALL_STAGES_SMP } else { crate::catalogue::ALL_STAGES }.iter().copied().chain(["vmx-guest"]).collect::<Vec<_>>(),
             "timer_ticks": vec![5; cpus as usize], "failure": null,
-            "domains": [{"name": "probe", "generation": 6, "failures": 5}],
+            "domains": [{"name": "probe", "generation": crate::catalogue::probe_failures(cpus as u32) + 1, "failures": crate::catalogue::probe_failures(cpus as u32)}],
             "last_recovery": {"domain": "probe", "mode": "microreset", "decided_by": "recovery-manager", "tsc": {"total": 9}},
             "workload": {"name": "synthetic-hypercalls", "verdict": "ok", "requests": 32, "retries": 0, "checks": 36},
             "vmx": {"cpus_in_root": cpus, "revision": 43, "unavailable": null}

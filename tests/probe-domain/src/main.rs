@@ -6,7 +6,8 @@
 //! address 0 (fail-stop), 5 panic, 6 call domain `request[1]` (which it has no capability
 //! for, unless the manifest says so), 7 log a line, 8 count (add one to a counter in its data
 //! segment and answer it: a microreset keeps the counter, a microreboot restarts it), 9 notify
-//! domain `request[1]` and answer the status.
+//! domain `request[1]` and answer the status, 10 spin forever (a thread that stays inside the
+//! domain, for the check that a recovery on another CPU takes it out).
 #![no_std]
 #![no_main]
 #![forbid(unsafe_code)]
@@ -49,6 +50,9 @@ impl Service for Probe {
                 reply[..4].copy_from_slice(&count.to_le_bytes());
                 return 4;
             }
+            10 => loop {
+                core::hint::spin_loop();
+            },
             7 => context.log(format_args!(
                 "probe on CPU {} says hello to domain {caller}",
                 context.cpu()

@@ -20,6 +20,7 @@
 //! included, is untouched: a microreset keeps state in place.
 
 use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
 use elf::ElfBytes;
 use elf::abi::{PF_W, PF_X, PT_LOAD};
 use elf::endian::LittleEndian;
@@ -35,7 +36,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use crate::console::Console;
 use crate::trap::{FxArea, TrapFrame};
-use crate::{apic, paging};
+use crate::{apic, paging, run};
 
 /// Most domains.
 pub const MAX_DOMAINS: usize = 8;
@@ -171,6 +172,10 @@ pub struct Domain {
 struct Chain {
     /// `None` = the core.
     entries: [Option<u16>; MAX_CHAIN],
+    /// The generation of each entry's domain when it was entered: an entry whose domain has
+    /// since been detected failed (it is `recovering`) or restarted (its generation moved on)
+    /// is stale, its thread discarded by a recovery on another CPU ([`System::stale_top`]).
+    generations: [u32; MAX_CHAIN],
     /// A recovery waiting on the recovery manager's decision: set on the manager's entry.
     pending: [Option<Pending>; MAX_CHAIN],
     depth: usize,
@@ -205,6 +210,7 @@ static SYSTEM: Mutex<System> = Mutex::new(System {
     domains: [const { None }; MAX_DOMAINS],
     chains: [Chain {
         entries: [None; MAX_CHAIN],
+        generations: [0; MAX_CHAIN],
         pending: [None; MAX_CHAIN],
         depth: 0,
         core_context: None,
@@ -710,8 +716,10 @@ impl System {
         frame: &mut TrapFrame,
         fx: &mut FxArea,
     ) {
+        let generation = self.domain(callee).map_or(0, |domain| domain.generation);
         let chain = &mut self.chains[cpu];
         chain.entries[chain.depth] = Some(callee);
+        chain.generations[chain.depth] = generation;
         chain.depth += 1;
         chain.start_deadline(cpu, apic::tsc());
         let domain = self.domain(callee).expect("callee checked by the caller");
@@ -768,16 +776,24 @@ impl System {
     }
 
     /// Resumes whoever is now at the top of `cpu`'s chain (after the callee above it left),
-    /// with the given status and reply length.
+    /// with the given status and reply length. A caller whose thread was discarded meanwhile
+    /// (its domain failed on another CPU: [`Self::stale_top`]) is not resumed: it is popped
+    /// too, and its own caller gets `PeerRestarted` instead of the reply.
     fn resume_caller(
         &mut self,
         cpu: usize,
-        status: Status,
-        length: usize,
-        generation: u32,
+        mut status: Status,
+        mut length: usize,
+        mut generation: u32,
         frame: &mut TrapFrame,
         fx: &mut FxArea,
     ) {
+        while let Some(stale) = self.stale_top(cpu) {
+            self.discard_top(cpu, stale);
+            status = Status::PeerRestarted;
+            length = 0;
+            generation = self.domain(stale).map_or(0, |domain| domain.generation);
+        }
         let chain = &mut self.chains[cpu];
         let caller = if chain.depth == 0 {
             None
@@ -807,6 +823,49 @@ impl System {
         frame.rax = status as u64;
         frame.rdx = length as u64;
         frame.r8 = u64::from(generation);
+    }
+
+    /// The domain at the top of `cpu`'s chain, if its entry is stale: the domain was detected
+    /// failed (on another CPU: this one pops its own failed entry at detection) or has been
+    /// restarted since this CPU entered it. Its thread there must not run again.
+    fn stale_top(&self, cpu: usize) -> Option<u16> {
+        let chain = &self.chains[cpu];
+        let top = chain.depth.checked_sub(1)?;
+        let index = chain.entries[top]?;
+        let domain = self.domains.get(usize::from(index))?.as_ref()?;
+        (domain.recovering || domain.generation != chain.generations[top]).then_some(index)
+    }
+
+    /// Pops the stale entry of `stale` at the top of `cpu`'s chain. Its thread is left as the
+    /// recovery set it (fresh once restarted). If it was the recovery manager deciding a
+    /// recovery, that recovery is finished with the default order, as when the manager fails.
+    fn discard_top(&mut self, cpu: usize, stale: u16) {
+        let chain = &mut self.chains[cpu];
+        chain.depth -= 1;
+        let pending = chain.pending[chain.depth].take();
+        let name = self.domain(stale).map_or("?", |domain| domain.name);
+        log::warn!("CPU {cpu} left {name}: its thread there was discarded by a recovery");
+        if let Some(pending) = pending {
+            let decided = apic::tsc();
+            apply(
+                self,
+                pending.failed,
+                order_for(*MODE.lock()),
+                pending.detected,
+                decided,
+                "core",
+            );
+        }
+    }
+
+    /// If the entry at the top of `cpu`'s chain is stale, discards it (and any stale callers
+    /// below) and resumes the first live caller with `PeerRestarted`; returns whether it did.
+    fn abandon_stale(&mut self, cpu: usize, frame: &mut TrapFrame, fx: &mut FxArea) -> bool {
+        if self.stale_top(cpu).is_none() {
+            return false;
+        }
+        self.resume_caller(cpu, Status::PeerRestarted, 0, 0, frame, fx);
+        true
     }
 
     /// The domain running on `cpu`, if a domain (not the core) is at the top of its chain.
@@ -880,6 +939,11 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
         return;
     }
 
+    // A thread discarded by a recovery on another CPU does not get its call served: its
+    // caller is resumed instead (its reply, if this was one, is dropped).
+    if system.abandon_stale(cpu, frame, fx) {
+        return;
+    }
     let Some(current) = system.running(cpu) else {
         frame.rax = Status::NoSuchTarget as u64;
         return;
@@ -1075,6 +1139,10 @@ pub fn fault(frame: &mut TrapFrame, fx: &mut FxArea) {
         return;
     }
     let mut system = SYSTEM.lock();
+    // A discarded thread (its domain failed on another CPU) faulting is not a new failure.
+    if system.abandon_stale(cpu, frame, fx) {
+        return;
+    }
     let vector = frame.vector as u8;
     let Some(current) = system.running(cpu) else {
         drop(system);
@@ -1146,6 +1214,10 @@ pub fn hung(frame: &mut TrapFrame, fx: &mut FxArea, why: &str) {
     let now = apic::tsc();
     let cpu = crate::cpu::current_index();
     let mut system = SYSTEM.lock();
+    // Nor is a discarded thread that has not stopped yet a hang.
+    if system.abandon_stale(cpu, frame, fx) {
+        return;
+    }
     let Some(current) = system.running(cpu) else {
         return;
     };
@@ -1190,6 +1262,7 @@ fn recover(
     if let Some(domain) = system.domain(failed) {
         domain.recovering = true;
     }
+    quiesce(system, cpu, failed);
     let caller = system.running(cpu);
     *LAST_DETECTION.lock() = Some(Detection {
         domain: failed,
@@ -1279,6 +1352,89 @@ fn recover(
     let chain = &mut system.chains[cpu];
     chain.pending[chain.depth] = Some(pending);
     system.enter(cpu, RECOVERY_MANAGER, None, length, frame, fx);
+}
+
+/// Per CPU: the CPU runs ring-3 code (a domain's thread). Cleared on every entry into the core
+/// from ring 3, before anything else, and set again on the way back: a recovery waits until no
+/// CPU whose chain has the failed domain on top is still running it ([`wait_quiesced`]).
+static IN_DOMAIN: [AtomicBool; abi::MAX_DOMAIN_CPUS] =
+    [const { AtomicBool::new(false) }; abi::MAX_DOMAIN_CPUS];
+/// Per CPU: a recovery on another CPU discarded the thread on top of this CPU's chain; checked
+/// on the way back to ring 3 ([`returning_to_domain`]).
+static ABANDON: [AtomicBool; abi::MAX_DOMAIN_CPUS] =
+    [const { AtomicBool::new(false) }; abi::MAX_DOMAIN_CPUS];
+
+/// Vector of the IPI that makes a CPU leave a domain whose failure another CPU detected.
+pub const QUIESCE_VECTOR: u8 = 0xfb;
+
+/// Called on every entry into the core from ring 3, first thing.
+pub fn left_domain() {
+    if let Some(flag) = IN_DOMAIN.get(crate::cpu::current_index()) {
+        flag.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Called on every way back to ring 3 (`frame` is what the CPU resumes): if a recovery on
+/// another CPU discarded the thread about to run, it does not run: its caller is resumed with
+/// `PeerRestarted` instead. The flag is set before `ABANDON` is read, and a recovery sets
+/// `ABANDON` before it reads the flag, so either this CPU sees the request or the recovery sees
+/// it in ring 3 and waits for the IPI to bring it back.
+pub fn returning_to_domain(frame: &mut TrapFrame, fx: &mut FxArea) {
+    let cpu = crate::cpu::current_index();
+    let (Some(in_domain), Some(abandon)) = (IN_DOMAIN.get(cpu), ABANDON.get(cpu)) else {
+        return;
+    };
+    while frame.in_user_mode() {
+        in_domain.store(true, Ordering::SeqCst);
+        if !abandon.load(Ordering::SeqCst) {
+            return;
+        }
+        in_domain.store(false, Ordering::SeqCst);
+        abandon.store(false, Ordering::SeqCst);
+        if !SYSTEM.lock().abandon_stale(cpu, frame, fx) {
+            // Nothing stale on top (the thread left by itself meanwhile): go on.
+            continue;
+        }
+    }
+}
+
+/// `failed` was detected on `cpu`: every other CPU running it (it is on top of that CPU's
+/// chain) is told to leave it (`ABANDON` and the quiesce IPI). CPUs where it sits lower in the
+/// chain, waiting for a callee, leave it when the callee replies (see `resume_caller`); CPUs
+/// that do not use it carry on with their guests.
+fn quiesce(system: &System, cpu: usize, failed: u16) {
+    for (other, chain) in system.chains.iter().enumerate() {
+        if other == cpu || chain.depth == 0 || chain.entries[chain.depth - 1] != Some(failed) {
+            continue;
+        }
+        ABANDON[other].store(true, Ordering::SeqCst);
+        if let Some(apic_id) = run::apic_id(other) {
+            apic::send_to(apic_id, QUIESCE_VECTOR);
+        }
+    }
+}
+
+/// Before a recovery touches `failed` (its threads, locks, image): waits until no other CPU
+/// still runs its code. A CPU in ring 3 always takes interrupts (a domain cannot clear IF), so
+/// the quiesce IPI brings it into the core within microseconds; a CPU that does not come is a
+/// core bug, reported as a failed run.
+fn wait_quiesced(system: &System, failed: u16) {
+    let cpu = crate::cpu::current_index();
+    let start = apic::tsc();
+    for (other, chain) in system.chains.iter().enumerate() {
+        if other == cpu || chain.depth == 0 || chain.entries[chain.depth - 1] != Some(failed) {
+            continue;
+        }
+        while IN_DOMAIN[other].load(Ordering::SeqCst) {
+            if apic::tsc().saturating_sub(start) > hang_budget() {
+                crate::fail(
+                    "quiesce",
+                    format_args!("CPU {other} did not leave domain {failed} for its recovery"),
+                );
+            }
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// A call to a domain under recovery waits: the caller's RIP is moved back over its 2-byte
@@ -1388,6 +1544,7 @@ fn apply(
     decided: u64,
     decided_by: &'static str,
 ) {
+    wait_quiesced(system, failed);
     let Some(domain) = system.domain(failed) else {
         return;
     };

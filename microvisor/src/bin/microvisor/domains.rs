@@ -9,7 +9,7 @@ use microvisor_abi::manifest::Manifest;
 use tar_no_std::TarArchiveRef;
 
 use crate::bootinfo::BootInfo;
-use crate::{domain, paging, run, workload};
+use crate::{apic, domain, paging, run, workload};
 
 /// The manifest, decoded once at boot; domain names borrow from it for the whole run.
 static MANIFEST: spin::Once<Manifest> = spin::Once::new();
@@ -213,6 +213,10 @@ pub fn bring_up(
         );
     }
     run::stage("domain-calls-every-cpu");
+    if cpus >= 2 {
+        check_quiesce(probe);
+        run::stage("domain-quiesce");
+    }
     if let Some(before) = manager_injection {
         let failures =
             domain::describe(domain::RECOVERY_MANAGER).map_or(0, |(_, _, failures)| failures);
@@ -363,6 +367,74 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
             mode.name()
         );
     }
+}
+
+/// A failure while another CPU is inside the same domain: CPU 1 enters the probe and stays
+/// there (request 10: a spin), then CPU 0 fails the probe (request 4: a jump to 0). The
+/// recovery must take CPU 1 out before it touches the probe (CPU 1's call ends with
+/// `PeerRestarted`), count one failure (CPU 1's spinning thread is not detected later as a
+/// second one, a hang), and leave the probe serving on every CPU.
+fn check_quiesce(probe: u16) {
+    const WAIT_US: u64 = 1_000_000;
+    let (generation, failures) =
+        domain::describe(probe).map_or((0, 0), |(_, generation, failures)| (generation, failures));
+    run::start_call_on(1, probe, 10);
+    let mut waited = 0;
+    while domain::running_on(1) != Some(probe) {
+        if waited >= WAIT_US {
+            crate::fail(
+                "domain-quiesce",
+                format_args!("CPU 1 did not enter the probe"),
+            );
+        }
+        apic::delay_us(100);
+        waited += 100;
+    }
+    let mut reply = [0u8; 8];
+    match domain::core_call(probe, &[4], &mut reply) {
+        Err(Status::PeerRestarted) => {}
+        other => crate::fail(
+            "domain-quiesce",
+            format_args!("CPU 0 failed the probe: expected PeerRestarted, got {other:?}"),
+        ),
+    }
+    let mut waited = 0;
+    let outcome = loop {
+        if let Some(outcome) = run::call_on_outcome() {
+            break outcome;
+        }
+        if waited >= WAIT_US {
+            crate::fail(
+                "domain-quiesce",
+                format_args!("CPU 1 is still inside the probe after its recovery"),
+            );
+        }
+        apic::delay_us(100);
+        waited += 100;
+    };
+    let (generation_after, failures_after) =
+        domain::describe(probe).map_or((0, 0), |(_, generation, failures)| (generation, failures));
+    if outcome != Status::PeerRestarted
+        || failures_after != failures + 1
+        || generation_after != generation + 1
+    {
+        crate::fail(
+            "domain-quiesce",
+            format_args!(
+                "CPU 1's call ended {outcome:?}; failures {failures} -> {failures_after}, generation {generation} -> {generation_after} (expected PeerRestarted, one failure)"
+            ),
+        );
+    }
+    let missing = run::call_from_every_ap(probe, 2_000_000);
+    if missing > 0 || echo(probe, 0x51).is_err() {
+        crate::fail(
+            "domain-quiesce",
+            format_args!("the probe does not serve every CPU after the recovery"),
+        );
+    }
+    log::info!(
+        "quiesce: CPU 1 was inside the probe when CPU 0 failed it: the recovery took it out (its call: PeerRestarted), one failure, every CPU served again"
+    );
 }
 
 /// Times `BENCH_SAMPLES` round trips of a 4-byte echo from the core to the probe and back

@@ -222,6 +222,50 @@ pub fn call_from_every_ap(target: u16, micros: u64) -> usize {
     (expected & !CALLED.load(Ordering::Acquire)).count_ones() as usize
 }
 
+/// A call the bootstrap processor hands to one application processor (boot checks):
+/// `(cpu + 1) | target << 16 | request byte << 32`; 0 = none.
+static CALL_ON: AtomicU64 = AtomicU64::new(0);
+/// Its outcome: 0 while it runs, then 1 + the status it ended with (`Status::Ok` for a reply).
+static CALL_ON_OUTCOME: AtomicU64 = AtomicU64::new(0);
+
+/// Has application processor `cpu` call domain `target` with the one-byte request `request`
+/// from its idle loop, without waiting for it: [`call_on_outcome`] says when it has returned.
+pub fn start_call_on(cpu: usize, target: u16, request: u8) {
+    CALL_ON_OUTCOME.store(0, Ordering::Release);
+    let work = (cpu as u64 + 1) | (u64::from(target) << 16) | (u64::from(request) << 32);
+    CALL_ON.store(work, Ordering::Release);
+    if let Some(apic_id) = apic_id(cpu) {
+        apic::send_to(apic_id, crate::trap::KICK_VECTOR);
+    }
+}
+
+/// How the call started by [`start_call_on`] ended, once it has.
+pub fn call_on_outcome() -> Option<microvisor_abi::Status> {
+    match CALL_ON_OUTCOME.load(Ordering::Acquire) {
+        0 => None,
+        raw => microvisor_abi::Status::from_raw(raw - 1),
+    }
+}
+
+/// Makes the call [`start_call_on`] handed to CPU `index`, if any.
+fn serve_call_on(index: usize) {
+    let work = CALL_ON.load(Ordering::Acquire);
+    if work & 0xffff != index as u64 + 1
+        || CALL_ON
+            .compare_exchange(work, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    let (target, request) = ((work >> 16) as u16, [(work >> 32) as u8]);
+    let mut reply = [0u8; 8];
+    let status = match crate::domain::core_call(target, &request, &mut reply) {
+        Ok(_) => microvisor_abi::Status::Ok,
+        Err(status) => status,
+    };
+    CALL_ON_OUTCOME.store(status as u64 + 1, Ordering::Release);
+}
+
 /// The idle loop of CPU `index`: wait for interrupts, raise the deliberate fault if it is
 /// this CPU's to raise, and do the calls the bootstrap processor asks for.
 pub fn idle(index: usize) -> ! {
@@ -240,6 +284,7 @@ pub fn idle(index: usize) -> ! {
                 log::error!("call to domain {} from CPU {index} failed", target - 1);
             }
         }
+        serve_call_on(index);
         if FAULT_CPU.load(Ordering::Acquire) == index + 1
             && let Some(fault) = *FAULT_KIND.lock()
         {

@@ -154,6 +154,17 @@ pub fn stub_address(vector: u8) -> u64 {
 
 extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
     let vector = frame.vector as u8;
+    if frame.in_user_mode() {
+        crate::domain::left_domain();
+    }
+    dispatch(vector, frame, fx);
+    // Whatever the handler switched to: a thread discarded by a recovery does not resume.
+    if frame.in_user_mode() {
+        crate::domain::returning_to_domain(frame, fx);
+    }
+}
+
+fn dispatch(vector: u8, frame: &mut TrapFrame, fx: &mut FxArea) {
     match vector {
         // The watchdog's NMI (or a real one): a CPU that took no timer tick for too long.
         2 => watchdog_nmi(frame, fx),
@@ -183,6 +194,8 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame, fx: &mut FxArea) {
         }
         // The interrupt itself is the point: it ends a HLT or a guest slice's wait.
         KICK_VECTOR => apic::end_of_interrupt(),
+        // Leave a failed domain: done on the way out (`domain::returning_to_domain`).
+        crate::domain::QUIESCE_VECTOR => apic::end_of_interrupt(),
         SPURIOUS_VECTOR => {}
         _ => {
             // Nothing else is routed to the core yet; acknowledge and carry on.
