@@ -99,6 +99,13 @@ pub enum Request {
         /// failed (rate limit). 0 means no limit.
         max_in_window: u32,
     },
+    /// The core asks the manager to forget `domain`'s failures so far: they do not count
+    /// toward its escalation or rate limit (the boot self-checks fail the probe on purpose).
+    /// Answer: `Acknowledged`, or `Error(UnknownDomain)`. Idempotent.
+    Forget {
+        /// The domain whose history starts again (the generation is not checked).
+        domain: DomainId,
+    },
 }
 
 /// Replies of the recovery manager.
@@ -130,7 +137,9 @@ impl Request {
     pub const fn idempotence(&self) -> Idempotence {
         match self {
             Request::DomainFailed(_) => Idempotence::NonIdempotent,
-            Request::Recovered { .. } | Request::Configure { .. } => Idempotence::Idempotent,
+            Request::Recovered { .. } | Request::Configure { .. } | Request::Forget { .. } => {
+                Idempotence::Idempotent
+            }
         }
     }
 
@@ -140,13 +149,14 @@ impl Request {
             Request::DomainFailed(_) => 0,
             Request::Recovered { .. } => 1,
             Request::Configure { .. } => 2,
+            Request::Forget { .. } => 3,
         }
     }
 }
 
 impl Operation for Request {
     type Reply = Reply;
-    const OPERATION_COUNT: u16 = 3;
+    const OPERATION_COUNT: u16 = 4;
 
     fn tag(&self) -> u16 {
         Request::tag(self)
@@ -240,6 +250,13 @@ mod tests {
             },
             &[2, 1, 232, 7, 16],
         );
+        // Variant 3, then the DomainId: index 4 (timer) and generation 3, as varints.
+        assert_golden_request(
+            &Request::Forget {
+                domain: DomainId::new(DomainIndex::Timer, 3),
+            },
+            &[3, 4, 3],
+        );
     }
 
     #[test]
@@ -255,7 +272,7 @@ mod tests {
     fn tags_and_idempotence() {
         let [failed, recovered] = samples();
         assert_eq!((failed.tag(), recovered.tag()), (0, 1));
-        assert_eq!(Request::OPERATION_COUNT, 3);
+        assert_eq!(Request::OPERATION_COUNT, 4);
         let configure = Request::Configure {
             first: RecoveryOrder::Microreset,
             escalation_window_tsc: 0,
@@ -267,6 +284,11 @@ mod tests {
         );
         assert_eq!(failed.idempotence(), Idempotence::NonIdempotent);
         assert_eq!(recovered.idempotence(), Idempotence::Idempotent);
+        let forget = Request::Forget { domain: MEMORY };
+        assert_eq!(
+            (forget.tag(), forget.idempotence()),
+            (3, Idempotence::Idempotent)
+        );
     }
 
     #[test]

@@ -40,13 +40,19 @@ pub enum Benchmark {
     All,
 }
 
-/// How the core recovers a failed domain (until the recovery manager domain decides).
+/// The recovery policy the core gives the recovery manager.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RecoveryMode {
-    /// `microreset`: abandon the domain's threads, release its locks, keep its memory.
+    /// `escalate` (the default): a domain's first failure is microreset; another failure of
+    /// the same domain within the escalation window is microrebooted; a third declares it
+    /// failed.
     #[default]
+    Escalate,
+    /// `microreset`: every failure is microreset (abandon the domain's threads, release its
+    /// locks, keep its memory). Pins one mode, for experiments.
     Microreset,
-    /// `microreboot`: as a microreset, and reload code and data from the pristine image.
+    /// `microreboot`: every failure is microrebooted (as a microreset, and reload code and data
+    /// from the pristine image). Pins one mode, for experiments.
     Microreboot,
 }
 
@@ -54,6 +60,7 @@ impl RecoveryMode {
     /// The name used on the command line and in the summary.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::Escalate => "escalate",
             Self::Microreset => "microreset",
             Self::Microreboot => "microreboot",
         }
@@ -96,7 +103,7 @@ pub struct Options<'a> {
     pub fault: Option<FaultRequest>,
     /// `bench=ipc|hypercall|all`.
     pub bench: Option<Benchmark>,
-    /// `recovery=microreset|microreboot`.
+    /// `recovery=escalate|microreset|microreboot`.
     pub recovery: RecoveryMode,
     /// `inject=failstop:DOMAIN`.
     pub inject: Option<InjectedFault<'a>>,
@@ -110,6 +117,9 @@ pub struct Options<'a> {
     /// the calls from every CPU, the synthetic workload, the first guest), which are the same
     /// in every run: campaigns boot this way.
     pub skip_self_checks: bool,
+    /// `selfcheck=escalation`: the self-checks, and then the escalation check (the probe
+    /// fails three times in a row: microreset, microreboot, declared failed for good).
+    pub check_escalation: bool,
 }
 
 /// A word of the command line that could not be used.
@@ -128,6 +138,15 @@ pub enum CmdlineError<'a> {
     },
 }
 
+/// A 0/1 switch.
+fn flag(value: &str) -> Option<bool> {
+    match value {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// Parses `line`, calling `on_error` for each word it cannot use.
 pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> Options<'a> {
     let mut options = Options::default();
@@ -143,12 +162,13 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                 }),
             },
             "recovery" => match value {
+                "escalate" => options.recovery = RecoveryMode::Escalate,
                 "microreset" => options.recovery = RecoveryMode::Microreset,
                 "microreboot" => options.recovery = RecoveryMode::Microreboot,
                 _ => on_error(CmdlineError::BadValue {
                     key,
                     value,
-                    expected: "microreset|microreboot",
+                    expected: "escalate|microreset|microreboot",
                 }),
             },
             "inject" => match parse_inject(value) {
@@ -160,23 +180,26 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                                or code:DOMAIN[:OFFSET[:BIT]][@STEPS]",
                 }),
             },
-            "inject_break" => match value {
-                "1" => options.inject_break = true,
-                "0" => options.inject_break = false,
-                _ => on_error(CmdlineError::BadValue {
+            "inject_break" => match flag(value) {
+                Some(on) => options.inject_break = on,
+                None => on_error(CmdlineError::BadValue {
                     key,
                     value,
                     expected: "0 or 1",
                 }),
             },
             "selfcheck" => match value {
-                "1" => options.skip_self_checks = false,
-                "0" => options.skip_self_checks = true,
-                _ => on_error(CmdlineError::BadValue {
-                    key,
-                    value,
-                    expected: "0 or 1",
-                }),
+                "escalation" => {
+                    (options.skip_self_checks, options.check_escalation) = (false, true)
+                }
+                _ => match flag(value) {
+                    Some(on) => (options.skip_self_checks, options.check_escalation) = (!on, false),
+                    None => on_error(CmdlineError::BadValue {
+                        key,
+                        value,
+                        expected: "0, 1 or escalation",
+                    }),
+                },
             },
             "seed" => match value.parse() {
                 Ok(seed) => options.seed = seed,
@@ -261,6 +284,9 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(options.skip_self_checks);
         assert!(!parse_collect("selfcheck=0 selfcheck=1").0.skip_self_checks);
+        let (options, errors) = parse_collect("selfcheck=0 selfcheck=escalation");
+        assert!(errors.is_empty() && !options.skip_self_checks && options.check_escalation);
+        assert!(!parse_collect("").0.check_escalation);
     }
 
     #[test]
@@ -298,16 +324,22 @@ mod tests {
     }
 
     #[test]
-    fn recovery_mode_defaults_to_microreset() {
-        assert_eq!(parse_collect("").0.recovery, RecoveryMode::Microreset);
+    fn recovery_mode_defaults_to_escalation() {
+        assert_eq!(parse_collect("").0.recovery, RecoveryMode::Escalate);
         assert_eq!(
             parse_collect("recovery=microreboot").0.recovery,
             RecoveryMode::Microreboot
         );
+        assert_eq!(
+            parse_collect("recovery=microreboot recovery=escalate")
+                .0
+                .recovery,
+            RecoveryMode::Escalate
+        );
         let (options, errors) = parse_collect("recovery=reboot");
         assert_eq!(
             (options.recovery, errors.len()),
-            (RecoveryMode::Microreset, 1)
+            (RecoveryMode::Escalate, 1)
         );
     }
 

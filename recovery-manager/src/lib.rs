@@ -92,6 +92,14 @@ impl PolicyState {
             }
             Request::DomainFailed(detection) => Reply::Order(self.decide(&detection)),
             Request::Recovered { .. } => Reply::Acknowledged,
+            Request::Forget { domain } => match self.history.get_mut(usize::from(domain.index)) {
+                Some(history) => {
+                    history.window_start = 0;
+                    history.in_window = 0;
+                    Reply::Acknowledged
+                }
+                None => Reply::Error(ipc::recovery::Error::UnknownDomain),
+            },
         }
     }
 
@@ -230,6 +238,34 @@ mod tests {
         assert!(state.validate());
         state.first = 7;
         assert!(!state.validate());
+    }
+
+    #[test]
+    fn forgotten_failures_do_not_escalate() {
+        let mut state = configured(RecoveryOrder::Microreset, 1000, 0);
+        let memory = DomainIndex::Memory;
+        assert_eq!(state.decide(&failure(memory, 1)), RecoveryOrder::Microreset);
+        assert_eq!(
+            state.decide(&failure(memory, 2)),
+            RecoveryOrder::Microreboot
+        );
+        let forget = Request::Forget {
+            domain: DomainId::new(memory, 3),
+        };
+        assert_eq!(state.handle(forget), Reply::Acknowledged);
+        // Within the same window, but the history started again.
+        assert_eq!(state.decide(&failure(memory, 3)), RecoveryOrder::Microreset);
+        assert_eq!(state.history[memory as usize].total, 3);
+        let unknown = Request::Forget {
+            domain: DomainId {
+                index: 999,
+                generation: 1,
+            },
+        };
+        assert_eq!(
+            state.handle(unknown),
+            Reply::Error(ipc::recovery::Error::UnknownDomain)
+        );
     }
 
     #[test]

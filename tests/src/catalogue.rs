@@ -351,6 +351,24 @@ fn injecting(
     case
 }
 
+/// `selfcheck=escalation` under the default policy: after the self-checks the probe fails
+/// three times in a row and is microreset, microrebooted, then declared failed (its last
+/// recovery's mode is `fail`, and it counts three more failures).
+fn escalating(name: &'static str) -> BootCase {
+    let mut case = healthy(name, Emulator::Bochs, Boot::Iso, 2);
+    case.cmdline = "selfcheck=escalation";
+    case.expect.stages = &[
+        "domain-isolation",
+        "domain-calls-every-cpu",
+        "domain-quiesce",
+        "workload",
+        "escalation",
+    ];
+    case.expect.probe_failures = Some(probe_failures(2) + 3);
+    case.expect.recovery_mode = Some("fail");
+    case
+}
+
 /// A healthy boot whose domain recoveries use `mode` (`recovery=MODE` on the command line).
 fn recovering(
     name: &'static str,
@@ -597,6 +615,7 @@ pub fn catalogue() -> Vec<BootCase> {
             "microreboot",
             "recovery=microreboot",
         ),
+        escalating("bochs-iso-2cpu-escalation"),
         injecting(
             "bochs-iso-2cpu-inject-failstop-microreset",
             Bochs,

@@ -26,8 +26,9 @@ use crate::image;
 pub const TARGETS: [&str; 5] = ["scheduler", "memory", "timer", "hypercall", "core"];
 /// The fault types: the papers' three, and `hang` (an endless loop at a random point).
 pub const FAULTS: [&str; 4] = ["failstop", "register", "code", "hang"];
-/// The recovery modes.
-pub const MODES: [&str; 2] = ["microreset", "microreboot"];
+/// The recovery modes: one pinned for every failure, or the default escalating policy
+/// (microreset, then microreboot, then failed, for failures of one domain within a second).
+pub const MODES: [&str; 3] = ["microreset", "microreboot", "escalate"];
 
 /// What a campaign runs.
 #[derive(Clone, Debug)]

@@ -301,6 +301,9 @@ fn parse_scenario(value: &str) -> Result<String, String> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum RecoveryArg {
+    /// The default policy: microreset, then microreboot if the same domain fails again within
+    /// a second, then declared failed.
+    Escalate,
     /// Abandon the domain's threads, release its locks, keep its memory.
     Microreset,
     /// As microreset, and reload its code and data from the pristine image.
@@ -346,9 +349,6 @@ impl RunArgs {
         if self.is_main_job() {
             words.push(format!("scenario={DEFAULT_SCENARIO}"));
             words.push(format!("inject={DEFAULT_INJECT}"));
-            if self.recovery.is_none() {
-                words.push("recovery=microreset".to_string());
-            }
         }
         if let Some(inject) = &self.inject {
             words.push(format!("inject={inject}"));
@@ -357,6 +357,7 @@ impl RunArgs {
             words.push(format!("scenario={scenario}"));
         }
         match self.recovery {
+            Some(RecoveryArg::Escalate) => words.push("recovery=escalate".to_string()),
             Some(RecoveryArg::Microreset) => words.push("recovery=microreset".to_string()),
             Some(RecoveryArg::Microreboot) => words.push("recovery=microreboot".to_string()),
             None => {}
@@ -714,7 +715,7 @@ mod tests {
         };
         assert_eq!(
             cmdline(&["xtask", "run"]),
-            "scenario=3appvm inject=failstop:hypercall recovery=microreset"
+            "scenario=3appvm inject=failstop:hypercall"
         );
         assert_eq!(cmdline(&["xtask", "run", "--scenario", "none"]), "");
         let Command::Run(plain) = Cli::try_parse_from(["xtask", "run"]).unwrap().command else {

@@ -318,7 +318,21 @@ pub struct Detection {
 }
 
 static LAST_DETECTION: Mutex<Option<Detection>> = Mutex::new(None);
-static MODE: Mutex<RecoveryMode> = Mutex::new(RecoveryMode::Microreset);
+static MODE: Mutex<RecoveryMode> = Mutex::new(RecoveryMode::Escalate);
+/// Domains declared failed for good so far, and the index of the last one.
+static DECLARED_FAILED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static LAST_DECLARED_FAILED: core::sync::atomic::AtomicU16 = core::sync::atomic::AtomicU16::new(0);
+
+/// How many domains the recovery manager declared failed for good so far, and the last one's
+/// name: a scenario ends once one of its services is (the system cannot go on without it).
+pub fn declared_failed() -> (u32, Option<&'static str>) {
+    let count = DECLARED_FAILED.load(Ordering::Acquire);
+    let name = (count > 0)
+        .then(|| describe(LAST_DECLARED_FAILED.load(Ordering::Acquire)))
+        .flatten()
+        .map(|(name, _, _)| name);
+    (count, name)
+}
 /// Domain index + 1 armed for a fail-stop at its next request (0: none).
 static FAILSTOP_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
@@ -1508,19 +1522,28 @@ fn execute(
 /// Logs the last recovery.
 fn log_recovery(generation: u32) {
     if let Some(report) = LAST_RECOVERY.lock().as_ref() {
-        log::warn!(
-            "{} of {}, decided by {}: generation now {generation}",
-            report.mode,
-            report.domain,
-            report.decided_by
-        );
+        if report.mode == order_name(RecoveryOrder::Fail) {
+            log::error!(
+                "{} declared failed for good, decided by {}: calls to it get PeerFailed",
+                report.domain,
+                report.decided_by
+            );
+        } else {
+            log::warn!(
+                "{} of {}, decided by {}: generation now {generation}",
+                report.mode,
+                report.domain,
+                report.decided_by
+            );
+        }
     }
 }
 
-/// The recovery order that carries out a boot's recovery mode.
+/// The order for a domain's first failure under a boot's recovery mode (also what the core
+/// applies itself when the recovery manager cannot decide).
 pub fn order_for(mode: RecoveryMode) -> RecoveryOrder {
     match mode {
-        RecoveryMode::Microreset => RecoveryOrder::Microreset,
+        RecoveryMode::Escalate | RecoveryMode::Microreset => RecoveryOrder::Microreset,
         RecoveryMode::Microreboot => RecoveryOrder::Microreboot,
     }
 }
@@ -1578,7 +1601,11 @@ fn apply(
     match order {
         RecoveryOrder::Microreset => domain.pending_start = abi::start::AFTER_MICRORESET,
         RecoveryOrder::Microreboot => domain.pending_start = abi::start::AFTER_MICROREBOOT,
-        RecoveryOrder::Fail => domain.failed_for_good = true,
+        RecoveryOrder::Fail => {
+            domain.failed_for_good = true;
+            LAST_DECLARED_FAILED.store(failed, Ordering::Release);
+            DECLARED_FAILED.fetch_add(1, Ordering::AcqRel);
+        }
     }
     let name = domain.name;
     let done = apic::tsc();

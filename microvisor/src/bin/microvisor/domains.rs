@@ -73,6 +73,7 @@ pub fn bring_up(
     bench: Option<Benchmark>,
     scenario: bool,
     self_checks: bool,
+    check_escalation: bool,
 ) {
     domain::set_recovery_mode(mode);
     let Some(module) = boot.modules().first() else {
@@ -174,7 +175,9 @@ pub fn bring_up(
     let Some(probe) = probe else {
         crate::fail("domains", format_args!("the bundle holds no probe domain"));
     };
-    configure_recovery_manager(mode);
+    // The self-checks fail the probe on purpose, one failure after another: they run with
+    // the first order pinned, and the boot's policy is set once they are done.
+    configure_recovery_manager(domain::order_for(mode), 0);
     if let Err(why) = crate::guest::configure_pool() {
         crate::fail("domains", format_args!("guest memory pool: {why}"));
     }
@@ -200,6 +203,7 @@ pub fn bring_up(
     );
     if !self_checks && !strikes_in_checks && bench.is_none() {
         log::info!("boot self-checks skipped (selfcheck=0)");
+        set_policy(mode, probe);
         return;
     }
     check_probe(probe, mode);
@@ -217,6 +221,7 @@ pub fn bring_up(
         check_quiesce(probe);
         run::stage("domain-quiesce");
     }
+    set_policy(mode, probe);
     if let Some(before) = manager_injection {
         let failures =
             domain::describe(domain::RECOVERY_MANAGER).map_or(0, |(_, _, failures)| failures);
@@ -257,6 +262,11 @@ pub fn bring_up(
     if matches!(bench, Some(Benchmark::Ipc | Benchmark::All)) {
         bench_ipc(probe);
         run::stage("bench-ipc");
+    }
+    // Last, since it leaves the probe failed for good.
+    if check_escalation {
+        self::check_escalation(probe, mode);
+        run::stage("escalation");
     }
 }
 
@@ -350,7 +360,7 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
         let counter_before = counter;
         counter = probe_counter(probe);
         let expected = match mode {
-            RecoveryMode::Microreset => counter_before + 1,
+            RecoveryMode::Escalate | RecoveryMode::Microreset => counter_before + 1,
             RecoveryMode::Microreboot => 1,
         };
         if counter != expected {
@@ -364,7 +374,11 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
         }
         log::info!(
             "probe told to {what}: caught, {}, serving again (generation {after}, counter {counter})",
-            mode.name()
+            if mode == RecoveryMode::Microreboot {
+                "microreboot"
+            } else {
+                "microreset"
+            }
         );
     }
 }
@@ -599,13 +613,18 @@ fn inject_failstop(index: u16) {
     );
 }
 
-/// Sets the recovery manager's policy from the command line: the first order is the boot's
-/// recovery mode; escalation and the rate limit stay off, so every failure gets that mode and
-/// experiments measure exactly the mode they ask for.
-fn configure_recovery_manager(mode: RecoveryMode) {
+/// Failures of one domain closer together than this escalate (`recovery=escalate`): the
+/// second is microrebooted, the third declares the domain failed. A healthy system does not
+/// fail at all; a service that fails again within a second of a fresh restart is not going to
+/// be saved by a third.
+pub const ESCALATION_WINDOW_MS: u64 = 1000;
+
+/// Gives the recovery manager its policy: `first` for a domain's first failure in a window of
+/// `window_ms` (0: no escalation, every failure gets `first`); no rate limit beyond that.
+fn configure_recovery_manager(first: ipc::recovery::RecoveryOrder, window_ms: u64) {
     let request = ipc::recovery::Request::Configure {
-        first: domain::order_for(mode),
-        escalation_window_tsc: 0,
+        first,
+        escalation_window_tsc: window_ms * apic::tsc_khz(),
         max_in_window: 0,
     };
     let answer =
@@ -616,5 +635,80 @@ fn configure_recovery_manager(mode: RecoveryMode) {
             format_args!("the recovery manager did not take its configuration: {answer:?}"),
         );
     }
-    log::info!("recovery manager configured: first order {}", mode.name());
+}
+
+/// Sets the boot's policy once the self-checks are done. `recovery=microreset|microreboot`
+/// pins that mode for every failure (experiments measure exactly the mode they ask for); the
+/// default, `escalate`, escalates within [`ESCALATION_WINDOW_MS`], and the manager forgets the
+/// probe's deliberate failures of the self-checks.
+fn set_policy(mode: RecoveryMode, probe: u16) {
+    if mode != RecoveryMode::Escalate {
+        log::info!("recovery policy: {} for every failure", mode.name());
+        return;
+    }
+    configure_recovery_manager(
+        ipc::recovery::RecoveryOrder::Microreset,
+        ESCALATION_WINDOW_MS,
+    );
+    let generation = domain::describe(probe).map_or(0, |(_, generation, _)| generation);
+    let request = ipc::recovery::Request::Forget {
+        domain: ipc::DomainId {
+            index: probe,
+            generation,
+        },
+    };
+    let answer =
+        domain::typed_call::<ipc::recovery::Reply>(domain::RECOVERY_MANAGER, &request).ok();
+    if answer != Some(Ok(ipc::recovery::Reply::Acknowledged)) {
+        crate::fail(
+            "domains",
+            format_args!("the recovery manager did not forget the self-checks: {answer:?}"),
+        );
+    }
+    log::info!(
+        "recovery policy: escalate (microreset, then microreboot, then failed, for failures of one domain within {ESCALATION_WINDOW_MS} ms)"
+    );
+}
+
+/// `selfcheck=escalation`: the probe fails three times in a row (request 4, a jump to 0)
+/// under the escalating policy: a microreset, a microreboot, then the manager declares it
+/// failed, and calls to it are refused from then on.
+fn check_escalation(probe: u16, mode: RecoveryMode) {
+    if mode != RecoveryMode::Escalate {
+        crate::fail(
+            "escalation",
+            format_args!(
+                "selfcheck=escalation needs recovery=escalate, not {}",
+                mode.name()
+            ),
+        );
+    }
+    let mut reply = [0u8; 8];
+    for (expected, status) in [
+        ("microreset", Status::PeerRestarted),
+        ("microreboot", Status::PeerRestarted),
+        ("fail", Status::PeerFailed),
+    ] {
+        let answer = domain::core_call(probe, &[4], &mut reply);
+        let recovery = domain::recovery_report();
+        let got = recovery.map(|report| (report.domain, report.mode));
+        if answer != Err(status) || got != Some(("probe", expected)) {
+            crate::fail(
+                "escalation",
+                format_args!(
+                    "the probe's fail-stop gave {answer:?}, recovery {got:?}; expected {status:?} and the order {expected}"
+                ),
+            );
+        }
+    }
+    match domain::core_call(probe, &[0, 1, 2, 3], &mut reply) {
+        Err(Status::PeerFailed) => {}
+        other => crate::fail(
+            "escalation",
+            format_args!("a call to the failed probe gave {other:?}, expected PeerFailed"),
+        ),
+    }
+    log::info!(
+        "escalation: the probe failed three times within {ESCALATION_WINDOW_MS} ms: microreset, microreboot, then declared failed (calls get PeerFailed)"
+    );
 }

@@ -2325,7 +2325,12 @@ pub fn run_all(budget_tsc: u64) -> bool {
     let start = apic::tsc();
     RUNNING.store(true, Ordering::Release);
     let cpu = crate::cpu::current_index();
-    while !all_finished() && apic::tsc() - start < budget_tsc {
+    // A service declared failed meanwhile ends the scenario (the caller says so).
+    let (declared, _) = crate::domain::declared_failed();
+    while !all_finished()
+        && apic::tsc() - start < budget_tsc
+        && crate::domain::declared_failed().0 == declared
+    {
         step(cpu);
     }
     RUNNING.store(false, Ordering::Release);

@@ -213,6 +213,7 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         options.bench,
         options.scenario.is_some(),
         self_checks,
+        options.check_escalation,
     );
 
     // The first VMX guest, once the domains that serve its hypercalls are up.
@@ -368,7 +369,18 @@ fn run_scenario(
     }
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
+    let (declared_before, _) = crate::domain::declared_failed();
     if !guest::run_all(budget) {
+        if let (declared, Some(name)) = crate::domain::declared_failed()
+            && declared != declared_before
+        {
+            fail(
+                "recovery",
+                format_args!(
+                    "the recovery manager declared {name} failed for good: the system cannot go on"
+                ),
+            );
+        }
         fail(
             "scenario",
             format_args!(
