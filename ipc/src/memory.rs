@@ -138,8 +138,9 @@ pub enum Request {
     /// EPT entry). Guest RAM (`gfn < limits::GUEST_RAM_PAGES`) is demand-zero: the answer is
     /// `Allocated(frame)`, a new frame owned by `vm` that the core checks, scrubs and maps
     /// before the guest retries the access. Anything else answers `Error(NotGuestRam)` and the
-    /// core stops the VM. Non-idempotent: it takes a frame (a repeat takes another; the core
-    /// frees one it cannot use).
+    /// core stops the VM. Idempotent until the frame is validated: a repeat for the same `vm`
+    /// and `gfn` (the first reply was lost to a failure of the memory domain) answers the same
+    /// frame, so a lost reply leaks nothing. The core sends one violation per page at a time.
     EptViolation {
         /// The faulting VM (the new frame's owner).
         vm: u16,
@@ -238,12 +239,12 @@ impl Request {
             | Request::Configure { .. }
             | Request::MayMap { .. }
             | Request::SetQuota { .. }
-            | Request::DropQuota { .. } => Idempotence::Idempotent,
+            | Request::DropQuota { .. }
+            | Request::EptViolation { .. } => Idempotence::Idempotent,
             Request::Allocate { .. }
             | Request::Free { .. }
             | Request::Share { .. }
-            | Request::Unshare { .. }
-            | Request::EptViolation { .. } => Idempotence::NonIdempotent,
+            | Request::Unshare { .. } => Idempotence::NonIdempotent,
         }
     }
 
@@ -399,7 +400,7 @@ mod tests {
         }
         assert_eq!(usize::from(Request::OPERATION_COUNT), samples().len());
         let idempotent = [
-            false, false, false, false, true, true, true, true, true, false, true, true,
+            false, false, false, false, true, true, true, true, true, true, true, true,
         ];
         for (request, expected) in samples().iter().zip(idempotent) {
             assert_eq!(

@@ -85,13 +85,21 @@ pub enum InjectedFault<'a> {
         /// The fault.
         spec: crate::inject::Spec,
     },
+    /// `lostreply:memory`: under a scenario, the memory domain fail-stops as it replies to its
+    /// first EPT violation: the allocation is committed, the reply never reaches the core.
+    LostReply {
+        /// Domain name (the memory domain: the only one whose replies the injector tells apart).
+        domain: &'a str,
+    },
 }
 
 impl<'a> InjectedFault<'a> {
     /// The target domain's name.
     pub const fn domain(&self) -> &'a str {
         match *self {
-            InjectedFault::Failstop { domain } | InjectedFault::Stepped { domain, .. } => domain,
+            InjectedFault::Failstop { domain }
+            | InjectedFault::Stepped { domain, .. }
+            | InjectedFault::LostReply { domain } => domain,
         }
     }
 }
@@ -176,8 +184,8 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                 None => on_error(CmdlineError::BadValue {
                     key,
                     value,
-                    expected: "failstop:DOMAIN[@STEPS], register:DOMAIN[:REG[:BIT]][@STEPS] \
-                               or code:DOMAIN[:OFFSET[:BIT]][@STEPS]",
+                    expected: "failstop:DOMAIN[@STEPS], register:DOMAIN[:REG[:BIT]][@STEPS], \
+                               code:DOMAIN[:OFFSET[:BIT]][@STEPS] or lostreply:memory",
                 }),
             },
             "inject_break" => match flag(value) {
@@ -243,6 +251,10 @@ fn parse_inject(value: &str) -> Option<InjectedFault<'_>> {
     }
     if kind == "failstop" && tail.is_empty() {
         return Some(InjectedFault::Failstop { domain });
+    }
+    if kind == "lostreply" {
+        return (domain == "memory" && tail.is_empty())
+            .then_some(InjectedFault::LostReply { domain });
     }
     let spec = crate::inject::parse_spec(kind, tail.strip_prefix(':').unwrap_or(tail))?;
     Some(InjectedFault::Stepped { domain, spec })
@@ -341,6 +353,20 @@ mod tests {
             (options.recovery, errors.len()),
             (RecoveryMode::Escalate, 1)
         );
+    }
+
+    #[test]
+    fn a_lost_reply_is_the_memory_domains() {
+        let (options, errors) = parse_collect("inject=lostreply:memory");
+        assert!(errors.is_empty());
+        assert_eq!(
+            options.inject,
+            Some(InjectedFault::LostReply { domain: "memory" })
+        );
+        for bad in ["inject=lostreply:timer", "inject=lostreply:memory@5"] {
+            let (options, errors) = parse_collect(bad);
+            assert_eq!((options.inject, errors.len()), (None, 1), "{bad}");
+        }
     }
 
     #[test]

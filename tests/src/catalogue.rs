@@ -425,6 +425,15 @@ pub fn catalogue() -> Vec<BootCase> {
     // A CPU looping with interrupts off, stopped by the other CPU's watchdog (an NMI).
     const NMI_ON_1: ExpectedFailure = ExpectedFailure { vector: 2, cpu: 1 };
     vec![
+        // The memory domain fails as it answers an EPT violation: the allocation is committed
+        // and the reply lost. The retried violation must get the same frame: the scenario's
+        // end checks that every frame in use is held by a VM (none leaked).
+        scenario_fault(
+            "bochs-5vm-unixbench-lostreply-memory",
+            "memory",
+            "scenario=5vm-unixbench inject=lostreply:memory",
+            5,
+        ),
         scenario_fault(
             "bochs-5vm-unixbench-failstop-scheduler",
             "scheduler",

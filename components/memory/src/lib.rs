@@ -14,6 +14,13 @@
 //!   state (NiLiHype's undo log for reference counts). That repair costs O(1): proportional to
 //!   the work in flight, not to memory size. The full O(frames) rebuild of derived fields
 //!   ([`RepairScope::Full`]) is only for state that fails [`MemoryState::validate`].
+//! - `EptViolation { vm, gfn }` is idempotent until the frame is validated: each VM keeps a few
+//!   [`PendingAllocation`] records (guest frame -> frame), written before the allocation's
+//!   transaction, so a repeat after a reply lost to a failure (the allocation committed, the
+//!   domain failed before its reply reached the core) answers the same frame instead of taking
+//!   a second one that nobody would ever free. A record is only a hint: it counts only while its
+//!   frame is still owned by that VM, unvalidated, and it is cleared when the frame is taken
+//!   again for something else.
 //! - Quotas are reservations (`ipc::quota`): per VM a frame limit and a share-record limit,
 //!   and the counts they are checked against (frames owned, share records of its frames). A
 //!   VM at its limit is refused `QuotaExceeded`; `SetQuota` is refused `QuotaUnavailable`
@@ -44,6 +51,29 @@ pub const MAX_SHARES: usize = ipc::limits::SHARES;
 pub const NO_OWNER: u16 = u16::MAX;
 
 const OWNERS: usize = MAX_VMS as usize;
+/// Allocations per VM remembered until validated ([`PendingAllocation`]): at least the
+/// page faults one VM can have in flight at once (one per vCPU).
+pub const PENDING: usize = 8;
+/// `frame` of an empty [`PendingAllocation`].
+pub const NO_FRAME: u32 = u32::MAX;
+
+/// An allocation for guest frame `gfn` whose frame the core has not validated yet (8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct PendingAllocation {
+    /// The guest frame number.
+    pub gfn: u32,
+    /// Pool index of its frame, or [`NO_FRAME`].
+    pub frame: u32,
+}
+
+impl PendingAllocation {
+    /// An unused record.
+    pub const EMPTY: PendingAllocation = PendingAllocation {
+        gfn: 0,
+        frame: NO_FRAME,
+    };
+}
 
 /// One frame's entry (6 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -160,7 +190,7 @@ impl UndoLog {
     };
 }
 
-/// The memory domain's whole state (7972 bytes), as it lies in the state region.
+/// The memory domain's whole state (12068 bytes), as it lies in the state region.
 #[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct MemoryState {
@@ -182,6 +212,9 @@ pub struct MemoryState {
     pub undo: UndoLog,
     /// The frame table, by pool index.
     pub frames: [FrameEntry; POOL_FRAMES],
+    /// Per VM: allocations for guest frames not validated yet (what makes `EptViolation`
+    /// idempotent across a lost reply).
+    pub pending: [[PendingAllocation; PENDING]; OWNERS],
 }
 
 /// A broken invariant found by [`MemoryState::validate`].
@@ -341,6 +374,7 @@ impl MemoryState {
         self.shares = [ShareRecord::UNUSED; MAX_SHARES];
         self.undo = UndoLog::EMPTY;
         self.frames = [FrameEntry::FREE; POOL_FRAMES];
+        self.pending = [[PendingAllocation::EMPTY; PENDING]; OWNERS];
     }
 
     /// Serves one request. Never panics; a refused request changes nothing.
@@ -359,7 +393,7 @@ impl MemoryState {
 
     fn apply(&mut self, request: Request, mut writes: Writes) -> Result<Reply, Error> {
         match request {
-            Request::Allocate { owner } => self.allocate(owner, &mut writes),
+            Request::Allocate { owner } => self.allocate(owner, None, &mut writes),
             Request::Free { frame, owner } => self.free(frame, owner, &mut writes),
             Request::Share { frame, owner, with } => self.share(frame, owner, with, &mut writes),
             Request::Unshare { frame, from } => self.unshare(frame, from, &mut writes),
@@ -403,13 +437,62 @@ impl MemoryState {
     }
 
     /// Serves a guest's touch of a page with no EPT entry: guest RAM is demand-zero, so it
-    /// gets a new frame; any other page is not the memory domain's to back.
+    /// gets a new frame; any other page is not the memory domain's to back. A repeat for the
+    /// same page before its frame is validated answers the same frame.
     fn ept_violation(&mut self, vm: u16, gfn: u32, writes: &mut Writes) -> Result<Reply, Error> {
-        Self::vm(vm)?;
+        let owner = Self::vm(vm)?;
         if gfn >= ipc::limits::GUEST_RAM_PAGES {
             return Err(Error::NotGuestRam);
         }
-        self.allocate(vm, writes)
+        if let Some(index) = self.pending_frame(owner, gfn) {
+            return Ok(Reply::Allocated(FrameNumber(self.base + index as u32)));
+        }
+        self.allocate(vm, Some(gfn), writes)
+    }
+
+    /// The frame allocated for `owner`'s guest frame `gfn` and not validated since, if any.
+    fn pending_frame(&self, owner: usize, gfn: u32) -> Option<usize> {
+        self.pending[owner]
+            .iter()
+            .filter(|record| record.gfn == gfn && record.frame != NO_FRAME)
+            .map(|record| record.frame as usize)
+            .find(|&index| {
+                self.frames.get(index).is_some_and(|entry| {
+                    usize::from(entry.owner) == owner
+                        && entry.kind == FrameKind::Ram as u8
+                        && entry.validated == 0
+                })
+            })
+    }
+
+    /// Before frame `index` goes to `owner`: no record of `owner` may name it any more, and if
+    /// it backs guest frame `gfn`, a record says so (replacing one that no longer counts).
+    fn note_pending(&mut self, owner: usize, index: usize, gfn: Option<u32>) {
+        let frames = &self.frames;
+        let records = &mut self.pending[owner];
+        for record in records.iter_mut() {
+            if record.frame as usize == index || gfn.is_some_and(|gfn| record.gfn == gfn) {
+                *record = PendingAllocation::EMPTY;
+            }
+        }
+        let Some(gfn) = gfn else {
+            return;
+        };
+        let stale = |record: &PendingAllocation| {
+            frames.get(record.frame as usize).is_none_or(|entry| {
+                usize::from(entry.owner) != owner
+                    || entry.kind != FrameKind::Ram as u8
+                    || entry.validated != 0
+            })
+        };
+        let slot = records
+            .iter()
+            .position(stale)
+            .unwrap_or(gfn as usize % PENDING);
+        records[slot] = PendingAllocation {
+            gfn,
+            frame: index as u32,
+        };
     }
 
     /// Moves the pool to `base` while nothing is allocated (a no-op if it is there).
@@ -507,7 +590,13 @@ impl MemoryState {
         self.undo.operation = UndoOperation::None as u8;
     }
 
-    fn allocate(&mut self, owner: u16, writes: &mut Writes) -> Result<Reply, Error> {
+    /// Takes a free frame for `owner` (for its guest frame `gfn`, from an EPT violation).
+    fn allocate(
+        &mut self,
+        owner: u16,
+        gfn: Option<u32>,
+        writes: &mut Writes,
+    ) -> Result<Reply, Error> {
         let vm = Self::vm(owner)?;
         if self.usage[vm] >= self.frame_limits[vm] {
             return Err(Error::QuotaExceeded);
@@ -518,6 +607,9 @@ impl MemoryState {
             .find(|&index| self.frames[index].kind == FrameKind::Free as u8)
             .ok_or(Error::OutOfFrames)?;
         let usage = self.usage[vm].checked_add(1).ok_or(Error::Inconsistent)?;
+        // Before the transaction: if it is rolled back, the record names a free frame and
+        // does not count.
+        self.note_pending(vm, index, gfn);
         self.begin(UndoOperation::Allocate, index, None, Some(vm));
         writes.next()?;
         self.frames[index] = FrameEntry {

@@ -378,6 +378,43 @@ pub fn running_on(cpu: usize) -> Option<u16> {
     SYSTEM.lock().running(cpu)
 }
 
+/// `inject=lostreply:memory`: the memory domain's index + 1 while armed (0: not armed).
+static LOST_REPLY_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+/// Per CPU: the domain (index + 1) whose reply on this CPU is lost (it fails as it replies).
+static LOSE_REPLY: [core::sync::atomic::AtomicUsize; abi::MAX_DOMAIN_CPUS] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; abi::MAX_DOMAIN_CPUS];
+
+/// Arms the lost-reply fault: the memory domain (index `memory`) fails as it replies to its
+/// next `EptViolation`, after committing the allocation.
+pub fn arm_lost_reply(memory: u16) {
+    LOST_REPLY_ARMED.store(usize::from(memory) + 1, Ordering::Release);
+}
+
+/// Entering `callee` on `cpu` with the request in `buffer`: if the lost reply is armed for it
+/// and this is an EPT violation, this call's reply will be lost.
+fn lost_reply_arms(callee: u16, cpu: usize, buffer: u64, length: usize) {
+    if LOST_REPLY_ARMED.load(Ordering::Acquire) != usize::from(callee) + 1 {
+        return;
+    }
+    // SAFETY: the callee thread's buffer page; length is at most a page (checked by callers).
+    let bytes =
+        unsafe { core::slice::from_raw_parts(paging::phys_to_virt(buffer).as_ptr::<u8>(), length) };
+    if matches!(
+        ipc::decode_request::<ipc::memory::Request>(bytes),
+        Ok(ipc::memory::Request::EptViolation { .. })
+    ) && LOST_REPLY_ARMED
+        .compare_exchange(
+            usize::from(callee) + 1,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        LOSE_REPLY[cpu].store(usize::from(callee) + 1, Ordering::Release);
+    }
+}
+
 /// Index of the domain called `name`.
 pub fn find(name: &str) -> Option<u16> {
     let system = SYSTEM.lock();
@@ -775,6 +812,8 @@ impl System {
             }
         }
         thread.state = ThreadState::Busy;
+        let buffer = thread.buffer;
+        lost_reply_arms(callee, cpu, buffer, length);
         // Fault injection: a fail-stop while serving this request.
         if failstop_strikes(callee) {
             let _ = writeln!(
@@ -963,6 +1002,25 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
         return;
     };
     match frame.rax {
+        call::REPLY_WAIT
+            if LOSE_REPLY[cpu]
+                .compare_exchange(
+                    usize::from(current) + 1,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok() =>
+        {
+            // The injected lost reply: the domain fails as it replies (its work is committed,
+            // its reply never delivered).
+            let _ = writeln!(
+                Console::lock(),
+                "INJECT lost reply: domain {current} on CPU {cpu} fails as it replies: RIP {:#x} := 0",
+                frame.rip
+            );
+            frame.rip = 0;
+        }
         call::REPLY_WAIT => {
             let length = frame.rdi;
             let domain = system.domain(current).expect("running domain exists");

@@ -252,11 +252,17 @@ pub fn bring_up(
         Some(InjectedFault::Failstop { domain: _ }) if scenario => run_workload(None),
         Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
         // Register, code and stepped faults strike under a scenario (`crate::inject`).
-        Some(InjectedFault::Stepped { .. }) if scenario => run_workload(None),
-        Some(InjectedFault::Stepped { domain, .. }) => crate::fail(
-            "inject",
-            format_args!("a register, code or stepped fault ({domain}) needs scenario=NAME"),
-        ),
+        Some(InjectedFault::Stepped { .. } | InjectedFault::LostReply { .. }) if scenario => {
+            run_workload(None)
+        }
+        Some(InjectedFault::Stepped { domain, .. } | InjectedFault::LostReply { domain }) => {
+            crate::fail(
+                "inject",
+                format_args!(
+                    "a register, code, stepped or lost-reply fault ({domain}) needs scenario=NAME"
+                ),
+            )
+        }
         None => run_workload(None),
     }
     if matches!(bench, Some(Benchmark::Ipc | Benchmark::All)) {
@@ -494,6 +500,16 @@ pub fn inject_into_scenario(target: &str, skip: u32) -> (u16, u32) {
         "fail-stop armed in {target}: it strikes on its request {}",
         skip + 1
     );
+    (index, failures)
+}
+
+/// Arms `inject=lostreply:memory` for a scenario: the memory domain fails as it replies to
+/// its next EPT violation. Returns its index and failures so far, for [`check_injection`].
+pub fn arm_lost_reply() -> (u16, u32) {
+    let index = index_of("memory");
+    let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+    domain::arm_lost_reply(index);
+    log::info!("lost reply armed: memory fails as it answers its next EPT violation");
     (index, failures)
 }
 

@@ -129,6 +129,9 @@ struct Vm {
     frames: [u32; GUEST_FRAMES],
     /// Guest frames mapped with MAP_GRANT (bit per frame).
     granted: [u64; GUEST_FRAMES / 64],
+    /// Bit per guest frame: a vCPU (or the core for it) is backing the page on demand, so a
+    /// sibling touching it meanwhile waits rather than send a second `EptViolation`.
+    backing: [u64; GUEST_FRAMES / 64],
     /// Physical address of the EPT's page table for guest frames 0..512.
     ept_table: u64,
     ept_pointer: u64,
@@ -630,6 +633,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         destroyed: false,
         frames: [0; GUEST_FRAMES],
         granted: [0; GUEST_FRAMES / 64],
+        backing: [0; GUEST_FRAMES / 64],
         ept_table: pt,
         // Write-back EPT structures, 4-level walk (SDM Vol. 3C, 24.6.11).
         ept_pointer: pml4 | 6 | (3 << 3),
@@ -815,22 +819,50 @@ enum Demand {
 /// for demand-zero RAM or refuses. The frame is checked (in the pool, `MayMap`), scrubbed and
 /// mapped here; the guest's access is retried (RIP is not advanced).
 fn back_page(slot: usize, vm_id: u16, gfn: u64) -> Demand {
+    let Some(page) = usize::try_from(gfn)
+        .ok()
+        .filter(|&page| page < GUEST_FRAMES)
+    else {
+        return Demand::Refused(memory::Error::NotGuestRam);
+    };
+    let (word, bit) = (page / 64, 1u64 << (page % 64));
+    {
+        let mut table = TABLE.lock();
+        let Some(vm) = table.vms[slot].as_mut() else {
+            return Demand::Refused(memory::Error::NotGuestRam);
+        };
+        if vm.frames[page] != 0 {
+            return Demand::Backed;
+        }
+        // A sibling vCPU is backing this very page: touch it again once it is done. One
+        // violation per page at a time, so a repeated `EptViolation` is always a retry after
+        // a lost reply (the memory domain then answers the same frame).
+        if vm.backing[word] & bit != 0 {
+            return Demand::Interrupted;
+        }
+        vm.backing[word] |= bit;
+    }
+    let demand = back_new_page(slot, vm_id, page);
+    if let Some(vm) = TABLE.lock().vms[slot].as_mut() {
+        vm.backing[word] &= !bit;
+    }
+    demand
+}
+
+/// [`back_page`] once this CPU alone is backing guest frame `gfn`.
+fn back_new_page(slot: usize, vm_id: u16, gfn: usize) -> Demand {
     let backed = |table: &Table| {
         table.vms[slot]
             .as_ref()
-            .and_then(|vm| vm.frames.get(gfn as usize))
-            .is_some_and(|&frame| frame != 0)
+            .is_some_and(|vm| vm.frames[gfn] != 0)
     };
-    if backed(&TABLE.lock()) {
-        return Demand::Backed;
-    }
     // A sibling vCPU stopped the VM (its memory is being released): back nothing more.
     if ENDED[slot].load(Ordering::Acquire) {
         return Demand::Refused(memory::Error::NotGuestRam);
     }
     let request = memory::Request::EptViolation {
         vm: vm_id,
-        gfn: u32::try_from(gfn).unwrap_or(u32::MAX),
+        gfn: gfn as u32,
     };
     let frame = match memory_call(request) {
         Ok(memory::Reply::Allocated(frame)) => frame.0,
@@ -838,9 +870,7 @@ fn back_page(slot: usize, vm_id: u16, gfn: u64) -> Demand {
         Ok(_) => return Demand::Refused(memory::Error::Inconsistent),
         Err(_) => return Demand::Interrupted,
     };
-    if usize::try_from(gfn).map_or(true, |gfn| gfn >= GUEST_FRAMES)
-        || validate(vm_id, frame).is_err()
-    {
+    if validate(vm_id, frame).is_err() {
         log::error!(
             "VM {vm_id}: the memory domain backed guest frame {gfn:#x} with frame {frame:#x}, \
              which fails the core's check"
@@ -855,7 +885,7 @@ fn back_page(slot: usize, vm_id: u16, gfn: u64) -> Demand {
     if !backed(&table)
         && let Some(vm) = table.vms[slot].as_mut()
     {
-        set_ept(vm, gfn as usize, frame);
+        set_ept(vm, gfn, frame);
         vm.demand_pages += 1;
         return Demand::Backed;
     }
@@ -2335,6 +2365,31 @@ pub fn run_all(budget_tsc: u64) -> bool {
     }
     RUNNING.store(false, Ordering::Release);
     all_finished()
+}
+
+/// Frames the VMs hold (mapped in some VM's EPT, counted once at the VM that owns it: a
+/// granted mapping is another VM's frame) and frames the memory domain counts in use; `None`
+/// if it does not answer.
+pub fn frame_accounting() -> Option<(u32, u32)> {
+    let held = {
+        let table = TABLE.lock();
+        table
+            .vms
+            .iter()
+            .flatten()
+            .map(|vm| {
+                (0..GUEST_FRAMES)
+                    .filter(|&gfn| {
+                        vm.frames[gfn] != 0 && vm.granted[gfn / 64] & (1 << (gfn % 64)) == 0
+                    })
+                    .count() as u32
+            })
+            .sum()
+    };
+    match memory_call(memory::Request::Stats) {
+        Ok(memory::Reply::Stats(stats)) => Some((held, stats.total - stats.free)),
+        _ => None,
+    }
 }
 
 /// Fills `reports` with the VMs' outcomes; returns how many. With `wait`, waits for the VM

@@ -267,7 +267,11 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             }
             _ => None,
         };
-        run_scenario(scenario, target, stepped);
+        let lost_reply = matches!(
+            options.inject,
+            Some(cmdline::InjectedFault::LostReply { .. })
+        );
+        run_scenario(scenario, target, stepped, lost_reply);
     }
 
     if let Some(request) = options.fault {
@@ -295,6 +299,7 @@ fn run_scenario(
     scenario: &'static microvisor::scenario::Scenario,
     inject: Option<&str>,
     stepped: Option<(&str, microvisor::inject::Spec, u64)>,
+    lost_reply: bool,
 ) {
     use microvisor::scenario::{CONTROL_VM, FIRST_VM, home_cpu};
     if vmx::status().0 == 0 {
@@ -367,6 +372,7 @@ fn run_scenario(
     if let Some((target, spec, seed)) = stepped {
         domains::arm_stepped(target, spec, seed, scenario.inject_after);
     }
+    let lost = lost_reply.then(domains::arm_lost_reply);
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
     let (declared_before, _) = crate::domain::declared_failed();
@@ -424,6 +430,27 @@ fn run_scenario(
     run::stage("scenario");
     if let Some((target, (index, before))) = injected {
         domains::check_injection(target, index, before);
+    }
+    if let Some((index, before)) = lost {
+        domains::check_injection("memory", index, before);
+    }
+    // Every frame the memory domain counts in use is held by a VM: none leaked (a lost reply
+    // of an allocation would leave one owned and mapped nowhere).
+    match guest::frame_accounting() {
+        Some((held, in_use)) if held == in_use => {
+            log::info!("frames: {in_use} in use, every one held by a VM");
+        }
+        Some((held, in_use)) => fail(
+            "scenario",
+            format_args!(
+                "{} frames leaked: the memory domain counts {in_use} in use, the VMs hold {held}",
+                in_use.abs_diff(held)
+            ),
+        ),
+        None => fail(
+            "scenario",
+            format_args!("the memory domain did not answer its statistics"),
+        ),
     }
 }
 
