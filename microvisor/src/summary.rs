@@ -135,13 +135,17 @@ pub struct RecoveryReport<'a> {
     pub reload_image: u64,
     /// From detection until the abandoned caller resumes.
     pub total: u64,
+    /// From detection until the recovered domain completed its first request since (its start
+    /// routine, the repair, runs inside that request, which is usually the abandoned call
+    /// issued again): what a caller waited in all. `None` until it has served one.
+    pub until_served: Option<u64>,
 }
 
 impl Display for RecoveryReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"domain":{},"mode":{},"decided_by":{},"tsc":{{"decide_policy":{},"discard_threads":{},"release_locks":{},"reload_image":{},"total":{}}}}}"#,
+            r#"{{"domain":{},"mode":{},"decided_by":{},"tsc":{{"decide_policy":{},"discard_threads":{},"release_locks":{},"reload_image":{},"total":{},"until_served":{}}}}}"#,
             JsonStr(self.domain),
             JsonStr(self.mode),
             JsonStr(self.decided_by),
@@ -149,7 +153,8 @@ impl Display for RecoveryReport<'_> {
             self.discard_threads,
             self.release_locks,
             self.reload_image,
-            self.total
+            self.total,
+            JsonU64(self.until_served)
         )
     }
 }
@@ -391,6 +396,18 @@ impl Display for JsonStr<'_> {
     }
 }
 
+/// An optional number, written as the number or `null`.
+struct JsonU64(Option<u64>);
+
+impl Display for JsonU64 {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(value) => write!(f, "{value}"),
+            None => f.write_str("null"),
+        }
+    }
+}
+
 /// A slice written as a JSON array of its items' `Display` forms.
 struct JsonArray<'a, T>(&'a [T]);
 
@@ -557,6 +574,7 @@ mod tests {
                 release_locks: 20,
                 reload_image: 300,
                 total: 400,
+                until_served: Some(900),
             }),
             vmx: VmxReport {
                 cpus_in_root: 2,
@@ -620,6 +638,7 @@ mod tests {
         assert!(value["vmx"]["unavailable"].is_null());
         assert_eq!(value["workload"]["retries"], 1);
         assert_eq!(value["last_recovery"]["tsc"]["reload_image"], 300);
+        assert_eq!(value["last_recovery"]["tsc"]["until_served"], 900);
     }
 
     #[test]

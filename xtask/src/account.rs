@@ -54,7 +54,7 @@ pub fn account(summary: &Value) -> Vec<String> {
         let recovery = &summary["last_recovery"];
         let tsc = &recovery["tsc"];
         lines.push(format!(
-            "last recovery: {} of {}, decided by {}; TSC: decide {}, discard threads {}, release locks {}, reload image {}, total {}{}",
+            "last recovery: {} of {}, decided by {}; TSC: decide {}, discard threads {}, release locks {}, reload image {}, total {}{}; first request served after {}",
             text(&recovery["mode"]),
             text(&recovery["domain"]),
             text(&recovery["decided_by"]),
@@ -63,7 +63,8 @@ pub fn account(summary: &Value) -> Vec<String> {
             tsc["release_locks"],
             tsc["reload_image"],
             tsc["total"],
-            latency(&tsc["total"], &summary["tsc_khz"])
+            latency(&tsc["total"], &summary["tsc_khz"]),
+            tsc["until_served"]
         ));
     }
     if summary["workload"].is_object() {

@@ -374,6 +374,44 @@ fn median_max(values: &[u64]) -> Option<(u64, u64)> {
     Some((*sorted.get(sorted.len() / 2)?, *sorted.last()?))
 }
 
+/// Recovery latencies of recovered runs per target and mode: detection to resumed caller
+/// (`total`) and detection to the recovered domain's first completed request (`until_served`:
+/// the repair and the retried request included, what a guest waits). Records from builds
+/// before `until_served` existed have none.
+fn latency_table(records: &[Value]) -> String {
+    let mut groups: BTreeMap<(String, String), (Vec<u64>, Vec<u64>)> = BTreeMap::new();
+    for record in records
+        .iter()
+        .filter(|record| record["class"] == Class::Recovered.name())
+    {
+        let key = (
+            record["target"].as_str().unwrap_or("?").to_string(),
+            record["mode"].as_str().unwrap_or("?").to_string(),
+        );
+        let (total, served) = groups.entry(key).or_default();
+        let tsc = &record["recovery"]["tsc"];
+        total.extend(tsc["total"].as_u64());
+        served.extend(tsc["until_served"].as_u64());
+    }
+    let show = |values: &[u64]| match median_max(values) {
+        Some((median, max)) => format!("{median} / {max} ({} runs)", values.len()),
+        None => "-".to_string(),
+    };
+    let mut out = String::from(
+        "| target | mode | detection to resumed caller: median / worst | detection to first \
+         request served: median / worst |\n|---|---|---|---|\n",
+    );
+    for ((target, mode), (total, served)) in &groups {
+        let _ = writeln!(
+            out,
+            "| {target} | {mode} | {} | {} |",
+            show(total),
+            show(served)
+        );
+    }
+    out
+}
+
 /// Writes `DIR/report.md`, `DIR/report.html` and the plots' SVG files.
 pub fn report(dir: &Path) -> Result<(), String> {
     let records = read_records(dir)?;
@@ -450,6 +488,12 @@ pub fn report(dir: &Path) -> Result<(), String> {
             }
         }
     }
+    let _ = writeln!(
+        md,
+        "## Recovery latency per target and mode\n\nTSC ticks (instructions under bochs) of \
+         the recovered runs.\n\n{}",
+        latency_table(&records)
+    );
     md.push_str("## Plots\n\n");
     for (name, _) in &plots {
         let _ = writeln!(md, "![{name}]({name})\n");
@@ -640,6 +684,11 @@ mod tests {
         assert!(
             md.contains("| services | all | 4 | 2 |") && !md.contains("| core |"),
             "{md}"
+        );
+        // One recovered run, from a build before `until_served`.
+        assert!(
+            md.contains("| memory | microreset | 20000 / 20000 (1 runs) | - |"),
+            "latency table: {md}"
         );
         assert!(
             md.contains("cargo xtask replay b --out"),

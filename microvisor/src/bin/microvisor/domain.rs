@@ -425,6 +425,28 @@ pub fn find(name: &str) -> Option<u16> {
         .map(|index| index as u16)
 }
 static LAST_RECOVERY: Mutex<Option<RecoveryReport<'static>>> = Mutex::new(None);
+/// The domain (index + 1) of the last recovery until it has completed a request since (0:
+/// none), and the TSC of that recovery's detection: for `until_served`.
+static SERVED_PENDING: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static SERVED_SINCE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `current` completed a request: if it is the first since its recovery, that recovery's
+/// `until_served` is now.
+fn note_served(current: u16) {
+    if SERVED_PENDING.load(Ordering::Acquire) == usize::from(current) + 1
+        && SERVED_PENDING
+            .compare_exchange(
+                usize::from(current) + 1,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        && let Some(report) = LAST_RECOVERY.lock().as_mut()
+    {
+        report.until_served = Some(apic::tsc() - SERVED_SINCE.load(Ordering::Acquire));
+    }
+}
 
 /// Sets how failed domains are recovered.
 pub fn set_recovery_mode(mode: RecoveryMode) {
@@ -1022,6 +1044,7 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
             frame.rip = 0;
         }
         call::REPLY_WAIT => {
+            note_served(current);
             let length = frame.rdi;
             let domain = system.domain(current).expect("running domain exists");
             let generation = domain.generation;
@@ -1676,5 +1699,10 @@ fn apply(
         release_locks: unlocked - discarded,
         reload_image: reloaded - unlocked,
         total: done - detected,
+        until_served: None,
     });
+    if order != RecoveryOrder::Fail {
+        SERVED_SINCE.store(detected, Ordering::Release);
+        SERVED_PENDING.store(usize::from(failed) + 1, Ordering::Release);
+    }
 }
