@@ -128,6 +128,10 @@ pub struct Options<'a> {
     /// `selfcheck=escalation`: the self-checks, and then the escalation check (the probe
     /// fails three times in a row: microreset, microreboot, declared failed for good).
     pub check_escalation: bool,
+    /// `budget=SECONDS`: how much emulated (TSC) time a scenario's VMs get before the run
+    /// fails as stuck (`None`: the default, 60 s). Campaigns set it tight, so a run whose VMs
+    /// stall after a fault ends in seconds instead of a minute.
+    pub scenario_budget_s: Option<u64>,
 }
 
 /// A word of the command line that could not be used.
@@ -208,6 +212,14 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                         expected: "0, 1 or escalation",
                     }),
                 },
+            },
+            "budget" => match value.parse() {
+                Ok(seconds @ 1..=3600) => options.scenario_budget_s = Some(seconds),
+                _ => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "seconds, 1 to 3600",
+                }),
             },
             "seed" => match value.parse() {
                 Ok(seed) => options.seed = seed,
@@ -299,6 +311,20 @@ mod tests {
         let (options, errors) = parse_collect("selfcheck=0 selfcheck=escalation");
         assert!(errors.is_empty() && !options.skip_self_checks && options.check_escalation);
         assert!(!parse_collect("").0.check_escalation);
+    }
+
+    #[test]
+    fn a_scenario_budget_is_whole_seconds() {
+        assert_eq!(parse_collect("budget=12").0.scenario_budget_s, Some(12));
+        assert_eq!(parse_collect("").0.scenario_budget_s, None);
+        for bad in ["budget=0", "budget=1.5", "budget=3601", "budget="] {
+            let (options, errors) = parse_collect(bad);
+            assert_eq!(
+                (options.scenario_budget_s, errors.len()),
+                (None, 1),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -87,6 +87,7 @@ fn campaign_throughput() -> Result<(), String> {
         out: std::path::PathBuf::new(),
         release: true,
         timeout: Duration::from_secs(150),
+        budget_s: crate::campaign::DEFAULT_BUDGET_S,
         slice: None,
         until_ci: None,
     };

@@ -30,6 +30,11 @@ pub const FAULTS: [&str; 4] = ["failstop", "register", "code", "hang"];
 /// (microreset, then microreboot, then failed, for failures of one domain within a second).
 pub const MODES: [&str; 3] = ["microreset", "microreboot", "escalate"];
 
+/// Emulated seconds a campaign run's VMs get by default (`--budget`): a healthy 3AppVM run
+/// ends well within it, a run whose VMs stall after a fault fails after it rather than after
+/// the kernel's own 60 s.
+pub const DEFAULT_BUDGET_S: u64 = 20;
+
 /// What a campaign runs.
 #[derive(Clone, Debug)]
 pub struct Campaign {
@@ -55,6 +60,8 @@ pub struct Campaign {
     pub release: bool,
     /// Wall-clock limit of one run.
     pub timeout: Duration,
+    /// Emulated seconds a run's VMs get before the kernel ends the run as stuck (`budget=`).
+    pub budget_s: u64,
     /// Run only this slice of the plan: (task, tasks), the runs whose position in the plan
     /// is `task` modulo `tasks`, recorded in `OUT/runs-task-TASK.jsonl` (a Slurm array task).
     pub slice: Option<(u32, u32)>,
@@ -165,8 +172,9 @@ fn spec(campaign: &Campaign, target: &str, fault: &str, mode: &str, index: u32) 
         mode: mode.to_string(),
         seed,
         cmdline: format!(
-            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode} selfcheck=0",
-            campaign.scenario
+            "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode} selfcheck=0 \
+             budget={}",
+            campaign.scenario, campaign.budget_s
         ),
     }
 }
@@ -1002,6 +1010,7 @@ mod tests {
             out: PathBuf::from("x"),
             release: false,
             timeout: Duration::from_secs(1),
+            budget_s: 20,
             slice: None,
             until_ci: None,
         }
@@ -1075,6 +1084,11 @@ mod tests {
         );
         assert!(runs[0].cmdline.contains("inject=register:memory"));
         assert!(runs[0].cmdline.contains("recovery=microreset"));
+        assert!(
+            runs[0].cmdline.ends_with(" budget=20"),
+            "{}",
+            runs[0].cmdline
+        );
         let failstop = plan(&Campaign {
             faults: vec!["failstop".into()],
             ..campaign.clone()

@@ -132,6 +132,10 @@ struct CampaignArgs {
     /// Wall-clock limit of one run, in seconds.
     #[arg(long, default_value_t = 150)]
     timeout: u64,
+    /// Emulated (TSC) seconds a run's VMs get before the kernel ends the run as stuck (adds
+    /// `budget=` to every run's command line).
+    #[arg(long, default_value_t = campaign::DEFAULT_BUDGET_S, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    budget: u64,
     /// Keep adding rounds of --runs runs to every cell until its recovered-of-detected rate's
     /// Wilson 95% interval has at most this half-width (e.g. 0.02), up to --max-runs per cell.
     #[arg(long, value_parser = parse_half_width, conflicts_with = "slurm")]
@@ -169,6 +173,7 @@ impl CampaignArgs {
             out: self.out.clone(),
             release: !self.debug,
             timeout: Duration::from_secs(self.timeout),
+            budget_s: self.budget,
             slice: self.task.zip(self.tasks),
             until_ci: self.until_ci.map(|half_width| (half_width, self.max_runs)),
         })
@@ -186,6 +191,7 @@ impl CampaignArgs {
             ("--runs", self.runs.to_string()),
             ("--seed", self.seed.to_string()),
             ("--timeout", self.timeout.to_string()),
+            ("--budget", self.budget.to_string()),
             ("--out", out.display().to_string()),
         ]
         .into_iter()

@@ -271,7 +271,10 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             options.inject,
             Some(cmdline::InjectedFault::LostReply { .. })
         );
-        run_scenario(scenario, target, stepped, lost_reply);
+        let budget_ms = options
+            .scenario_budget_s
+            .map_or(SCENARIO_BUDGET_MS, |seconds| seconds * 1000);
+        run_scenario(scenario, target, stepped, lost_reply, budget_ms);
     }
 
     if let Some(request) = options.fault {
@@ -300,6 +303,7 @@ fn run_scenario(
     inject: Option<&str>,
     stepped: Option<(&str, microvisor::inject::Spec, u64)>,
     lost_reply: bool,
+    budget_ms: u64,
 ) {
     use microvisor::scenario::{CONTROL_VM, FIRST_VM, home_cpu};
     if vmx::status().0 == 0 {
@@ -377,7 +381,7 @@ fn run_scenario(
     }
     let lost = lost_reply.then(domains::arm_lost_reply);
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
-    let budget = apic::tsc_khz().max(1000) * SCENARIO_BUDGET_MS;
+    let budget = apic::tsc_khz().max(1000) * budget_ms;
     let (declared_before, _) = crate::domain::declared_failed();
     if !guest::run_all(budget) {
         if let (declared, Some(name)) = crate::domain::declared_failed()
@@ -392,10 +396,7 @@ fn run_scenario(
         }
         fail(
             "scenario",
-            format_args!(
-                "not every VM finished within {} s",
-                SCENARIO_BUDGET_MS / 1000
-            ),
+            format_args!("not every VM finished within {} s", budget_ms / 1000),
         );
     }
     let mut reports = [microvisor::summary::VmReport::EMPTY; guest::MAX_VMS];
@@ -463,7 +464,7 @@ fn run_scenario(
 
 const MAX_MODULES: usize = microvisor_abi::guest::MAX_MODULES;
 
-/// How long (in TSC time) a scenario may run before it counts as stuck.
+/// How long (in TSC time) a scenario may run before it counts as stuck, unless `budget=` says.
 const SCENARIO_BUDGET_MS: u64 = 60_000;
 
 /// `bench=hypercall`: a guest's null hypercall, answered in the core, then served by the
