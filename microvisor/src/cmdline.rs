@@ -132,6 +132,33 @@ pub struct Options<'a> {
     /// fails as stuck (`None`: the default, 60 s). Campaigns set it tight, so a run whose VMs
     /// stall after a fault ends in seconds instead of a minute.
     pub scenario_budget_s: Option<u64>,
+    /// `repairs=all|none|NAME,NAME,...`: the repairs a recovery makes
+    /// ([`microvisor_abi::repair`]); all by default.
+    pub repairs: Repairs,
+}
+
+/// A set of [`microvisor_abi::repair`] bits; every repair by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repairs(pub u64);
+
+impl Default for Repairs {
+    fn default() -> Self {
+        Self(microvisor_abi::repair::ALL)
+    }
+}
+
+/// `all`, `none`, or names of [`microvisor_abi::repair::NAMES`] joined by commas.
+pub fn parse_repairs(value: &str) -> Option<Repairs> {
+    match value {
+        "all" => Some(Repairs(microvisor_abi::repair::ALL)),
+        "none" => Some(Repairs(0)),
+        _ => value
+            .split(',')
+            .try_fold(0, |mask, name| {
+                Some(mask | microvisor_abi::repair::named(name)?)
+            })
+            .map(Repairs),
+    }
 }
 
 /// A word of the command line that could not be used.
@@ -212,6 +239,14 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                         expected: "0, 1 or escalation",
                     }),
                 },
+            },
+            "repairs" => match parse_repairs(value) {
+                Some(repairs) => options.repairs = repairs,
+                None => on_error(CmdlineError::BadValue {
+                    key,
+                    value,
+                    expected: "all, none, or repairs joined by commas (microvisor_abi::repair::NAMES)",
+                }),
             },
             "budget" => match value.parse() {
                 Ok(seconds @ 1..=3600) => options.scenario_budget_s = Some(seconds),
@@ -311,6 +346,19 @@ mod tests {
         let (options, errors) = parse_collect("selfcheck=0 selfcheck=escalation");
         assert!(errors.is_empty() && !options.skip_self_checks && options.check_escalation);
         assert!(!parse_collect("").0.check_escalation);
+    }
+
+    #[test]
+    fn repairs_are_all_by_default_and_named_otherwise() {
+        use microvisor_abi::repair;
+        assert_eq!(parse_collect("").0.repairs, Repairs(repair::ALL));
+        assert_eq!(parse_collect("repairs=none").0.repairs, Repairs(0));
+        assert_eq!(
+            parse_collect("repairs=quiesce,undo-log").0.repairs,
+            Repairs(repair::QUIESCE | repair::UNDO_LOG)
+        );
+        let (options, errors) = parse_collect("repairs=quiesce,magic");
+        assert_eq!((options.repairs, errors.len()), (Repairs(repair::ALL), 1));
     }
 
     #[test]

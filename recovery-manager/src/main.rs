@@ -22,7 +22,7 @@ impl StateService for RecoveryManager {
         state.init();
     }
 
-    fn repair(_: &mut PolicyState, _: StartReason) -> u32 {
+    fn repair(_: &Context, _: &mut PolicyState, _: StartReason) -> u32 {
         // The failure history is kept across the manager's own restarts when it is sound.
         0
     }

@@ -85,6 +85,9 @@ pub struct Expect {
     /// If not empty: the stopped VMs' `"stop_reason"`s, in VM order, must each contain the
     /// matching entry (so a VM stopped for another reason than its attack fails the case).
     pub stop_reasons: &'static [&'static str],
+    /// `Some(stage)` (with `failure` `None`): `"failure"` must be a failed check of this stage
+    /// (`{"kind":"check","stage":...}`): a case that shows a check fails when it should.
+    pub failed_check: Option<&'static str>,
 }
 
 /// Every stage a healthy boot runs, in order.
@@ -186,6 +189,7 @@ fn healthy(name: &'static str, emulator: Emulator, boot: Boot, cpus: u32) -> Boo
             vms_passed: None,
             vms_stopped: 0,
             stop_reasons: &[],
+            failed_check: None,
         },
     }
 }
@@ -366,6 +370,24 @@ fn escalating(name: &'static str) -> BootCase {
     ];
     case.expect.probe_failures = Some(probe_failures(2) + 3);
     case.expect.recovery_mode = Some("fail");
+    case
+}
+
+/// A boot with every repair but quiesce (`repairs=`): the quiesce check must fail, CPU 1's
+/// thread running on in the failed probe until it is detected again, as hung. Shows the
+/// switch works, and what quiesce is for.
+fn without_quiesce(name: &'static str) -> BootCase {
+    let mut case = healthy(name, Emulator::Qemu, Boot::Direct, 2);
+    case.cmdline = "repairs=release-locks,undo-log,recount,scheduler-queues,\
+                    timer-reactivation,multicall-log,reinit-invalid";
+    case.expect.outcome = Outcome::Failed;
+    case.expect.failed_check = Some("domain-quiesce");
+    case.expect.stages = &["domain-isolation", "domain-calls-every-cpu"];
+    case.expect.probe_failures = None;
+    case.expect.recovery_mode = None;
+    case.expect.recovered_domain = None;
+    case.expect.workload_ok = false;
+    case.expect.decided_by = None;
     case
 }
 
@@ -634,6 +656,7 @@ pub fn catalogue() -> Vec<BootCase> {
             "inject=failstop:probe recovery=microreset",
         ),
         healthy("qemu-direct-1cpu", Qemu, Direct, 1),
+        without_quiesce("qemu-direct-2cpu-repairs-without-quiesce"),
         healthy("qemu-direct-2cpu", Qemu, Direct, 2),
         healthy("qemu-direct-4cpu", Qemu, Direct, 4),
         healthy("qemu-iso-2cpu", Qemu, Iso, 2),
@@ -751,9 +774,10 @@ mod tests {
                 case.cmdline.contains("fault=")
             );
             assert_eq!(
-                case.expect.failure.is_some(),
+                case.expect.failure.is_some() || case.expect.failed_check.is_some(),
                 case.expect.outcome == Outcome::Failed
             );
+            assert!(case.expect.failure.is_none() || case.expect.failed_check.is_none());
             let limit = if case.emulator == Emulator::Qemu {
                 60
             } else {

@@ -278,8 +278,26 @@ fn check_summary(case: &BootCase, summary: &Value, reasons: &mut Vec<String>) {
 
     let failure = summary.get("failure");
     match (expect.failure, failure) {
-        (None, Some(Value::Null)) => {}
-        (None, other) => reasons.push(format!("summary.failure is {}, expected null", show(other))),
+        (None, Some(got @ Value::Object(_))) if expect.failed_check.is_some() => {
+            let stage = expect.failed_check.unwrap_or_default();
+            if got.get("kind") != Some(&Value::from("check"))
+                || got.get("stage") != Some(&Value::from(stage))
+            {
+                reasons.push(format!(
+                    "summary.failure is {got}, expected a failed check of stage {stage:?}"
+                ));
+            }
+        }
+        (None, Some(Value::Null)) if expect.failed_check.is_none() => {}
+        (None, other) => reasons.push(format!(
+            "summary.failure is {}, expected {}",
+            show(other),
+            expect
+                .failed_check
+                .map_or("null".to_string(), |stage| format!(
+                    "a failed check of stage {stage:?}"
+                ))
+        )),
         (Some(want), Some(got @ Value::Object(_))) => {
             if got.get("kind") != Some(&Value::from("exception")) {
                 reasons.push(format!(
@@ -359,6 +377,32 @@ mod tests {
             EmulatorEnd::Exited(Some(0)),
         );
         assert!(reasons.is_empty(), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_failed_check_case_wants_that_check_and_no_other() {
+        let c = case("qemu-direct-2cpu-repairs-without-quiesce");
+        let exit = EmulatorEnd::Exited(Some(expected_exit_code(Emulator::Qemu, Outcome::Failed)));
+        let failed = |stage: &str| {
+            let mut summary = ok_summary("pvh", 2);
+            summary["outcome"] = json!("failed");
+            summary["failure"] = json!({"kind": "check", "stage": stage, "reason": "r"});
+            lines(&summary)
+        };
+        assert!(run(&c, &failed("domain-quiesce"), exit).is_empty());
+        let reasons = run(&c, &failed("workload"), exit);
+        assert!(
+            reasons.iter().any(|r| r.contains("failed check of stage")),
+            "{reasons:?}"
+        );
+        let mut healthy = ok_summary("pvh", 2);
+        healthy["outcome"] = json!("failed");
+        assert!(
+            run(&c, &lines(&healthy), exit)
+                .iter()
+                .any(|r| r.contains("expected a failed check")),
+            "a null failure is not the failed check"
+        );
     }
 
     #[test]

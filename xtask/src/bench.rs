@@ -88,6 +88,7 @@ fn campaign_throughput() -> Result<(), String> {
         release: true,
         timeout: Duration::from_secs(150),
         budget_s: crate::campaign::DEFAULT_BUDGET_S,
+        repairs: vec!["all".into()],
         slice: None,
         until_ci: None,
     };

@@ -62,6 +62,9 @@ pub struct Campaign {
     pub timeout: Duration,
     /// Emulated seconds a run's VMs get before the kernel ends the run as stuck (`budget=`).
     pub budget_s: u64,
+    /// The repair sets to run every cell under (`repairs=` of the kernel: `all`, `none` or
+    /// names joined by commas): one for a plain campaign, several for a sweep.
+    pub repairs: Vec<String>,
     /// Run only this slice of the plan: (task, tasks), the runs whose position in the plan
     /// is `task` modulo `tasks`, recorded in `OUT/runs-task-TASK.jsonl` (a Slurm array task).
     pub slice: Option<(u32, u32)>,
@@ -113,8 +116,38 @@ pub struct RunSpec {
     pub mode: String,
     /// The run's seed.
     pub seed: u64,
+    /// The repairs the recoveries make (`all`, `none` or names joined by commas).
+    pub repairs: String,
     /// The kernel command line.
     pub cmdline: String,
+}
+
+/// The repair sets of `--repairs-sweep`: none, then the repairs of
+/// `microvisor_abi::repair::NAMES` added one at a time, ending with all of them (NiLiHype's
+/// incremental study, Table I).
+pub fn sweep_sets() -> Vec<String> {
+    let names = microvisor_abi::repair::NAMES;
+    (0..=names.len())
+        .map(|count| match count {
+            0 => "none".to_string(),
+            _ if count == names.len() => "all".to_string(),
+            _ => names[..count]
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(","),
+        })
+        .collect()
+}
+
+/// The label of a record's cell in the mode column: its mode, with its repair set unless
+/// that is every repair (records from before repair sets count as `all`).
+pub fn cell_mode(record: &Value) -> String {
+    let mode = record["mode"].as_str().unwrap_or("?");
+    match record["repairs"].as_str() {
+        None | Some("all") => mode.to_string(),
+        Some(repairs) => format!("{mode} (repairs: {repairs})"),
+    }
 }
 
 /// The seed of run `index` of a cell: SplitMix64 of the campaign seed and the cell's names,
@@ -141,10 +174,12 @@ pub fn run_seed(seed: u64, target: &str, fault: &str, mode: &str, index: u32) ->
 pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
     let mut runs = Vec::new();
     for index in 0..campaign.runs {
-        for target in &campaign.targets {
-            for fault in &campaign.faults {
-                for mode in &campaign.modes {
-                    runs.push(spec(campaign, target, fault, mode, index));
+        for repairs in &campaign.repairs {
+            for target in &campaign.targets {
+                for fault in &campaign.faults {
+                    for mode in &campaign.modes {
+                        runs.push(spec(campaign, target, fault, mode, repairs, index));
+                    }
                 }
             }
         }
@@ -152,8 +187,16 @@ pub fn plan(campaign: &Campaign) -> Vec<RunSpec> {
     runs
 }
 
-/// Run `index` of cell (target, fault, mode).
-fn spec(campaign: &Campaign, target: &str, fault: &str, mode: &str, index: u32) -> RunSpec {
+/// Run `index` of cell (target, fault, mode) under the repair set `repairs`. The seed does
+/// not depend on the repairs: a sweep injects the same faults under every set.
+fn spec(
+    campaign: &Campaign,
+    target: &str,
+    fault: &str,
+    mode: &str,
+    repairs: &str,
+    index: u32,
+) -> RunSpec {
     let seed = run_seed(campaign.seed, target, fault, mode, index);
     // A fail-stop names its step count (drawn from the seed as the kernel would): without
     // one, `inject=failstop:DOMAIN` is the plain fail-stop at the start of a request, which
@@ -164,16 +207,24 @@ fn spec(campaign: &Campaign, target: &str, fault: &str, mode: &str, index: u32) 
             .unwrap_or_default(),
         _ => String::new(),
     };
+    // Every repair: the plain campaign's ids and command lines; a set in a sweep is named by
+    // its position among the campaign's sets.
+    let (set, switch) = match campaign.repairs.iter().position(|set| set == repairs) {
+        _ if repairs == "all" => (String::new(), String::new()),
+        Some(position) => (format!("-r{position}"), format!(" repairs={repairs}")),
+        None => ("-r?".to_string(), format!(" repairs={repairs}")),
+    };
     RunSpec {
-        id: format!("{target}-{fault}-{mode}-{index}"),
+        id: format!("{target}-{fault}-{mode}{set}-{index}"),
         scenario: campaign.scenario.clone(),
         target: target.to_string(),
         fault: fault.to_string(),
         mode: mode.to_string(),
         seed,
+        repairs: repairs.to_string(),
         cmdline: format!(
             "scenario={} inject={fault}:{target}{steps} seed={seed} recovery={mode} selfcheck=0 \
-             budget={}",
+             budget={}{switch}",
             campaign.scenario, campaign.budget_s
         ),
     }
@@ -212,7 +263,7 @@ pub fn extension(
                     continue;
                 }
                 for index in recorded..(recorded + batch).min(max_runs) {
-                    more.push(spec(campaign, target, fault, mode, index));
+                    more.push(spec(campaign, target, fault, mode, "all", index));
                 }
             }
         }
@@ -461,6 +512,7 @@ fn run_one(spec: &RunSpec, cpus: u32, timeout: Duration, elf: &Path) -> Value {
             "target": spec.target,
             "fault": spec.fault,
             "mode": spec.mode,
+            "repairs": spec.repairs,
             "seed": spec.seed,
             "cmdline": spec.cmdline,
             "class": verdict.class.name(),
@@ -594,7 +646,7 @@ pub fn table(records: &[Value]) -> String {
         let key = (
             record["target"].as_str().unwrap_or("?").to_string(),
             record["fault"].as_str().unwrap_or("?").to_string(),
-            record["mode"].as_str().unwrap_or("?").to_string(),
+            cell_mode(record),
         );
         let counts = cells.entry(key).or_default();
         if let Some(index) = Class::ALL
@@ -776,6 +828,7 @@ pub fn replay(id: &str, out: &Path, debug: bool) -> Result<bool, String> {
         fault: text("fault"),
         mode: text("mode"),
         seed: recorded["seed"].as_u64().unwrap_or(0),
+        repairs: recorded["repairs"].as_str().unwrap_or("all").to_string(),
         cmdline: text("cmdline"),
     };
     let cpus = recorded["cpus"]
@@ -907,6 +960,7 @@ pub fn pipeline_check() -> Result<Vec<Value>, String> {
                 .into(),
             mode: "microreset".into(),
             seed: 0,
+            repairs: "all".into(),
             cmdline: cmdline.to_string(),
         })
         .collect();
@@ -1011,9 +1065,41 @@ mod tests {
             release: false,
             timeout: Duration::from_secs(1),
             budget_s: 20,
+            repairs: vec!["all".into()],
             slice: None,
             until_ci: None,
         }
+    }
+
+    #[test]
+    fn a_repairs_sweep_adds_one_repair_at_a_time_with_the_same_faults() {
+        let sets = sweep_sets();
+        assert_eq!(sets.len(), microvisor_abi::repair::NAMES.len() + 1);
+        assert_eq!((sets[0].as_str(), sets[8].as_str()), ("none", "all"));
+        assert_eq!(sets[2], "quiesce,release-locks");
+        for set in &sets {
+            assert!(microvisor::cmdline::parse_repairs(set).is_some(), "{set}");
+        }
+        let campaign = Campaign {
+            repairs: sets.clone(),
+            ..two_cells(2)
+        };
+        let runs = plan(&campaign);
+        assert_eq!(runs.len(), 2 * 2 * sets.len());
+        let ids: BTreeSet<&str> = runs.iter().map(|run| run.id.as_str()).collect();
+        assert_eq!(ids.len(), runs.len(), "ids are unique");
+        // Run 0 of memory under `none` and under `all`: the same fault, other repairs.
+        let none = &runs[0];
+        let all = runs
+            .iter()
+            .find(|run| run.repairs == "all" && run.target == none.target)
+            .unwrap();
+        assert_eq!(none.seed, all.seed);
+        assert_eq!(none.id, "memory-register-microreset-r0-0");
+        assert!(none.cmdline.ends_with(" repairs=none"), "{}", none.cmdline);
+        // `all` keeps a plain campaign's ids and command lines.
+        assert_eq!(all.id, "memory-register-microreset-0");
+        assert!(!all.cmdline.contains("repairs="), "{}", all.cmdline);
     }
 
     #[test]

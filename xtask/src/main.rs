@@ -136,6 +136,15 @@ struct CampaignArgs {
     /// `budget=` to every run's command line).
     #[arg(long, default_value_t = campaign::DEFAULT_BUDGET_S, value_parser = clap::value_parser!(u64).range(1..=3600))]
     budget: u64,
+    /// The repairs recoveries make: `all`, `none`, or names joined by commas (quiesce,
+    /// release-locks, undo-log, recount, scheduler-queues, timer-reactivation, multicall-log,
+    /// reinit-invalid); adds `repairs=` to every run's command line.
+    #[arg(long, default_value = "all", value_parser = parse_repairs, conflicts_with = "repairs_sweep")]
+    repairs: String,
+    /// Run every cell under each repair set of the incremental study: none, then the repairs
+    /// added one at a time, then all (NiLiHype's Table I). The report gets a sweep table.
+    #[arg(long, conflicts_with = "until_ci")]
+    repairs_sweep: bool,
     /// Keep adding rounds of --runs runs to every cell until its recovered-of-detected rate's
     /// Wilson 95% interval has at most this half-width (e.g. 0.02), up to --max-runs per cell.
     #[arg(long, value_parser = parse_half_width, conflicts_with = "slurm")]
@@ -174,6 +183,11 @@ impl CampaignArgs {
             release: !self.debug,
             timeout: Duration::from_secs(self.timeout),
             budget_s: self.budget,
+            repairs: if self.repairs_sweep {
+                campaign::sweep_sets()
+            } else {
+                vec![self.repairs.clone()]
+            },
             slice: self.task.zip(self.tasks),
             until_ci: self.until_ci.map(|half_width| (half_width, self.max_runs)),
         })
@@ -199,6 +213,11 @@ impl CampaignArgs {
         .collect();
         if self.debug {
             args.push("--debug".into());
+        }
+        if self.repairs_sweep {
+            args.push("--repairs-sweep".into());
+        } else {
+            args.extend(["--repairs".to_string(), self.repairs.clone()]);
         }
         Ok(args)
     }
@@ -314,6 +333,21 @@ enum RecoveryArg {
     Microreset,
     /// As microreset, and reload its code and data from the pristine image.
     Microreboot,
+}
+
+/// Accepts a repair set: `all`, `none`, or known repair names joined by commas.
+fn parse_repairs(value: &str) -> Result<String, String> {
+    match microvisor::cmdline::parse_repairs(value) {
+        Some(_) => Ok(value.to_string()),
+        None => Err(format!(
+            "{value:?}: expected all, none, or names among {}",
+            microvisor_abi::repair::NAMES
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 /// Accepts `failstop:DOMAIN` with a plain domain name.

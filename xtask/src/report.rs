@@ -31,7 +31,7 @@ fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
         let key = (
             record["target"].as_str().unwrap_or("?").to_string(),
             record["fault"].as_str().unwrap_or("?").to_string(),
-            record["mode"].as_str().unwrap_or("?").to_string(),
+            crate::campaign::cell_mode(record),
         );
         let cell = cells.entry(key).or_default();
         cell.runs += 1;
@@ -374,6 +374,70 @@ fn median_max(values: &[u64]) -> Option<(u64, u64)> {
     Some((*sorted.get(sorted.len() / 2)?, *sorted.last()?))
 }
 
+/// The repairs sweep (`campaign --repairs-sweep`): per repair set, pooled over the services'
+/// cells (the core baseline apart), the rates as repairs are added one at a time, keyed for
+/// [`rates_svg`] by (step, "services", set). `None` when the records hold one set only.
+fn sweep(records: &[Value]) -> Option<BTreeMap<(String, String, String), Cell>> {
+    let order = crate::campaign::sweep_sets();
+    let set_of = |record: &Value| record["repairs"].as_str().unwrap_or("all").to_string();
+    let mut steps: BTreeMap<(String, String, String), Cell> = BTreeMap::new();
+    for record in records.iter().filter(|record| record["target"] != "core") {
+        let set = set_of(record);
+        let step = order
+            .iter()
+            .position(|known| *known == set)
+            .unwrap_or(order.len());
+        let cell = steps
+            .entry((format!("{step:02}"), "services".into(), set))
+            .or_default();
+        cell.runs += 1;
+        if let Some(index) = Class::ALL
+            .iter()
+            .position(|class| record["class"] == class.name())
+        {
+            cell.classes[index] += 1;
+        }
+        let recovered = record["class"] == Class::Recovered.name();
+        cell.detected += u64::from(recovered || record["class"] == Class::DetectedFailed.name());
+        cell.recovered += u64::from(recovered);
+        cell.no_vmf += u64::from(crate::campaign::no_vm_failure(record));
+    }
+    (steps.len() > 1).then_some(steps)
+}
+
+/// The sweep as a Markdown table.
+fn sweep_table(steps: &BTreeMap<(String, String, String), Cell>) -> String {
+    let mut out = String::from(
+        "| step | repairs | runs | detected | recovered of detected (95% CI) | noVMF of detected |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for ((step, _, set), cell) in steps {
+        let (rate, no_vmf) = if cell.detected == 0 {
+            ("-".to_string(), "-".to_string())
+        } else {
+            let (low, high) = wilson(cell.recovered, cell.detected);
+            (
+                format!(
+                    "{} = {:.1}% [{:.1}, {:.1}]",
+                    cell.recovered,
+                    100.0 * cell.recovered as f64 / cell.detected as f64,
+                    100.0 * low,
+                    100.0 * high
+                ),
+                format!("{:.1}%", 100.0 * cell.no_vmf as f64 / cell.detected as f64),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {set} | {} | {} | {rate} | {no_vmf} |",
+            step.trim_start_matches('0').parse::<u32>().unwrap_or(0),
+            cell.runs,
+            cell.detected
+        );
+    }
+    out
+}
+
 /// Recovery latencies of recovered runs per target and mode: detection to resumed caller
 /// (`total`) and detection to the recovered domain's first completed request (`until_served`:
 /// the repair and the retried request included, what a guest waits). Records from builds
@@ -429,7 +493,8 @@ pub fn report(dir: &Path) -> Result<(), String> {
         .filter(|record| record["injection"]["detection_latency"].is_u64())
         .filter_map(|record| record["recovery"]["tsc"]["total"].as_u64())
         .collect();
-    let plots = [
+    let steps = sweep(&records);
+    let mut plots = vec![
         ("rates.svg", rates_svg(&cells)?),
         ("outcomes.svg", outcomes_svg(&cells)?),
         (
@@ -441,6 +506,9 @@ pub fn report(dir: &Path) -> Result<(), String> {
             latency_svg("Recovery latency (detection to resumed service)", &recovery)?,
         ),
     ];
+    if let Some(steps) = &steps {
+        plots.push(("repairs-sweep.svg", rates_svg(steps)?));
+    }
     for (name, svg) in &plots {
         fs::write(dir.join(name), svg).map_err(|e| format!("{name}: {e}"))?;
     }
@@ -487,6 +555,15 @@ pub fn report(dir: &Path) -> Result<(), String> {
                 let _ = writeln!(md, "{title}: no run yet.\n");
             }
         }
+    }
+    if let Some(steps) = &steps {
+        let _ = writeln!(
+            md,
+            "## Repairs sweep\n\nThe services' cells pooled per repair set, as repairs are \
+             added one at a time (`--repairs-sweep`; every set gets the same faults: the seeds \
+             do not depend on it).\n\n{}",
+            sweep_table(steps)
+        );
     }
     let _ = writeln!(
         md,
@@ -718,6 +795,52 @@ mod tests {
         ] {
             assert!(fs::read_to_string(dir.join(svg)).unwrap().contains("<svg"));
         }
+        assert!(!md.contains("Repairs sweep"), "one repair set: no sweep");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_repairs_sweep_gets_its_table_and_plot() {
+        let dir = std::env::temp_dir().join(format!("xtask-sweep-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let record = |id: &str, repairs: &str, class: &str| {
+            json!({"id": id, "scenario": "3appvm", "cpus": 2, "target": "memory",
+                   "fault": "failstop", "mode": "microreset", "repairs": repairs,
+                   "class": class, "no_vm_failure": class == "recovered",
+                   "injection": {"injected": true, "detection_latency": 10},
+                   "recovery": {"tsc": {"total": 100, "until_served": 300}}})
+        };
+        let records = [
+            record("a", "none", "detected-failed"),
+            record("b", "none", "recovered"),
+            record("c", "quiesce", "recovered"),
+            record("d", "all", "recovered"),
+            record("e", "all", "recovered"),
+        ];
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        fs::write(dir.join("runs.jsonl"), text).unwrap();
+        report(&dir).unwrap();
+        let md = fs::read_to_string(dir.join("report.md")).unwrap();
+        // Steps in the sweep's order, whatever the order of the records.
+        let none = md.find("| 0 | none | 2 | 2 | 1 = 50.0% [").expect(&md);
+        let quiesce = md.find("| 1 | quiesce | 1 | 1 | 1 = 100.0% [").expect(&md);
+        let all = md.find("| 8 | all | 2 | 2 | 2 = 100.0% [").expect(&md);
+        assert!(none < quiesce && quiesce < all, "{md}");
+        // The per-cell table tells the sets apart.
+        assert!(
+            md.contains("| memory | failstop | microreset (repairs: none) |"),
+            "{md}"
+        );
+        // Latencies per target and mode pool the sets: four recovered runs.
+        assert!(
+            md.contains("| memory | microreset | 100 / 100 (4 runs) | 300 / 300 (4 runs) |"),
+            "{md}"
+        );
+        assert!(
+            fs::read_to_string(dir.join("repairs-sweep.svg"))
+                .unwrap()
+                .contains("<svg")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -7,7 +7,7 @@
 use hypercall::{HypercallState, Services};
 use ipc::hypercall::{Reply, Request};
 use ipc::{CallError, DomainIndex, memory, scheduler, timer};
-use microvisor_runtime::{Context, StartReason, StateService};
+use microvisor_runtime::{Context, StartReason, StateService, repair};
 
 /// Retries of an idempotent service request after its domain restarted.
 const RETRIES: u32 = 2;
@@ -48,7 +48,10 @@ impl StateService for Hypercall {
         state.init();
     }
 
-    fn repair(state: &mut HypercallState, _: StartReason) -> u32 {
+    fn repair(context: &Context, state: &mut HypercallState, _: StartReason) -> u32 {
+        if !context.repair_enabled(repair::MULTICALL_LOG) {
+            return 0;
+        }
         // Keeps the multicall completion logs so a retried batch skips finished entries.
         state.repair().fixes()
     }

@@ -5,7 +5,7 @@
 
 use ipc::memory::{FrameNumber, Reply, Request};
 use memory::{MemoryState, RepairScope};
-use microvisor_runtime::{Context, StartReason, StateService};
+use microvisor_runtime::{Context, StartReason, StateService, repair};
 
 /// First frame number of the pool this domain manages (a logical pool until guests bring
 /// real RAM with the VMX slice).
@@ -26,12 +26,15 @@ impl StateService for Memory {
         state.init(FrameNumber(POOL_BASE));
     }
 
-    fn repair(state: &mut MemoryState, reason: StartReason) -> u32 {
+    fn repair(context: &Context, state: &mut MemoryState, reason: StartReason) -> u32 {
+        let undo = context.repair_enabled(repair::UNDO_LOG);
+        let recount = context.repair_enabled(repair::RECOUNT);
         match reason {
             // Microreboot: rebuild every derived count from the kept frame table.
-            StartReason::AfterMicroreboot => state.repair(RepairScope::Full).fixes(),
+            StartReason::AfterMicroreboot if recount => state.repair(RepairScope::Full).fixes(),
             // Microreset: roll back or complete the one update in flight (O(1)).
-            _ => state.repair(RepairScope::InFlight).fixes(),
+            _ if undo => state.repair(RepairScope::InFlight).fixes(),
+            _ => 0,
         }
     }
 

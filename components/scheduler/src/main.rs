@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use ipc::scheduler::{Reply, Request};
-use microvisor_runtime::{Context, StartReason, StateService};
+use microvisor_runtime::{Context, StartReason, StateService, repair};
 use scheduler::SchedulerState;
 
 struct Scheduler;
@@ -23,7 +23,10 @@ impl StateService for Scheduler {
         state.init(context.cpu_count().min(usize::from(u8::MAX)) as u8);
     }
 
-    fn repair(state: &mut SchedulerState, _: StartReason) -> u32 {
+    fn repair(context: &Context, state: &mut SchedulerState, _: StartReason) -> u32 {
+        if !context.repair_enabled(repair::SCHEDULER_QUEUES) {
+            return 0;
+        }
         // No vCPU is loaded on any CPU yet (guests come with the VMX slice), so there is no
         // per-CPU record to reconcile against: repair from the queues alone.
         state.repair(None).fixes()

@@ -6,7 +6,7 @@
 use ipc::DomainIndex;
 use ipc::timer::{Reply, Request};
 use microvisor_abi::notify;
-use microvisor_runtime::{Context, StartReason, StateService};
+use microvisor_runtime::{Context, StartReason, StateService, repair};
 use timer::TimerState;
 
 struct Timer;
@@ -26,7 +26,10 @@ impl StateService for Timer {
         state.init(cpu_count(context));
     }
 
-    fn repair(state: &mut TimerState, _: StartReason) -> u32 {
+    fn repair(context: &Context, state: &mut TimerState, _: StartReason) -> u32 {
+        if !context.repair_enabled(repair::TIMER_REACTIVATION) {
+            return 0;
+        }
         // Re-activates recurring timers caught mid-expiry (NiLiHype's repair).
         state.repair().fixes()
     }

@@ -71,6 +71,63 @@ pub mod start {
     pub const AFTER_MICROREBOOT: u64 = 3;
 }
 
+/// The repairs a recovery may make, each a switch (`repairs=` on the kernel command line), as
+/// in NiLiHype's Table I: a campaign can turn them on one at a time and measure what each is
+/// worth. The core passes the enabled set to a fresh thread in RCX bits 16-63, above the
+/// start reason (bits 0-15). Never renumber: append only.
+pub mod repair {
+    /// Core: before touching the failed domain, take every other CPU out of it (quiesce IPI).
+    pub const QUIESCE: u64 = 1 << 0;
+    /// Core: zero the failed domain's lock table (no lock holder survives a recovery).
+    pub const RELEASE_LOCKS: u64 = 1 << 1;
+    /// Memory: roll back (or complete) the update in flight from its undo log.
+    pub const UNDO_LOG: u64 = 1 << 2;
+    /// Memory, after a microreboot: rebuild every derived count from the frame table.
+    pub const RECOUNT: u64 = 1 << 3;
+    /// Scheduler: repair the run queues (vCPUs lost or duplicated mid-update).
+    pub const SCHEDULER_QUEUES: u64 = 1 << 4;
+    /// Timer: re-activate recurring timers caught mid-expiry.
+    pub const TIMER_REACTIVATION: u64 = 1 << 5;
+    /// Hypercall: keep and check the multicall completion logs, so a retried batch skips the
+    /// entries that completed.
+    pub const MULTICALL_LOG: u64 = 1 << 6;
+    /// Every service: re-initialise state that still fails validation after its repair (the
+    /// last resort; state is lost).
+    pub const REINIT_INVALID: u64 = 1 << 7;
+
+    /// Every repair, by name, in the order a sweep adds them.
+    pub const NAMES: [(&str, u64); 8] = [
+        ("quiesce", QUIESCE),
+        ("release-locks", RELEASE_LOCKS),
+        ("undo-log", UNDO_LOG),
+        ("recount", RECOUNT),
+        ("scheduler-queues", SCHEDULER_QUEUES),
+        ("timer-reactivation", TIMER_REACTIVATION),
+        ("multicall-log", MULTICALL_LOG),
+        ("reinit-invalid", REINIT_INVALID),
+    ];
+    /// Every repair.
+    pub const ALL: u64 = (1 << NAMES.len()) - 1;
+
+    /// The bit of the repair called `name`.
+    pub fn named(name: &str) -> Option<u64> {
+        NAMES
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|&(_, bit)| bit)
+    }
+
+    /// Packs a start reason and the enabled repairs into RCX for a fresh thread.
+    pub const fn pack(reason: u64, repairs: u64) -> u64 {
+        (reason & 0xffff) | (repairs << 16)
+    }
+
+    /// Splits RCX at a thread's entry into the start reason and the enabled repairs.
+    pub const fn unpack(rcx: u64) -> (u64, u64) {
+        (rcx & 0xffff, rcx >> 16)
+    }
+}
+
 /// `REPLY_WAIT` argument on a thread's first entry: there is nothing to reply to.
 pub const NO_REPLY: u64 = u64::MAX;
 
@@ -165,6 +222,22 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repairs_have_distinct_bits_and_names_and_travel_with_the_start_reason() {
+        let mut seen = 0;
+        for (name, bit) in repair::NAMES {
+            assert_eq!(bit.count_ones(), 1, "{name}");
+            assert_eq!(seen & bit, 0, "{name}");
+            assert_eq!(repair::named(name), Some(bit));
+            seen |= bit;
+        }
+        assert_eq!(seen, repair::ALL);
+        assert_eq!(repair::named("everything"), None);
+        let rcx = repair::pack(start::AFTER_MICROREBOOT, repair::ALL);
+        assert_eq!(repair::unpack(rcx), (start::AFTER_MICROREBOOT, repair::ALL));
+        assert_eq!(repair::unpack(start::BOOT), (start::BOOT, 0));
+    }
 
     #[test]
     fn status_round_trips_and_rejects_unknown() {

@@ -18,6 +18,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use microvisor_abi::{self as abi, Status, call};
 
 pub use microvisor_abi::MESSAGE_BYTES;
+/// The repairs a recovery may make, for [`Context::repair_enabled`].
+pub use microvisor_abi::repair;
 // The memory functions `core` needs; linked for their symbols.
 use microvisor_freestanding as _;
 
@@ -53,6 +55,8 @@ pub struct Context {
     cpu_count: usize,
     /// The generation this thread last saw of each domain (index = domain index).
     generations: [u32; 16],
+    /// The repairs the core enables ([`microvisor_abi::repair`] bits).
+    repairs: u64,
 }
 
 /// A failed call to another domain.
@@ -70,7 +74,14 @@ impl Context {
             cpu: cpu as usize,
             cpu_count: cpu_count as usize,
             generations: [1; 16],
+            repairs: abi::repair::ALL,
         }
+    }
+
+    /// Whether the core enables `repair` (an [`microvisor_abi::repair`] bit; `repairs=` on
+    /// its command line): a switched-off repair is skipped, to measure what it is worth.
+    pub fn repair_enabled(&self, repair: u64) -> bool {
+        self.repairs & repair == repair
     }
 
     /// The CPU this thread serves.
@@ -235,6 +246,8 @@ pub fn run<S: Service>(
     notifications: u64,
 ) -> ! {
     let mut context = Context::new(cpu, cpu_count);
+    let (reason, repairs) = abi::repair::unpack(reason);
+    context.repairs = repairs;
     let reason = match reason {
         abi::start::BOOT => Some(StartReason::Boot),
         abi::start::AFTER_MICRORESET => Some(StartReason::AfterMicroreset),
@@ -363,8 +376,9 @@ pub trait StateService {
     ) -> <Self::Request as ipc::Operation>::Reply;
     /// Boot-time (and fallback) initialisation.
     fn init(context: &Context, state: &mut Self::State);
-    /// Repair after a microreset or microreboot; returns the number of fixes.
-    fn repair(state: &mut Self::State, reason: StartReason) -> u32;
+    /// Repair after a microreset or microreboot, making only the repairs `context` enables
+    /// ([`Context::repair_enabled`]); returns the number of fixes.
+    fn repair(context: &Context, state: &mut Self::State, reason: StartReason) -> u32;
     /// Whether the state can be trusted.
     fn valid(state: &Self::State) -> bool;
     /// Handles notification `bits` (with the state lock held).
@@ -397,10 +411,12 @@ impl<T: StateService> Service for T {
                     T::init(context, state);
                     0
                 }
-                _ => T::repair(state, reason),
+                _ => T::repair(context, state, reason),
             };
             let valid = T::valid(state);
-            if !valid {
+            // The last resort, unless switched off: then the service goes on with state it
+            // cannot trust (what the repairs sweep measures).
+            if !valid && context.repair_enabled(abi::repair::REINIT_INVALID) {
                 T::init(context, state);
             }
             (fixes, valid)

@@ -815,7 +815,7 @@ impl System {
                     rdi: cpu as u64,
                     rsi: length as u64,
                     rdx: caller_index,
-                    rcx: start_reason,
+                    rcx: abi::repair::pack(start_reason, REPAIRS.load(Ordering::Acquire)),
                     r8: cpus as u64,
                     r9: NOTIFICATIONS[usize::from(callee)]
                         .swap(0, core::sync::atomic::Ordering::AcqRel),
@@ -904,6 +904,11 @@ impl System {
     /// failed (on another CPU: this one pops its own failed entry at detection) or has been
     /// restarted since this CPU entered it. Its thread there must not run again.
     fn stale_top(&self, cpu: usize) -> Option<u16> {
+        // Without the quiesce repair, threads on other CPUs run on in the failed instance (what
+        // the core did before it had quiesce).
+        if !repair_enabled(abi::repair::QUIESCE) {
+            return None;
+        }
         let chain = &self.chains[cpu];
         let top = chain.depth.checked_sub(1)?;
         let index = chain.entries[top]?;
@@ -1449,6 +1454,20 @@ fn recover(
     system.enter(cpu, RECOVERY_MANAGER, None, length, frame, fx);
 }
 
+/// The repairs a recovery makes ([`abi::repair`] bits; `repairs=`): the core's own
+/// (quiesce, releasing locks) are checked here, and every fresh thread gets the set in RCX.
+static REPAIRS: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(abi::repair::ALL);
+
+/// Sets the repairs recoveries make (from the command line, before any domain starts).
+pub fn set_repairs(repairs: u64) {
+    REPAIRS.store(repairs & abi::repair::ALL, Ordering::Release);
+}
+
+fn repair_enabled(repair: u64) -> bool {
+    REPAIRS.load(Ordering::Acquire) & repair == repair
+}
+
 /// Per CPU: the CPU runs ring-3 code (a domain's thread). Cleared on every entry into the core
 /// from ring 3, before anything else, and set again on the way back: a recovery waits until no
 /// CPU whose chain has the failed domain on top is still running it ([`wait_quiesced`]).
@@ -1498,6 +1517,9 @@ pub fn returning_to_domain(frame: &mut TrapFrame, fx: &mut FxArea) {
 /// chain, waiting for a callee, leave it when the callee replies (see `resume_caller`); CPUs
 /// that do not use it carry on with their guests.
 fn quiesce(system: &System, cpu: usize, failed: u16) {
+    if !repair_enabled(abi::repair::QUIESCE) {
+        return;
+    }
     for (other, chain) in system.chains.iter().enumerate() {
         if other == cpu || chain.depth == 0 || chain.entries[chain.depth - 1] != Some(failed) {
             continue;
@@ -1514,6 +1536,9 @@ fn quiesce(system: &System, cpu: usize, failed: u16) {
 /// the quiesce IPI brings it into the core within microseconds; a CPU that does not come is a
 /// core bug, reported as a failed run.
 fn wait_quiesced(system: &System, failed: u16) {
+    if !repair_enabled(abi::repair::QUIESCE) {
+        return;
+    }
     let cpu = crate::cpu::current_index();
     let start = apic::tsc();
     for (other, chain) in system.chains.iter().enumerate() {
@@ -1656,15 +1681,17 @@ fn apply(
         thread.state = ThreadState::Fresh;
     }
     let discarded = apic::tsc();
-    // SAFETY: the lock table page belongs to the failed domain, whose threads were just
-    // discarded: no lock holder survives, so releasing every lock is what recovery needs.
-    unsafe {
-        core::ptr::write_bytes(
-            paging::phys_to_virt(domain.lock_table).as_mut_ptr::<u8>(),
-            0,
-            4096,
-        )
-    };
+    if repair_enabled(abi::repair::RELEASE_LOCKS) {
+        // SAFETY: the lock table page belongs to the failed domain, whose threads were just
+        // discarded: no lock holder survives, so releasing every lock is what recovery needs.
+        unsafe {
+            core::ptr::write_bytes(
+                paging::phys_to_virt(domain.lock_table).as_mut_ptr::<u8>(),
+                0,
+                4096,
+            )
+        };
+    }
     let unlocked = apic::tsc();
     if order == RecoveryOrder::Microreboot {
         if crc32fast::hash(domain.image) != domain.checksum {

@@ -206,6 +206,22 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
         log::warn!("selfcheck=0 ignored: it applies to scenario boots only");
     }
     let self_checks = !options.skip_self_checks || options.scenario.is_none();
+    domain::set_repairs(options.repairs.0);
+    if options.repairs != cmdline::Repairs::default() {
+        let names = microvisor_abi::repair::NAMES
+            .iter()
+            .filter(|(_, bit)| options.repairs.0 & bit != 0)
+            .map(|(name, _)| *name);
+        let mut list: heapless::String<160> = heapless::String::new();
+        for name in names {
+            let _ = list.push_str(if list.is_empty() { "" } else { "," });
+            let _ = list.push_str(name);
+        }
+        log::warn!(
+            "repairs={}: recoveries make only these repairs",
+            if list.is_empty() { "none" } else { &list }
+        );
+    }
     domains::bring_up(
         &boot,
         options.recovery,
