@@ -91,6 +91,12 @@ pub enum InjectedFault<'a> {
         /// Domain name (the memory domain: the only one whose replies the injector tells apart).
         domain: &'a str,
     },
+    /// `badreply:DOMAIN`: under a scenario, DOMAIN's next reply to the core arrives corrupted
+    /// (its first byte replaced): the core must detect the malformed reply and recover DOMAIN.
+    BadReply {
+        /// Domain name.
+        domain: &'a str,
+    },
 }
 
 impl<'a> InjectedFault<'a> {
@@ -99,7 +105,8 @@ impl<'a> InjectedFault<'a> {
         match *self {
             InjectedFault::Failstop { domain }
             | InjectedFault::Stepped { domain, .. }
-            | InjectedFault::LostReply { domain } => domain,
+            | InjectedFault::LostReply { domain }
+            | InjectedFault::BadReply { domain } => domain,
         }
     }
 }
@@ -216,7 +223,7 @@ pub fn parse<'a>(line: &'a str, mut on_error: impl FnMut(CmdlineError<'a>)) -> O
                     key,
                     value,
                     expected: "failstop:DOMAIN[@STEPS], register:DOMAIN[:REG[:BIT]][@STEPS], \
-                               code:DOMAIN[:OFFSET[:BIT]][@STEPS] or lostreply:memory",
+                               code:DOMAIN[:OFFSET[:BIT]][@STEPS], lostreply:memory or badreply:DOMAIN",
                 }),
             },
             "inject_break" => match flag(value) {
@@ -298,6 +305,11 @@ fn parse_inject(value: &str) -> Option<InjectedFault<'_>> {
     }
     if kind == "failstop" && tail.is_empty() {
         return Some(InjectedFault::Failstop { domain });
+    }
+    if kind == "badreply" {
+        return tail
+            .is_empty()
+            .then_some(InjectedFault::BadReply { domain });
     }
     if kind == "lostreply" {
         return (domain == "memory" && tail.is_empty())
@@ -437,7 +449,17 @@ mod tests {
             options.inject,
             Some(InjectedFault::LostReply { domain: "memory" })
         );
-        for bad in ["inject=lostreply:timer", "inject=lostreply:memory@5"] {
+        assert_eq!(
+            parse_collect("inject=badreply:hypercall").0.inject,
+            Some(InjectedFault::BadReply {
+                domain: "hypercall"
+            })
+        );
+        for bad in [
+            "inject=lostreply:timer",
+            "inject=lostreply:memory@5",
+            "inject=badreply:hypercall@3",
+        ] {
             let (options, errors) = parse_collect(bad);
             assert_eq!((options.inject, errors.len()), (None, 1), "{bad}");
         }

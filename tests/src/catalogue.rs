@@ -456,6 +456,14 @@ pub fn catalogue() -> Vec<BootCase> {
             "scenario=5vm-unixbench inject=lostreply:memory",
             5,
         ),
+        // The hypercall domain's next reply to the core arrives corrupted: the core must detect
+        // the malformed reply, recover the domain, and the guest's hypercall is retried.
+        scenario_fault(
+            "bochs-1appvm-unixbench-badreply-hypercall",
+            "hypercall",
+            "scenario=1appvm-unixbench inject=badreply:hypercall",
+            2,
+        ),
         scenario_fault(
             "bochs-5vm-unixbench-failstop-scheduler",
             "scheduler",

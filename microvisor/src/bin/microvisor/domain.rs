@@ -384,6 +384,14 @@ static LOST_REPLY_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::A
 static LOSE_REPLY: [core::sync::atomic::AtomicUsize; abi::MAX_DOMAIN_CPUS] =
     [const { core::sync::atomic::AtomicUsize::new(0) }; abi::MAX_DOMAIN_CPUS];
 
+/// `inject=badreply:DOMAIN`: the domain's index + 1 while armed (0: not armed).
+static BAD_REPLY_ARMED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Arms the bad-reply fault: domain `index`'s next reply to the core arrives corrupted.
+pub fn arm_bad_reply(index: u16) {
+    BAD_REPLY_ARMED.store(usize::from(index) + 1, Ordering::Release);
+}
+
 /// Arms the lost-reply fault: the memory domain (index `memory`) fails as it replies to its
 /// next `EptViolation`, after committing the allocation.
 pub fn arm_lost_reply(memory: u16) {
@@ -707,10 +715,9 @@ pub fn describe(index: u16) -> Option<(&'static str, u32, u32)> {
 pub enum TypedCallError {
     /// The request does not encode within `ipc::MESSAGE_MAX`.
     Encode,
-    /// The call failed with this status.
+    /// The call failed with this status (a reply that does not decode is the callee's
+    /// failure: it is recovered and the call fails with `PeerRestarted`).
     Status(Status),
-    /// The reply is not a valid `ipc::Response<R>`.
-    Decode,
 }
 
 /// Calls domain `target` from the core with a typed `ipc` request and decodes its response.
@@ -722,7 +729,84 @@ pub fn typed_call<R: serde::de::DeserializeOwned>(
     let length = ipc::encode(request, &mut bytes).map_err(|_| TypedCallError::Encode)?;
     let mut reply = [0u8; ipc::MESSAGE_MAX];
     let length = core_call(target, &bytes[..length], &mut reply).map_err(TypedCallError::Status)?;
-    ipc::decode(&reply[..length]).map_err(|_| TypedCallError::Decode)
+    match ipc::decode(&reply[..length]) {
+        Ok(response) => Ok(response),
+        // A reply that does not decode is the domain's failure, detected after the fact: it is
+        // recovered, and the caller sees what a failure under its call looks like.
+        Err(_) => {
+            malformed_reply(target, "its reply does not decode");
+            Err(TypedCallError::Status(Status::PeerRestarted))
+        }
+    }
+}
+
+/// Domain `failed` answered the core with a reply the core cannot use (`why`): a failure
+/// detected after the fact, while its thread is parked in `REPLY_WAIT`. It is detected (kind
+/// `malformed-reply`) and recovered like any other failure: the recovery manager decides
+/// (asked with a call from here), then the core applies the order. The caller goes on as if
+/// the domain had failed under its call (`PeerRestarted`: it retries).
+pub fn malformed_reply(failed: u16, why: &str) {
+    let detected = apic::tsc();
+    let cpu = crate::cpu::current_index();
+    let (rip, generation) = {
+        let mut system = SYSTEM.lock();
+        let Some(domain) = system.domain(failed) else {
+            return;
+        };
+        if domain.recovering || domain.failed_for_good {
+            return;
+        }
+        domain.recovering = true;
+        let rip = domain
+            .threads
+            .get(cpu)
+            .map_or(0, |thread| thread.context.frame.rip);
+        let (name, generation) = (domain.name, domain.generation);
+        let _ = writeln!(
+            Console::lock(),
+            "DOMAIN MALFORMED REPLY from {name} on CPU {cpu}: {why}"
+        );
+        crate::inject::on_detection(failed, detected);
+        *LAST_DETECTION.lock() = Some(Detection {
+            domain: failed,
+            cpu,
+            kind: FailureKind::MalformedReply,
+            rip,
+            caller: None,
+            tsc: detected,
+        });
+        quiesce(&system, cpu, failed);
+        (rip, generation)
+    };
+    let (order, decided_by) = if failed == RECOVERY_MANAGER {
+        (RecoveryOrder::Microreboot, "core")
+    } else {
+        let request = ipc::recovery::Request::DomainFailed(ipc::recovery::Detection {
+            domain: ipc::DomainId {
+                index: failed,
+                generation,
+            },
+            cpu: cpu as u8,
+            kind: FailureKind::MalformedReply,
+            rip,
+            tsc: detected,
+            in_flight: None,
+        });
+        match typed_call::<ipc::recovery::Reply>(RECOVERY_MANAGER, &request) {
+            Ok(Ok(ipc::recovery::Reply::Order(order))) => (order, "recovery-manager"),
+            _ => (order_for(*MODE.lock()), "core"),
+        }
+    };
+    let decided = apic::tsc();
+    let generation = {
+        let mut system = SYSTEM.lock();
+        apply(&mut system, failed, order, detected, decided, decided_by);
+        system.domain(failed).map_or(0, |domain| domain.generation)
+    };
+    if let Some(report) = LAST_RECOVERY.lock().as_mut() {
+        report.total = apic::tsc() - detected;
+    }
+    log_recovery(generation);
 }
 
 /// Calls domain `target` from the core on this CPU: `request` in, reply into `reply`.
@@ -1080,6 +1164,25 @@ pub fn syscall(frame: &mut TrapFrame, fx: &mut FxArea) {
                     copy_buffer(reply_buffer, caller_buffer, length);
                 }
                 None => {
+                    if length > 0
+                        && BAD_REPLY_ARMED
+                            .compare_exchange(
+                                usize::from(current) + 1,
+                                0,
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        // The injected bad reply: the first byte (the response's tag) becomes
+                        // one no decoder accepts.
+                        let _ = writeln!(
+                            Console::lock(),
+                            "INJECT bad reply: domain {current} on CPU {cpu} answers the core with a corrupted reply"
+                        );
+                        // SAFETY: the replying thread's buffer page; length > 0.
+                        unsafe { *paging::phys_to_virt(reply_buffer).as_mut_ptr::<u8>() = 0xff };
+                    }
                     let target = &mut system.core_buffers[cpu][..length];
                     // SAFETY: the reply buffer is the callee thread's page; length <= a page.
                     unsafe {

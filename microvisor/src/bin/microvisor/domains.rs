@@ -252,17 +252,21 @@ pub fn bring_up(
         Some(InjectedFault::Failstop { domain: _ }) if scenario => run_workload(None),
         Some(InjectedFault::Failstop { domain: target }) => run_workload(Some(target)),
         // Register, code and stepped faults strike under a scenario (`crate::inject`).
-        Some(InjectedFault::Stepped { .. } | InjectedFault::LostReply { .. }) if scenario => {
-            run_workload(None)
-        }
-        Some(InjectedFault::Stepped { domain, .. } | InjectedFault::LostReply { domain }) => {
-            crate::fail(
-                "inject",
-                format_args!(
-                    "a register, code, stepped or lost-reply fault ({domain}) needs scenario=NAME"
-                ),
-            )
-        }
+        Some(
+            InjectedFault::Stepped { .. }
+            | InjectedFault::LostReply { .. }
+            | InjectedFault::BadReply { .. },
+        ) if scenario => run_workload(None),
+        Some(
+            InjectedFault::Stepped { domain, .. }
+            | InjectedFault::LostReply { domain }
+            | InjectedFault::BadReply { domain },
+        ) => crate::fail(
+            "inject",
+            format_args!(
+                "a register, code, stepped or lost-reply fault ({domain}) needs scenario=NAME"
+            ),
+        ),
         None => run_workload(None),
     }
     if matches!(bench, Some(Benchmark::Ipc | Benchmark::All)) {
@@ -513,6 +517,16 @@ pub fn arm_lost_reply() -> (u16, u32) {
     (index, failures)
 }
 
+/// Arms `inject=badreply:DOMAIN` for a scenario: DOMAIN's next reply to the core arrives
+/// corrupted. Returns its index and failures so far, for [`check_injection`].
+pub fn arm_bad_reply(target: &str) -> (u16, u32) {
+    let index = index_of(target);
+    let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
+    domain::arm_bad_reply(index);
+    log::info!("bad reply armed: {target}'s next reply to the core arrives corrupted");
+    (index, failures)
+}
+
 /// Ends the run failed unless domain `index` failed exactly once more than `before`.
 pub fn check_injection(target: &str, index: u16, before: u32) {
     let failures = domain::describe(index).map_or(0, |(_, _, failures)| failures);
@@ -522,7 +536,7 @@ pub fn check_injection(target: &str, index: u16, before: u32) {
             format_args!("{target} failed {before} -> {failures} times: the fail-stop was not hit"),
         );
     }
-    log::info!("fail-stop injected into {target} under running guests: detected, recovered");
+    log::info!("fault injected into {target} under running guests: detected, recovered");
     run::stage("inject-failstop");
 }
 

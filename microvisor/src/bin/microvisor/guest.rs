@@ -871,11 +871,18 @@ fn back_new_page(slot: usize, vm_id: u16, gfn: usize) -> Demand {
         Err(_) => return Demand::Interrupted,
     };
     if validate(vm_id, frame).is_err() {
+        // Not the guest's fault: the memory domain answered a frame that is not the VM's to
+        // map (outside the pool, or owned by another VM). A failure of the memory domain,
+        // detected by its reply: recovered, and the guest touches the page again.
         log::error!(
             "VM {vm_id}: the memory domain backed guest frame {gfn:#x} with frame {frame:#x}, \
              which fails the core's check"
         );
-        return Demand::Refused(memory::Error::NotOwner);
+        crate::domain::malformed_reply(
+            MEMORY,
+            "it backed a guest page with a frame the VM may not map",
+        );
+        return Demand::Interrupted;
     }
     scrub(frame);
     let _ = memory_call(memory::Request::Validate {

@@ -283,14 +283,15 @@ extern "C" fn kmain(info: u64, protocol: u64) -> ! {
             }
             _ => None,
         };
-        let lost_reply = matches!(
-            options.inject,
-            Some(cmdline::InjectedFault::LostReply { .. })
-        );
+        let reply_fault = match options.inject {
+            Some(cmdline::InjectedFault::LostReply { .. }) => Some(None),
+            Some(cmdline::InjectedFault::BadReply { domain }) => Some(Some(domain)),
+            _ => None,
+        };
         let budget_ms = options
             .scenario_budget_s
             .map_or(SCENARIO_BUDGET_MS, |seconds| seconds * 1000);
-        run_scenario(scenario, target, stepped, lost_reply, budget_ms);
+        run_scenario(scenario, target, stepped, reply_fault, budget_ms);
     }
 
     if let Some(request) = options.fault {
@@ -318,7 +319,7 @@ fn run_scenario(
     scenario: &'static microvisor::scenario::Scenario,
     inject: Option<&str>,
     stepped: Option<(&str, microvisor::inject::Spec, u64)>,
-    lost_reply: bool,
+    reply_fault: Option<Option<&str>>,
     budget_ms: u64,
 ) {
     use microvisor::scenario::{CONTROL_VM, FIRST_VM, home_cpu};
@@ -395,7 +396,11 @@ fn run_scenario(
     if let Some((target, spec, seed)) = stepped {
         domains::arm_stepped(target, spec, seed, scenario.inject_after);
     }
-    let lost = lost_reply.then(domains::arm_lost_reply);
+    // A fault in a reply: lost (memory's, to an EPT violation), or corrupted (`Some(domain)`).
+    let replied = reply_fault.map(|bad| match bad {
+        None => ("memory", domains::arm_lost_reply()),
+        Some(target) => (target, domains::arm_bad_reply(target)),
+    });
     // A bound in TSC (emulated time under bochs) so a stuck guest cannot hang the run.
     let budget = apic::tsc_khz().max(1000) * budget_ms;
     let (declared_before, _) = crate::domain::declared_failed();
@@ -451,8 +456,8 @@ fn run_scenario(
     if let Some((target, (index, before))) = injected {
         domains::check_injection(target, index, before);
     }
-    if let Some((index, before)) = lost {
-        domains::check_injection("memory", index, before);
+    if let Some((target, (index, before))) = replied {
+        domains::check_injection(target, index, before);
     }
     // Every frame the memory domain counts in use is held by a VM, but for those it already
     // counted before the scenario: none leaked (a lost reply of an allocation would leave one

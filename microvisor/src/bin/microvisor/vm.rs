@@ -537,8 +537,8 @@ fn forward_hypercall(registers: &GuestRegisters) -> Result<Option<i64>, GuestErr
         Err(TypedCallError::Encode) => {
             return Err(GuestError::Hypercall("request does not encode"));
         }
-        Err(TypedCallError::Decode) => return Err(GuestError::Hypercall("reply does not decode")),
-        // The hypercall domain restarted under the call: the guest runs its VMCALL again.
+        // The hypercall domain restarted under the call (or answered a reply that does not
+        // decode, and was recovered for it): the guest runs its VMCALL again.
         Err(TypedCallError::Status(microvisor_abi::Status::PeerRestarted)) => return Ok(None),
         Err(TypedCallError::Status(_)) => {
             return Err(GuestError::Hypercall("hypercall domain unreachable"));
