@@ -13,6 +13,42 @@ const CORE_FAMILY: &[&str] = &[
     "microvisor-freestanding",
 ];
 
+/// The only package allowed the runtime's `misbehave` feature (a safe wrapper around raw
+/// writes and jumps: unsound by design, for the isolation checks).
+const MISBEHAVING: &str = "probe-domain";
+
+/// Packages other than [`MISBEHAVING`] that enable `microvisor-runtime`'s `misbehave` feature,
+/// through one of their features or a dependency's feature list.
+pub fn misbehave_problems(metadata: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let name = package["name"].as_str().unwrap_or("?");
+        if name == MISBEHAVING {
+            continue;
+        }
+        let in_features = package["features"]
+            .as_object()
+            .into_iter()
+            .flat_map(|features| features.values())
+            .flat_map(|values| values.as_array().into_iter().flatten())
+            .any(|value| value == "microvisor-runtime/misbehave");
+        let in_dependencies = package["dependencies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|dependency| dependency["name"] == "microvisor-runtime")
+            .flat_map(|dependency| dependency["features"].as_array().into_iter().flatten())
+            .any(|feature| feature == "misbehave");
+        if in_features || in_dependencies {
+            problems.push(format!(
+                "{name}: enables microvisor-runtime's `misbehave` feature, which only \
+                 {MISBEHAVING} may"
+            ));
+        }
+    }
+    problems
+}
+
 /// Target kinds whose `src_path` is a crate root (tests, benches, examples and build
 /// scripts are not checked).
 const ROOT_KINDS: &[&str] = &[
@@ -79,7 +115,7 @@ pub fn check_workspace() -> Result<Vec<String>, String> {
     if roots.is_empty() {
         return Err("cargo metadata listed no crate roots".into());
     }
-    let mut problems = Vec::new();
+    let mut problems = misbehave_problems(&metadata);
     for (name, path) in roots {
         match std::fs::read_to_string(&path) {
             Ok(text) => problems.extend(
@@ -97,6 +133,21 @@ pub fn check_workspace() -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_the_probe_may_misbehave() {
+        let metadata = json!({"packages": [
+            {"name": "probe-domain", "dependencies": [],
+             "features": {"domain": ["dep:microvisor-runtime", "microvisor-runtime/misbehave"]}},
+            {"name": "memory", "dependencies": [], "features": {"domain": ["dep:microvisor-runtime"]}},
+            {"name": "sneaky", "dependencies": [], "features": {"x": ["microvisor-runtime/misbehave"]}},
+            {"name": "direct", "features": {},
+             "dependencies": [{"name": "microvisor-runtime", "features": ["misbehave"]}]}
+        ]});
+        let problems = misbehave_problems(&metadata);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("sneaky:") && problems[1].starts_with("direct:"));
+    }
 
     #[test]
     fn a_good_root_passes() {

@@ -130,7 +130,7 @@ pub fn test(quick: bool) -> ExitCode {
     if !interrupted() {
         fn_step(
             &mut tally,
-            "house rules (crate roots: //! tagline, forbid(unsafe_code))",
+            "house rules (crate roots: //! tagline, forbid(unsafe_code); only the probe misbehaves)",
             || {
                 let problems = house::check_workspace()?;
                 if problems.is_empty() {

@@ -128,6 +128,21 @@ pub mod repair {
     }
 }
 
+/// R8 at a fresh thread's entry: the CPUs the domain has threads for (bits 0-31) and the bytes
+/// of its state region the core mapped (bits 32-63: the manifest's `state_pages`, never more
+/// than [`STATE_BYTES`]), so the runtime views no more of the region than exists.
+pub mod entry {
+    /// Packs the CPU count and the mapped state bytes into R8.
+    pub const fn pack(cpus: u64, state_bytes: u64) -> u64 {
+        (cpus & 0xffff_ffff) | (state_bytes << 32)
+    }
+
+    /// Splits R8 into the CPU count and the mapped state bytes.
+    pub const fn unpack(r8: u64) -> (u64, u64) {
+        (r8 & 0xffff_ffff, r8 >> 32)
+    }
+}
+
 /// `REPLY_WAIT` argument on a thread's first entry: there is nothing to reply to.
 pub const NO_REPLY: u64 = u64::MAX;
 
@@ -237,6 +252,16 @@ mod tests {
         let rcx = repair::pack(start::AFTER_MICROREBOOT, repair::ALL);
         assert_eq!(repair::unpack(rcx), (start::AFTER_MICROREBOOT, repair::ALL));
         assert_eq!(repair::unpack(start::BOOT), (start::BOOT, 0));
+    }
+
+    #[test]
+    fn the_state_size_travels_with_the_cpu_count() {
+        let r8 = entry::pack(4, 3 * 4096);
+        assert_eq!(entry::unpack(r8), (4, 3 * 4096));
+        assert_eq!(
+            entry::unpack(entry::pack(64, STATE_BYTES as u64)).1,
+            STATE_BYTES as u64
+        );
     }
 
     #[test]

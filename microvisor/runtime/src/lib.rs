@@ -57,6 +57,8 @@ pub struct Context {
     generations: [u32; 16],
     /// The repairs the core enables ([`microvisor_abi::repair`] bits).
     repairs: u64,
+    /// Bytes of the state region the core mapped (at most [`abi::STATE_BYTES`]).
+    state_bytes: usize,
 }
 
 /// A failed call to another domain.
@@ -75,6 +77,7 @@ impl Context {
             cpu_count: cpu_count as usize,
             generations: [1; 16],
             repairs: abi::repair::ALL,
+            state_bytes: 0,
         }
     }
 
@@ -108,10 +111,12 @@ impl Context {
         {
             core::hint::spin_loop();
         }
-        // SAFETY: the state region is mapped read-write at this fixed address; holding the
-        // state lock makes this the only reference to it among the domain's threads.
+        // SAFETY: the core maps `state_bytes` (the manifest's pages, at most STATE_BYTES) of the
+        // state region read-write at this fixed address and told this thread so at its entry;
+        // holding the state lock makes this the only reference to it among the domain's
+        // threads.
         let state = unsafe {
-            core::slice::from_raw_parts_mut(abi::STATE_BASE as *mut u8, abi::STATE_BYTES)
+            core::slice::from_raw_parts_mut(abi::STATE_BASE as *mut u8, self.state_bytes)
         };
         let result = f(self, state);
         lock.store(0, Ordering::Release);
@@ -245,7 +250,9 @@ pub fn run<S: Service>(
     cpu_count: u64,
     notifications: u64,
 ) -> ! {
+    let (cpu_count, state_bytes) = abi::entry::unpack(cpu_count);
     let mut context = Context::new(cpu, cpu_count);
+    context.state_bytes = (state_bytes as usize).min(abi::STATE_BYTES);
     let (reason, repairs) = abi::repair::unpack(reason);
     context.repairs = repairs;
     let reason = match reason {
@@ -467,6 +474,7 @@ impl ipc::Transport for Context {
 
 /// Deliberate misbehaviour, for the isolation and fault tests only (the probe domain). Each
 /// of these is a bug the core must catch as the calling domain's fault.
+#[cfg(feature = "misbehave")]
 pub mod probe {
     /// Writes `value` at `address` in this domain's address space.
     pub fn write_u64(address: u64, value: u64) {

@@ -161,6 +161,8 @@ pub struct Domain {
     pending_start: u64,
     /// CPUs the domain has threads for.
     cpus: usize,
+    /// Bytes of its state region mapped (the manifest's pages).
+    state_bytes: u64,
     /// The recovery manager declared the domain failed: every call to it gets `PeerFailed`.
     failed_for_good: bool,
     /// Detected and not yet recovered: calls to it wait (see [`wait_for_recovery`]).
@@ -576,12 +578,8 @@ pub fn load(
     }
 
     let data = Flags::WRITABLE | Flags::NO_EXECUTE;
-    map_fresh(
-        pml4,
-        abi::STATE_BASE,
-        state_pages.clamp(1, u64::from(abi::MAX_STATE_PAGES)),
-        data,
-    )?;
+    let state_pages = state_pages.clamp(1, u64::from(abi::MAX_STATE_PAGES));
+    map_fresh(pml4, abi::STATE_BASE, state_pages, data)?;
     let lock_table = map_fresh(pml4, abi::LOCK_TABLE_BASE, 1, data)?;
     let empty = Thread {
         state: ThreadState::Fresh,
@@ -616,6 +614,7 @@ pub fn load(
         failures: 0,
         pending_start: abi::start::BOOT,
         cpus: cpus.min(abi::MAX_DOMAIN_CPUS),
+        state_bytes: state_pages * 4096,
         failed_for_good: false,
         recovering: false,
     });
@@ -880,7 +879,8 @@ impl System {
         chain.depth += 1;
         chain.start_deadline(cpu, apic::tsc());
         let domain = self.domain(callee).expect("callee checked by the caller");
-        let (pml4, entry, cpus) = (domain.pml4, domain.entry, domain.cpus);
+        let (pml4, entry, cpus, state_bytes) =
+            (domain.pml4, domain.entry, domain.cpus, domain.state_bytes);
         let start_reason = if domain.threads[cpu].state == ThreadState::Fresh {
             core::mem::replace(&mut domain.pending_start, abi::start::JOIN)
         } else {
@@ -900,7 +900,7 @@ impl System {
                     rsi: length as u64,
                     rdx: caller_index,
                     rcx: abi::repair::pack(start_reason, REPAIRS.load(Ordering::Acquire)),
-                    r8: cpus as u64,
+                    r8: abi::entry::pack(cpus as u64, state_bytes),
                     r9: NOTIFICATIONS[usize::from(callee)]
                         .swap(0, core::sync::atomic::Ordering::AcqRel),
                     ..TrapFrame::default()
