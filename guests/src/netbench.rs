@@ -97,6 +97,10 @@ pub struct NetReport {
     pub worst_window_ratio_permille: u64,
     /// [`Checksum`] of each good reply's sequence number and echo, in arrival order.
     pub checksum: u64,
+    /// The longest time without a good reply while pings were due (from the start to the
+    /// first reply, between two replies, or from the last reply to the time of the report),
+    /// in microseconds of guest time: the service interruption the guest saw.
+    pub longest_gap_us: u64,
 }
 
 /// The books of one run; about 9 KiB, no heap.
@@ -111,6 +115,10 @@ pub struct Tracker {
     replied: u64,
     bad_replies: u64,
     checksum: Checksum,
+    /// When the last good reply arrived (`start` before the first).
+    last_reply: u64,
+    /// The longest time between good replies so far (TSC ticks).
+    longest_gap: u64,
 }
 
 impl Tracker {
@@ -126,6 +134,8 @@ impl Tracker {
             replied: 0,
             bad_replies: 0,
             checksum: Checksum::new(),
+            last_reply: start,
+            longest_gap: 0,
         }
     }
 
@@ -174,6 +184,8 @@ impl Tracker {
                 }
                 self.checksum.add(reply[0]);
                 self.checksum.add(reply[2]);
+                self.longest_gap = self.longest_gap.max(now.saturating_sub(self.last_reply));
+                self.last_reply = self.last_reply.max(now);
             }
             Err(_) => self.bad_replies += 1,
         }
@@ -214,6 +226,11 @@ impl Tracker {
                 .count() as u64,
             worst_window_ratio_permille: ratios.min().unwrap_or(1000),
             checksum: self.checksum.0,
+            longest_gap_us: self
+                .longest_gap
+                .max(now.saturating_sub(self.last_reply))
+                .saturating_mul(1000)
+                / self.tsc_khz.max(1),
         }
     }
 }
@@ -277,6 +294,8 @@ mod tests {
         // Window 0 loses its last reply to window 1; the others gain one and lose one.
         assert_eq!(report.worst_window_ratio_permille, 999);
         assert_eq!(report.checksum, golden(5499));
+        // A reply every millisecond, the first one 1 ms after the start.
+        assert_eq!(report.longest_gap_us, 1000);
     }
 
     #[test]
@@ -290,6 +309,10 @@ mod tests {
         assert_eq!(report.drop_windows, 1);
         assert_eq!(report.worst_window_ratio_permille, 700);
         assert_eq!(report.replied, 3999 - 300);
+        // The last reply before the gap arrived at 1199 ms, the next at 1500 ms.
+        assert_eq!(report.longest_gap_us, 301_000);
+        // Silence at the end counts too, up to the time of the report.
+        assert_eq!(tracker.report(at(4500)).longest_gap_us, 501_000);
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub const MULTICALL: u64 = 7;
 /// Answers the length. Idempotent (a retry prints the line again).
 pub const CONSOLE_WRITE: u64 = 8;
 /// The calling vCPU is finished: arg0 = verdict (0 passed, 1 failed), arg1 = the checksum of
-/// its work. The vCPU is removed from the scheduler and never runs again; answers `Blocked`.
+/// its work, arg2 = the longest stretch without service it measured, in microseconds (0:
+/// none; the guest's claim, for the summary). The vCPU is removed from the scheduler and never runs again; answers `Blocked`.
 /// Non-idempotent (a repeat finds no vCPU: still `Blocked`).
 pub const VM_EXIT: u64 = 9;
 /// Maps a frame the calling VM owns or was granted into its guest-physical window:

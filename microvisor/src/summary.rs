@@ -216,6 +216,9 @@ pub struct VmReport<'a> {
     pub created_tsc: u64,
     /// Why the core stopped it, if it did.
     pub stop_reason: &'a str,
+    /// The longest stretch without service the guest measured (microseconds of guest time;
+    /// netbench: between two echoes), if it measured one: what a recovery cost it.
+    pub longest_gap_us: Option<u64>,
 }
 
 impl VmReport<'_> {
@@ -233,6 +236,7 @@ impl VmReport<'_> {
         run_tsc: 0,
         created_tsc: 0,
         stop_reason: "",
+        longest_gap_us: None,
     };
 }
 
@@ -240,7 +244,7 @@ impl Display for VmReport<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            r#"{{"vm":{},"guest":{},"vcpus":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"created_tsc":{},"stop_reason":{}}}"#,
+            r#"{{"vm":{},"guest":{},"vcpus":{},"verdict":{},"checksum":"{:#018x}","exits":{},"hypercalls":{},"retries":{},"demand_pages":{},"run_tsc":{},"created_tsc":{},"stop_reason":{},"longest_gap_us":{}}}"#,
             self.vm,
             JsonStr(self.guest),
             self.vcpus,
@@ -252,7 +256,8 @@ impl Display for VmReport<'_> {
             self.demand_pages,
             self.run_tsc,
             self.created_tsc,
-            JsonStr(self.stop_reason)
+            JsonStr(self.stop_reason),
+            JsonU64(self.longest_gap_us)
         )
     }
 }
@@ -602,6 +607,7 @@ mod tests {
                 run_tsc: 123_456,
                 created_tsc: 1_000,
                 stop_reason: "",
+                longest_gap_us: Some(2_500),
             }],
             bench: &[],
             injection: None,
@@ -633,6 +639,7 @@ mod tests {
         assert_eq!(value["vms"][0]["checksum"], "0x0000000000000abc");
         assert_eq!(value["vms"][0]["run_tsc"], 123_456);
         assert_eq!(value["vms"][0]["demand_pages"], 9);
+        assert_eq!(value["vms"][0]["longest_gap_us"], 2_500);
         assert_eq!(value["vms"][0]["vcpus"], 2);
         assert_eq!(value["vmx"]["cpus_in_root"], 2);
         assert!(value["vmx"]["unavailable"].is_null());

@@ -94,6 +94,9 @@ pub fn account(summary: &Value) -> Vec<String> {
                 vm["demand_pages"],
                 vm["run_tsc"]
             );
+            if let Some(gap) = vm["longest_gap_us"].as_u64() {
+                line.push_str(&format!(", longest gap without service {gap} us"));
+            }
             if let Some(reason) = vm["stop_reason"].as_str().filter(|r| !r.is_empty()) {
                 line.push_str(&format!(" (stopped: {reason})"));
             }

@@ -533,6 +533,7 @@ fn run_one(spec: &RunSpec, cpus: u32, timeout: Duration, elf: &Path) -> Value {
                             "vm": vm["vm"], "guest": vm["guest"], "verdict": vm["verdict"],
                             "retries": vm["retries"], "stop_reason": vm["stop_reason"],
                             "created_tsc": vm["created_tsc"],
+                            "longest_gap_us": vm["longest_gap_us"],
                         }))
                         .collect::<Vec<_>>())
                     .unwrap_or_default()

@@ -443,7 +443,8 @@ fn sweep_table(steps: &BTreeMap<(String, String, String), Cell>) -> String {
 /// the repair and the retried request included, what a guest waits). Records from builds
 /// before `until_served` existed have none.
 fn latency_table(records: &[Value]) -> String {
-    let mut groups: BTreeMap<(String, String), (Vec<u64>, Vec<u64>)> = BTreeMap::new();
+    type Latencies = (Vec<u64>, Vec<u64>, Vec<u64>);
+    let mut groups: BTreeMap<(String, String), Latencies> = BTreeMap::new();
     for record in records
         .iter()
         .filter(|record| record["class"] == Class::Recovered.name())
@@ -452,10 +453,19 @@ fn latency_table(records: &[Value]) -> String {
             record["target"].as_str().unwrap_or("?").to_string(),
             record["mode"].as_str().unwrap_or("?").to_string(),
         );
-        let (total, served) = groups.entry(key).or_default();
+        let (total, served, gap) = groups.entry(key).or_default();
         let tsc = &record["recovery"]["tsc"];
         total.extend(tsc["total"].as_u64());
         served.extend(tsc["until_served"].as_u64());
+        // The longest gap any VM of the run measured (netbench's, between two echoes).
+        gap.extend(
+            record["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|vm| vm["longest_gap_us"].as_u64())
+                .max(),
+        );
     }
     let show = |values: &[u64]| match median_max(values) {
         Some((median, max)) => format!("{median} / {max} ({} runs)", values.len()),
@@ -463,14 +473,16 @@ fn latency_table(records: &[Value]) -> String {
     };
     let mut out = String::from(
         "| target | mode | detection to resumed caller: median / worst | detection to first \
-         request served: median / worst |\n|---|---|---|---|\n",
+         request served: median / worst | longest gap a guest saw (µs of guest time): median / \
+         worst |\n|---|---|---|---|---|\n",
     );
-    for ((target, mode), (total, served)) in &groups {
+    for ((target, mode), (total, served, gap)) in &groups {
         let _ = writeln!(
             out,
-            "| {target} | {mode} | {} | {} |",
+            "| {target} | {mode} | {} | {} | {} |",
             show(total),
-            show(served)
+            show(served),
+            show(gap)
         );
     }
     out
@@ -764,7 +776,7 @@ mod tests {
         );
         // One recovered run, from a build before `until_served`.
         assert!(
-            md.contains("| memory | microreset | 20000 / 20000 (1 runs) | - |"),
+            md.contains("| memory | microreset | 20000 / 20000 (1 runs) | - | - |"),
             "latency table: {md}"
         );
         assert!(
@@ -808,7 +820,9 @@ mod tests {
                    "fault": "failstop", "mode": "microreset", "repairs": repairs,
                    "class": class, "no_vm_failure": class == "recovered",
                    "injection": {"injected": true, "detection_latency": 10},
-                   "recovery": {"tsc": {"total": 100, "until_served": 300}}})
+                   "recovery": {"tsc": {"total": 100, "until_served": 300}},
+                   "vms": [{"vm": 1, "longest_gap_us": null},
+                           {"vm": 2, "longest_gap_us": if id == "e" { 9000 } else { 2000 }}]})
         };
         let records = [
             record("a", "none", "detected-failed"),
@@ -833,7 +847,7 @@ mod tests {
         );
         // Latencies per target and mode pool the sets: four recovered runs.
         assert!(
-            md.contains("| memory | microreset | 100 / 100 (4 runs) | 300 / 300 (4 runs) |"),
+            md.contains("| memory | microreset | 100 / 100 (4 runs) | 300 / 300 (4 runs) | 2000 / 9000 (4 runs) |"),
             "{md}"
         );
         assert!(

@@ -465,7 +465,9 @@ fn check(caller: Caller, number: u64, args: &[u64; 6]) -> Result<Call, Hypercall
         NULL | YIELD | EVENT_WAIT => 0,
         MEMORY_RELEASE | QUERY_FRAME | MEMORY_POPULATE | UNMAP_GRANT | EVTCHN_ALLOC
         | EVTCHN_SEND | EVTCHN_CLOSE => 1,
-        TIMER_ONESHOT | GRANT | VM_EXIT | MAP_GRANT | EVTCHN_BIND | GRANT_REVOKE => 2,
+        TIMER_ONESHOT | GRANT | MAP_GRANT | EVTCHN_BIND | GRANT_REVOKE => 2,
+        // Verdict, checksum, and the longest gap without service the guest measured.
+        VM_EXIT => 3,
         // MULTICALL included: a batch travels as `Request::Multicall`, never as one call.
         // CONSOLE_WRITE and the VM_* control calls are served by the core itself.
         _ => return Err(HypercallError::BadNumber),

@@ -123,6 +123,7 @@ fn main(info: &StartInfo) -> Verdict {
     }
     let end = tsc().min(last_due);
     let report = tracker.report(end);
+    microvisor_guest_runtime::report_longest_gap_us(report.longest_gap_us);
     // Every ping that reached the ring must come back, correct; pings a full ring dropped
     // (the backend stalled, e.g. while it was being recovered) are the service interruption
     // this benchmark reports, not a failure. With none dropped the checksum is the golden one.
@@ -134,7 +135,7 @@ fn main(info: &StartInfo) -> Verdict {
         && ring_errors == 0
         && (dropped > 0 || report.checksum == netbench::golden(pings));
     print(format_args!(
-        "netbench: vm {} {}: {} pings, {} dropped (ring full), {} replies, {} bad, {} windows, {} with >10% drop (worst {} per mille)",
+        "netbench: vm {} {}: {} pings, {} dropped (ring full), {} replies, {} bad, {} windows, {} with >10% drop (worst {} per mille), longest gap {} us",
         info.vm,
         if passed { "passed" } else { "FAILED" },
         report.sent,
@@ -143,7 +144,8 @@ fn main(info: &StartInfo) -> Verdict {
         report.bad_replies,
         report.windows,
         report.drop_windows,
-        report.worst_window_ratio_permille
+        report.worst_window_ratio_permille,
+        report.longest_gap_us
     ));
     let _ = call2(abi::UNMAP_GRANT, RING_GFN, 0);
     Verdict {

@@ -137,6 +137,9 @@ struct Vm {
     ept_pointer: u64,
     verdict: Verdict,
     checksum: u64,
+    /// The longest stretch without service the guest measured (µs; 0: none), reported with
+    /// its verdict (`VM_EXIT`'s third argument, vCPU 0's).
+    longest_gap_us: u64,
     stop_reason: &'static str,
     exits: u64,
     hypercalls: u64,
@@ -639,6 +642,7 @@ pub fn create_vm(config: &VmConfig<'_>) -> Result<(), CreateError> {
         ept_pointer: pml4 | 6 | (3 << 3),
         verdict: Verdict::Unfinished,
         checksum: 0,
+        longest_gap_us: 0,
         stop_reason: "",
         exits: 0,
         hypercalls: 0,
@@ -1827,6 +1831,7 @@ fn handle_vmcall(
                     vm.vcpu_failed |= args[0] != 0;
                     if vcpu.vcpu == 0 {
                         vm.checksum = args[1];
+                        vm.longest_gap_us = args[2];
                     }
                     // Marked in the table now (not only when the slice ends), so the last
                     // vCPU to exit, on whichever CPU, sees every other one exited.
@@ -2434,6 +2439,7 @@ pub fn reports(reports: &mut [microvisor::summary::VmReport<'static>], wait: boo
             run_tsc: vm.run_tsc,
             created_tsc: vm.created_tsc,
             stop_reason: vm.stop_reason,
+            longest_gap_us: (vm.longest_gap_us != 0).then_some(vm.longest_gap_us),
         };
         count += 1;
     }
