@@ -24,6 +24,24 @@ struct Cell {
     classes: [u64; 6],
 }
 
+impl Cell {
+    /// Counts one run's record.
+    fn add(&mut self, record: &Value) {
+        self.runs += 1;
+        if let Some(index) = Class::ALL
+            .iter()
+            .position(|class| record["class"] == class.name())
+        {
+            self.classes[index] += 1;
+        }
+        let recovered = record["class"] == Class::Recovered.name();
+        let detected = recovered || record["class"] == Class::DetectedFailed.name();
+        self.detected += u64::from(detected);
+        self.recovered += u64::from(recovered);
+        self.no_vmf += u64::from(crate::campaign::no_vm_failure(record));
+    }
+}
+
 /// Cells by (target, fault, mode).
 fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
     let mut cells: BTreeMap<(String, String, String), Cell> = BTreeMap::new();
@@ -33,19 +51,7 @@ fn cells(records: &[Value]) -> BTreeMap<(String, String, String), Cell> {
             record["fault"].as_str().unwrap_or("?").to_string(),
             crate::campaign::cell_mode(record),
         );
-        let cell = cells.entry(key).or_default();
-        cell.runs += 1;
-        if let Some(index) = Class::ALL
-            .iter()
-            .position(|class| record["class"] == class.name())
-        {
-            cell.classes[index] += 1;
-        }
-        let recovered = record["class"] == Class::Recovered.name();
-        let detected = recovered || record["class"] == Class::DetectedFailed.name();
-        cell.detected += u64::from(detected);
-        cell.recovered += u64::from(recovered);
-        cell.no_vmf += u64::from(crate::campaign::no_vm_failure(record));
+        cells.entry(key).or_default().add(record);
     }
     cells
 }
@@ -387,20 +393,10 @@ fn sweep(records: &[Value]) -> Option<BTreeMap<(String, String, String), Cell>> 
             .iter()
             .position(|known| *known == set)
             .unwrap_or(order.len());
-        let cell = steps
+        steps
             .entry((format!("{step:02}"), "services".into(), set))
-            .or_default();
-        cell.runs += 1;
-        if let Some(index) = Class::ALL
-            .iter()
-            .position(|class| record["class"] == class.name())
-        {
-            cell.classes[index] += 1;
-        }
-        let recovered = record["class"] == Class::Recovered.name();
-        cell.detected += u64::from(recovered || record["class"] == Class::DetectedFailed.name());
-        cell.recovered += u64::from(recovered);
-        cell.no_vmf += u64::from(crate::campaign::no_vm_failure(record));
+            .or_default()
+            .add(record);
     }
     (steps.len() > 1).then_some(steps)
 }
