@@ -132,6 +132,32 @@ pub enum Error {
     NotRecovering,
 }
 
+/// The policy of a `Configure`, packed into the recovery manager's 32-bit configuration word
+/// (the core gives it at every start of the manager, so a manager that must initialise its
+/// state again keeps the boot's policy): bits 0-1 the first order, 2-9 `max_in_window`
+/// (at most 255), 10-31 the escalation window in units of 2^20 TSC ticks (about 0.4 ms at
+/// 2.4 GHz, 21 ms at bochs' 50 M per second; up to about 4.4 * 10^12 ticks).
+pub fn policy_word(first: RecoveryOrder, escalation_window_tsc: u64, max_in_window: u32) -> u32 {
+    let order = match first {
+        RecoveryOrder::Microreset => 0,
+        RecoveryOrder::Microreboot => 1,
+        RecoveryOrder::Fail => 2,
+    };
+    let window = escalation_window_tsc.div_ceil(1 << 20).min((1 << 22) - 1) as u32;
+    order | (max_in_window.min(255) << 2) | (window << 10)
+}
+
+/// The `Configure` a policy word stands for: (first order, escalation window in TSC ticks,
+/// max_in_window). Every word is some policy (an order code of 3 reads as `Fail`).
+pub fn policy_of_word(word: u32) -> (RecoveryOrder, u64, u32) {
+    let first = match word & 3 {
+        0 => RecoveryOrder::Microreset,
+        1 => RecoveryOrder::Microreboot,
+        _ => RecoveryOrder::Fail,
+    };
+    (first, u64::from(word >> 10) << 20, (word >> 2) & 0xff)
+}
+
 impl Request {
     /// Whether this request may be repeated after the recovery manager restarted.
     pub const fn idempotence(&self) -> Idempotence {
@@ -289,6 +315,27 @@ mod tests {
             (forget.tag(), forget.idempotence()),
             (3, Idempotence::Idempotent)
         );
+    }
+
+    #[test]
+    fn a_policy_survives_its_word() {
+        // A window is kept to within 2^20 ticks, rounded up.
+        let window = 1000 * 49_997;
+        let (first, kept, max) = policy_of_word(policy_word(RecoveryOrder::Microreset, window, 0));
+        assert_eq!((first, max), (RecoveryOrder::Microreset, 0));
+        assert!(
+            kept >= window && kept - window < 1 << 20,
+            "{kept} for {window}"
+        );
+        assert_eq!(
+            policy_of_word(policy_word(RecoveryOrder::Microreboot, 0, 7)),
+            (RecoveryOrder::Microreboot, 0, 7)
+        );
+        // The word 0 is the boot default: microreset, no escalation, no limit.
+        assert_eq!(policy_of_word(0), (RecoveryOrder::Microreset, 0, 0));
+        // Out-of-range values are clamped, never wrapped into another policy.
+        let (_, huge, max) = policy_of_word(policy_word(RecoveryOrder::Fail, u64::MAX, 1000));
+        assert_eq!((huge, max), (((1 << 22) - 1) << 20, 255));
     }
 
     #[test]

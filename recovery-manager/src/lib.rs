@@ -72,6 +72,16 @@ impl PolicyState {
         self.history = [History::default(); MAX_DOMAINS];
     }
 
+    /// Initialises the state with the policy of the core's configuration word
+    /// ([`ipc::recovery::policy_word`]): at boot, and when a restart finds the state unusable.
+    pub fn init_configured(&mut self, word: u32) {
+        self.init();
+        let (first, window, max) = ipc::recovery::policy_of_word(word);
+        self.first = order_code(first);
+        self.window_tsc = window;
+        self.max_in_window = max;
+    }
+
     /// Whether the state is usable: the order code is known. (Any history is acceptable.)
     pub fn validate(&self) -> bool {
         self.first <= 2
@@ -238,6 +248,26 @@ mod tests {
         assert!(state.validate());
         state.first = 7;
         assert!(!state.validate());
+    }
+
+    #[test]
+    fn a_manager_initialised_again_keeps_the_configured_policy() {
+        let mut state = PolicyState::new_zeroed();
+        let word = ipc::recovery::policy_word(RecoveryOrder::Microreset, 5 << 20, 0);
+        state.init_configured(word);
+        let memory = DomainIndex::Memory;
+        assert_eq!(state.decide(&failure(memory, 1)), RecoveryOrder::Microreset);
+        assert_eq!(
+            state.decide(&failure(memory, 2)),
+            RecoveryOrder::Microreboot
+        );
+        assert_eq!(state.decide(&failure(memory, 3)), RecoveryOrder::Fail);
+        // The word 0 is the plain boot default.
+        state.init_configured(0);
+        assert_eq!(
+            (state.first, state.window_tsc, state.max_in_window),
+            (0, 0, 0)
+        );
     }
 
     #[test]

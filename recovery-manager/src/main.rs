@@ -18,8 +18,9 @@ impl StateService for RecoveryManager {
         state.handle(request)
     }
 
-    fn init(_: &Context, state: &mut PolicyState) {
-        state.init();
+    fn init(context: &Context, state: &mut PolicyState) {
+        // The policy the core configured (given again at every start), not a default.
+        state.init_configured(context.config());
     }
 
     fn repair(_: &Context, _: &mut PolicyState, _: StartReason) -> u32 {

@@ -7,8 +7,8 @@ use ipc::memory::{FrameNumber, Reply, Request};
 use memory::{MemoryState, RepairScope};
 use microvisor_runtime::{Context, StartReason, StateService, repair};
 
-/// First frame number of the pool this domain manages (a logical pool until guests bring
-/// real RAM with the VMX slice).
+/// First frame number of the pool before the core places it (its configuration word: the
+/// pool's first frame, given at every start once the core has placed the pool).
 const POOL_BASE: u32 = 0x1_0000;
 
 struct Memory;
@@ -22,8 +22,14 @@ impl StateService for Memory {
         state.handle(request)
     }
 
-    fn init(_: &Context, state: &mut MemoryState) {
-        state.init(FrameNumber(POOL_BASE));
+    fn init(context: &Context, state: &mut MemoryState) {
+        // Where the core placed the pool: a restart that must initialise the frame table again
+        // keeps the pool where the core's frames are (the ownership in it is lost).
+        let base = match context.config() {
+            0 => POOL_BASE,
+            base => base,
+        };
+        state.init(FrameNumber(base));
     }
 
     fn repair(context: &Context, state: &mut MemoryState, reason: StartReason) -> u32 {

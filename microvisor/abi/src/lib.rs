@@ -69,12 +69,27 @@ pub mod start {
     /// After a microreboot: code and data are pristine; validate the kept state region and
     /// reintegrate it, or rebuild it.
     pub const AFTER_MICROREBOOT: u64 = 3;
+
+    /// Packs RCX for a fresh thread: the start reason (bits 0-15), the repairs the core
+    /// enables ([`super::repair`] bits, 16-31) and the domain's configuration word (32-63:
+    /// what the core configured it with, e.g. the memory domain's pool base or the recovery
+    /// manager's policy; 0 = none). The core gives the word at every start, so a restart
+    /// whose state must be initialised again comes back configured as at boot.
+    pub const fn pack(reason: u64, repairs: u64, config: u32) -> u64 {
+        (reason & 0xffff) | ((repairs & 0xffff) << 16) | ((config as u64) << 32)
+    }
+
+    /// Splits RCX at a thread's entry into the start reason, the repairs and the
+    /// configuration word.
+    pub const fn unpack(rcx: u64) -> (u64, u64, u32) {
+        (rcx & 0xffff, (rcx >> 16) & 0xffff, (rcx >> 32) as u32)
+    }
 }
 
 /// The repairs a recovery may make, each a switch (`repairs=` on the kernel command line), as
 /// in NiLiHype's Table I: a campaign can turn them on one at a time and measure what each is
-/// worth. The core passes the enabled set to a fresh thread in RCX bits 16-63, above the
-/// start reason (bits 0-15). Never renumber: append only.
+/// worth. The core passes the enabled set to a fresh thread in RCX ([`start::pack`]). Never
+/// renumber: append only (at most 16).
 pub mod repair {
     /// Core: before touching the failed domain, take every other CPU out of it (quiesce IPI).
     pub const QUIESCE: u64 = 1 << 0;
@@ -108,6 +123,7 @@ pub mod repair {
     ];
     /// Every repair.
     pub const ALL: u64 = (1 << NAMES.len()) - 1;
+    const _: () = assert!(ALL < 1 << 16, "the repairs must fit their 16 bits of RCX");
 
     /// The bit of the repair called `name`.
     pub fn named(name: &str) -> Option<u64> {
@@ -115,16 +131,6 @@ pub mod repair {
             .iter()
             .find(|(known, _)| *known == name)
             .map(|&(_, bit)| bit)
-    }
-
-    /// Packs a start reason and the enabled repairs into RCX for a fresh thread.
-    pub const fn pack(reason: u64, repairs: u64) -> u64 {
-        (reason & 0xffff) | (repairs << 16)
-    }
-
-    /// Splits RCX at a thread's entry into the start reason and the enabled repairs.
-    pub const fn unpack(rcx: u64) -> (u64, u64) {
-        (rcx & 0xffff, rcx >> 16)
     }
 }
 
@@ -249,9 +255,12 @@ mod tests {
         }
         assert_eq!(seen, repair::ALL);
         assert_eq!(repair::named("everything"), None);
-        let rcx = repair::pack(start::AFTER_MICROREBOOT, repair::ALL);
-        assert_eq!(repair::unpack(rcx), (start::AFTER_MICROREBOOT, repair::ALL));
-        assert_eq!(repair::unpack(start::BOOT), (start::BOOT, 0));
+        let rcx = start::pack(start::AFTER_MICROREBOOT, repair::ALL, 0xdead_beef);
+        assert_eq!(
+            start::unpack(rcx),
+            (start::AFTER_MICROREBOOT, repair::ALL, 0xdead_beef)
+        );
+        assert_eq!(start::unpack(start::BOOT), (start::BOOT, 0, 0));
     }
 
     #[test]

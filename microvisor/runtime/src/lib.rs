@@ -59,6 +59,8 @@ pub struct Context {
     repairs: u64,
     /// Bytes of the state region the core mapped (at most [`abi::STATE_BYTES`]).
     state_bytes: usize,
+    /// The domain's configuration word, given by the core at every start.
+    config: u32,
 }
 
 /// A failed call to another domain.
@@ -78,7 +80,14 @@ impl Context {
             generations: [1; 16],
             repairs: abi::repair::ALL,
             state_bytes: 0,
+            config: 0,
         }
+    }
+
+    /// The configuration word the core gave this domain ([`abi::start::pack`]; 0 = none): what
+    /// its `init` builds on, at boot and at a restart whose state must be initialised again.
+    pub fn config(&self) -> u32 {
+        self.config
     }
 
     /// Whether the core enables `repair` (an [`microvisor_abi::repair`] bit; `repairs=` on
@@ -253,8 +262,9 @@ pub fn run<S: Service>(
     let (cpu_count, state_bytes) = abi::entry::unpack(cpu_count);
     let mut context = Context::new(cpu, cpu_count);
     context.state_bytes = (state_bytes as usize).min(abi::STATE_BYTES);
-    let (reason, repairs) = abi::repair::unpack(reason);
+    let (reason, repairs, config) = abi::start::unpack(reason);
     context.repairs = repairs;
+    context.config = config;
     let reason = match reason {
         abi::start::BOOT => Some(StartReason::Boot),
         abi::start::AFTER_MICRORESET => Some(StartReason::AfterMicroreset),

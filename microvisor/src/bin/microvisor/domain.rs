@@ -163,6 +163,8 @@ pub struct Domain {
     cpus: usize,
     /// Bytes of its state region mapped (the manifest's pages).
     state_bytes: u64,
+    /// Its configuration word, given to every fresh thread ([`abi::start::pack`]).
+    config: u32,
     /// The recovery manager declared the domain failed: every call to it gets `PeerFailed`.
     failed_for_good: bool,
     /// Detected and not yet recovered: calls to it wait (see [`wait_for_recovery`]).
@@ -425,6 +427,15 @@ fn lost_reply_arms(callee: u16, cpu: usize, buffer: u64, length: usize) {
     }
 }
 
+/// Sets domain `index`'s configuration word: every start from now on (a restart included)
+/// gets it ([`abi::start::pack`]), so a domain that must initialise its state again comes back
+/// configured as the core configured it.
+pub fn set_config(index: u16, word: u32) {
+    if let Some(domain) = SYSTEM.lock().domain(index) {
+        domain.config = word;
+    }
+}
+
 /// Index of the domain called `name`.
 pub fn find(name: &str) -> Option<u16> {
     let system = SYSTEM.lock();
@@ -615,6 +626,7 @@ pub fn load(
         pending_start: abi::start::BOOT,
         cpus: cpus.min(abi::MAX_DOMAIN_CPUS),
         state_bytes: state_pages * 4096,
+        config: 0,
         failed_for_good: false,
         recovering: false,
     });
@@ -879,8 +891,13 @@ impl System {
         chain.depth += 1;
         chain.start_deadline(cpu, apic::tsc());
         let domain = self.domain(callee).expect("callee checked by the caller");
-        let (pml4, entry, cpus, state_bytes) =
-            (domain.pml4, domain.entry, domain.cpus, domain.state_bytes);
+        let (pml4, entry, cpus, state_bytes, config) = (
+            domain.pml4,
+            domain.entry,
+            domain.cpus,
+            domain.state_bytes,
+            domain.config,
+        );
         let start_reason = if domain.threads[cpu].state == ThreadState::Fresh {
             core::mem::replace(&mut domain.pending_start, abi::start::JOIN)
         } else {
@@ -899,7 +916,7 @@ impl System {
                     rdi: cpu as u64,
                     rsi: length as u64,
                     rdx: caller_index,
-                    rcx: abi::repair::pack(start_reason, REPAIRS.load(Ordering::Acquire)),
+                    rcx: abi::start::pack(start_reason, REPAIRS.load(Ordering::Acquire), config),
                     r8: abi::entry::pack(cpus as u64, state_bytes),
                     r9: NOTIFICATIONS[usize::from(callee)]
                         .swap(0, core::sync::atomic::Ordering::AcqRel),

@@ -652,9 +652,15 @@ pub const ESCALATION_WINDOW_MS: u64 = 1000;
 /// Gives the recovery manager its policy: `first` for a domain's first failure in a window of
 /// `window_ms` (0: no escalation, every failure gets `first`); no rate limit beyond that.
 fn configure_recovery_manager(first: ipc::recovery::RecoveryOrder, window_ms: u64) {
+    let window = window_ms * apic::tsc_khz();
+    // The manager's configuration word from now on: initialised again, it keeps this policy.
+    domain::set_config(
+        domain::RECOVERY_MANAGER,
+        ipc::recovery::policy_word(first, window, 0),
+    );
     let request = ipc::recovery::Request::Configure {
         first,
-        escalation_window_tsc: window_ms * apic::tsc_khz(),
+        escalation_window_tsc: window,
         max_in_window: 0,
     };
     let answer =

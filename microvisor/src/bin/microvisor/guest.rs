@@ -344,6 +344,8 @@ pub fn configure_pool() -> Result<(), &'static str> {
     let frames = ipc::limits::POOL_FRAMES as u64;
     let virt = paging::allocate_zeroed(frames).ok_or("no room for the guest RAM pool")?;
     let base = ((virt.as_u64() - paging::PHYS_OFFSET) >> 12) as u32;
+    // Its configuration word from now on: a memory domain initialised again keeps the pool here.
+    crate::domain::set_config(MEMORY, base);
     let request = memory::Request::Configure {
         base: FrameNumber(base),
     };
