@@ -399,21 +399,12 @@ fn check_probe(probe: u16, mode: RecoveryMode) {
 /// `PeerRestarted`), count one failure (CPU 1's spinning thread is not detected later as a
 /// second one, a hang), and leave the probe serving on every CPU.
 fn check_quiesce(probe: u16) {
-    const WAIT_US: u64 = 1_000_000;
     let (generation, failures) =
         domain::describe(probe).map_or((0, 0), |(_, generation, failures)| (generation, failures));
     run::start_call_on(1, probe, 10);
-    let mut waited = 0;
-    while domain::running_on(1) != Some(probe) {
-        if waited >= WAIT_US {
-            crate::fail(
-                "domain-quiesce",
-                format_args!("CPU 1 did not enter the probe"),
-            );
-        }
-        apic::delay_us(100);
-        waited += 100;
-    }
+    wait_for_quiesce_check("CPU 1 did not enter the probe", || {
+        (domain::running_on(1) == Some(probe)).then_some(())
+    });
     let mut reply = [0u8; 8];
     match domain::core_call(probe, &[4], &mut reply) {
         Err(Status::PeerRestarted) => {}
@@ -422,20 +413,10 @@ fn check_quiesce(probe: u16) {
             format_args!("CPU 0 failed the probe: expected PeerRestarted, got {other:?}"),
         ),
     }
-    let mut waited = 0;
-    let outcome = loop {
-        if let Some(outcome) = run::call_on_outcome() {
-            break outcome;
-        }
-        if waited >= WAIT_US {
-            crate::fail(
-                "domain-quiesce",
-                format_args!("CPU 1 is still inside the probe after its recovery"),
-            );
-        }
-        apic::delay_us(100);
-        waited += 100;
-    };
+    let outcome = wait_for_quiesce_check(
+        "CPU 1 is still inside the probe after its recovery",
+        run::call_on_outcome,
+    );
     let (generation_after, failures_after) =
         domain::describe(probe).map_or((0, 0), |(_, generation, failures)| (generation, failures));
     if outcome != Status::PeerRestarted
@@ -459,6 +440,18 @@ fn check_quiesce(probe: u16) {
     log::info!(
         "quiesce: CPU 1 was inside the probe when CPU 0 failed it: the recovery took it out (its call: PeerRestarted), one failure, every CPU served again"
     );
+}
+
+/// Polls `ready` every 100 us for up to a second; ends the run with `failure` if it never
+/// gives a value.
+fn wait_for_quiesce_check<T>(failure: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..10_000 {
+        if let Some(value) = ready() {
+            return value;
+        }
+        apic::delay_us(100);
+    }
+    crate::fail("domain-quiesce", format_args!("{failure}"))
 }
 
 /// Times `BENCH_SAMPLES` round trips of a 4-byte echo from the core to the probe and back
